@@ -1,0 +1,98 @@
+//! Publisher dedup: the ids stored within a time window.
+//!
+//! Compact on purpose (a `u128` key and a timestamp per id, expiry in insertion order)
+//! so that a window holding a million ids stays in tens of megabytes.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// Ids seen within `window`, each with the offset it was stored at.
+#[derive(Debug)]
+pub struct DedupWindow {
+    window_ms: u64,
+    seen: HashMap<u128, u64>,
+    order: VecDeque<(u64, u128)>,
+}
+
+impl DedupWindow {
+    /// An empty window of the given length (zero disables dedup).
+    pub fn new(window: Duration) -> Self {
+        DedupWindow {
+            window_ms: window.as_millis() as u64,
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// True when dedup is enabled.
+    pub fn enabled(&self) -> bool {
+        self.window_ms > 0
+    }
+
+    /// The offset at which `id` was stored, if it is inside the window.
+    pub fn get(&self, id: u128) -> Option<u64> {
+        self.seen.get(&id).copied()
+    }
+
+    /// Records that `id` was durably stored at `offset` at `now_ms`.
+    pub fn insert(&mut self, id: u128, offset: u64, now_ms: u64) {
+        if !self.enabled() {
+            return;
+        }
+        if self.seen.insert(id, offset).is_none() {
+            self.order.push_back((now_ms, id));
+        }
+    }
+
+    /// Forgets ids stored before `now_ms - window`.
+    pub fn expire(&mut self, now_ms: u64) {
+        let cutoff = now_ms.saturating_sub(self.window_ms);
+        while let Some((t, id)) = self.order.front().copied() {
+            if t >= cutoff {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&id);
+        }
+    }
+
+    /// Ids currently remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// The earliest time (ms) whose ids are still relevant at `now_ms`.
+    pub fn horizon(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.window_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembers_within_the_window_only() {
+        let mut w = DedupWindow::new(Duration::from_secs(10));
+        w.insert(1, 100, 1_000);
+        w.insert(2, 101, 5_000);
+        assert_eq!(w.get(1), Some(100));
+        w.expire(11_001);
+        assert_eq!(w.get(1), None);
+        assert_eq!(w.get(2), Some(101));
+        w.expire(15_001);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn zero_window_disables() {
+        let mut w = DedupWindow::new(Duration::ZERO);
+        w.insert(1, 1, 1);
+        assert_eq!(w.get(1), None);
+    }
+}

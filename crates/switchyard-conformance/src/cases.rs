@@ -95,7 +95,12 @@ async fn publish_and_consume_in_order<F: BusFactory>(f: &F, dir: &Path) {
     let bus = open(f, dir).await;
     let mut offsets = Vec::new();
     for i in 0..50 {
-        offsets.push(bus.publish("orders", msg(i, Some("s"))).await.unwrap().offset);
+        offsets.push(
+            bus.publish("orders", msg(i, Some("s")))
+                .await
+                .unwrap()
+                .offset,
+        );
     }
     let batch: Vec<_> = (50..150).map(|i| msg(i, Some("s"))).collect();
     let ids: Vec<MessageId> = batch.iter().map(|e| e.id).collect();
@@ -169,12 +174,14 @@ async fn competing_consumers_split_a_group<F: BusFactory>(f: &F, dir: &Path) {
     for t in tasks {
         t.await.unwrap();
     }
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len() as u64, N, "every message reached the group");
-    assert!(
-        seen.values().all(|n| *n == 1),
-        "each message went to exactly one member"
-    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len() as u64, N, "every message reached the group");
+        assert!(
+            seen.values().all(|n| *n == 1),
+            "each message went to exactly one member"
+        );
+    }
     bus.close().await.unwrap();
 }
 
@@ -206,13 +213,17 @@ async fn ordering_per_subject_with_competing_consumers<F: BusFactory>(f: &F, dir
                 };
                 n += 1;
                 // Some deliveries fail and are retried: order must hold across retries.
-                if (n + c) % 7 == 0 && d.attempt() == 1 {
+                if (n + c).is_multiple_of(7) && d.attempt() == 1 {
                     d.nack(None, "transient").await.unwrap();
                     continue;
                 }
                 let i = index(&d);
-                log.lock().unwrap().entry(i / 1000).or_default().push(i % 1000);
-                if n % 3 == 0 {
+                log.lock()
+                    .unwrap()
+                    .entry(i / 1000)
+                    .or_default()
+                    .push(i % 1000);
+                if n.is_multiple_of(3) {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 d.ack().await.unwrap();
@@ -222,11 +233,16 @@ async fn ordering_per_subject_with_competing_consumers<F: BusFactory>(f: &F, dir
     for t in tasks {
         t.await.unwrap();
     }
-    let log = log.lock().unwrap();
-    assert_eq!(log.len() as u64, SUBJECTS);
-    for (s, seqs) in log.iter() {
-        let expected: Vec<u64> = (0..PER).collect();
-        assert_eq!(seqs, &expected, "subject s{s} was processed in order, once each");
+    {
+        let log = log.lock().unwrap();
+        assert_eq!(log.len() as u64, SUBJECTS);
+        for (s, seqs) in log.iter() {
+            let expected: Vec<u64> = (0..PER).collect();
+            assert_eq!(
+                seqs, &expected,
+                "subject s{s} was processed in order, once each"
+            );
+        }
     }
     bus.close().await.unwrap();
 }
@@ -234,10 +250,15 @@ async fn ordering_per_subject_with_competing_consumers<F: BusFactory>(f: &F, dir
 async fn nack_with_delay<F: BusFactory>(f: &F, dir: &Path) {
     let bus = open(f, dir).await;
     bus.publish("t", msg(1, None)).await.unwrap();
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     let nacked = Instant::now();
-    d.nack(Some(Duration::from_millis(400)), "try later").await.unwrap();
+    d.nack(Some(Duration::from_millis(400)), "try later")
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     assert!(
         nacked.elapsed() >= Duration::from_millis(380),
@@ -279,7 +300,10 @@ async fn exhausted_to_dlq<F: BusFactory>(f: &F, dir: &Path) {
     let poison_id = poison.id;
     bus.publish("pay", poison).await.unwrap();
     bus.publish("pay", msg(2, Some("order-1"))).await.unwrap();
-    let mut other = bus.subscribe("pay", "audit", SubscribeOptions::default()).await.unwrap();
+    let mut other = bus
+        .subscribe("pay", "audit", SubscribeOptions::default())
+        .await
+        .unwrap();
     let mut sub = bus.subscribe("pay", "g", fast_retry(3)).await.unwrap();
     for attempt in 1..=3 {
         let d = recv(&mut sub).await;
@@ -288,7 +312,11 @@ async fn exhausted_to_dlq<F: BusFactory>(f: &F, dir: &Path) {
         d.nack(None, format!("boom {attempt}")).await.unwrap();
     }
     let next = recv(&mut sub).await;
-    assert_eq!(index(&next), 2, "the subject is released once the poison is in the DLQ");
+    assert_eq!(
+        index(&next),
+        2,
+        "the subject is released once the poison is in the DLQ"
+    );
     next.ack().await.unwrap();
     let dl = bus.dead_letters("pay", 10).await.unwrap();
     assert_eq!(dl.len(), 1);
@@ -301,7 +329,10 @@ async fn exhausted_to_dlq<F: BusFactory>(f: &F, dir: &Path) {
     assert!(dl.first_failure <= dl.last_failure);
     assert!(dl.first_failure.unix_micros() > 0);
     assert_eq!(&dl.envelope.data[..], b"{\"i\":1}");
-    assert!(dl.envelope.extensions.is_empty(), "the original envelope is returned unchanged");
+    assert!(
+        dl.envelope.extensions.is_empty(),
+        "the original envelope is returned unchanged"
+    );
     for i in 1..=2 {
         let d = recv(&mut other).await;
         assert_eq!(index(&d), i, "another group is not affected");
@@ -313,7 +344,10 @@ async fn exhausted_to_dlq<F: BusFactory>(f: &F, dir: &Path) {
 async fn explicit_dead_letter<F: BusFactory>(f: &F, dir: &Path) {
     let bus = open(f, dir).await;
     bus.publish("t", msg(1, None)).await.unwrap();
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     d.dead_letter("unknown event type `x.v9`").await.unwrap();
     quiet(&mut sub).await;
@@ -330,7 +364,10 @@ async fn replay<F: BusFactory>(f: &F, dir: &Path) {
     let id = original.id;
     bus.publish("t", original).await.unwrap();
     let mut a = bus.subscribe("t", "a", fast_retry(1)).await.unwrap();
-    let mut b = bus.subscribe("t", "b", SubscribeOptions::default()).await.unwrap();
+    let mut b = bus
+        .subscribe("t", "b", SubscribeOptions::default())
+        .await
+        .unwrap();
     let d = recv(&mut b).await;
     d.ack().await.unwrap();
     let d = recv(&mut a).await;
@@ -357,8 +394,16 @@ async fn replay<F: BusFactory>(f: &F, dir: &Path) {
     assert_eq!(index(&d), 5);
     d.ack().await.unwrap();
     quiet(&mut b).await;
-    assert!(bus.dead_letters("t", 10).await.unwrap().is_empty(), "replayed entries leave the DLQ");
-    assert_eq!(bus.replay_dead_letters("t", ReplayFilter::default()).await.unwrap(), 0);
+    assert!(
+        bus.dead_letters("t", 10).await.unwrap().is_empty(),
+        "replayed entries leave the DLQ"
+    );
+    assert_eq!(
+        bus.replay_dead_letters("t", ReplayFilter::default())
+            .await
+            .unwrap(),
+        0
+    );
     bus.close().await.unwrap();
 }
 
@@ -384,7 +429,10 @@ async fn dedup<F: BusFactory>(f: &F, dir: &Path) {
         vec![false, true, true],
         "duplicates inside a batch are detected too"
     );
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     for i in [1, 2] {
         let d = recv(&mut sub).await;
         assert_eq!(index(&d), i);
@@ -393,7 +441,10 @@ async fn dedup<F: BusFactory>(f: &F, dir: &Path) {
     quiet(&mut sub).await;
     tokio::time::sleep(Duration::from_millis(1800)).await;
     let later = bus.publish("t", e.clone()).await.unwrap();
-    assert!(!later.duplicate, "outside the window the id is stored again");
+    assert!(
+        !later.duplicate,
+        "outside the window the id is stored again"
+    );
     assert_eq!(index(&recv(&mut sub).await), 1);
     bus.close().await.unwrap();
 }
@@ -409,8 +460,14 @@ async fn retry_same_id<F: BusFactory>(f: &F, dir: &Path) {
     let id = big.id;
     assert!(bus.publish("t", big).await.is_err());
     let ok = bus.publish("t", msg(1, None).with_id(id)).await.unwrap();
-    assert!(!ok.duplicate, "a failed publish does not mark its id as seen");
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    assert!(
+        !ok.duplicate,
+        "a failed publish does not mark its id as seen"
+    );
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     let d = recv(&mut sub).await;
     assert_eq!(d.envelope().id, id);
     d.ack().await.unwrap();
@@ -428,11 +485,23 @@ async fn oversized<F: BusFactory>(f: &F, dir: &Path) {
     big.datacontenttype = "application/octet-stream".into();
     let err = bus.publish("t", big.clone()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
-    assert!(matches!(err, switchyard::Error::PayloadTooLarge { limit: 1024, .. }), "{err}");
-    assert!(err.to_string().contains("1024"), "the message names the limit: {err}");
-    let err = bus.publish_batch("t", vec![msg(2, None), big]).await.unwrap_err();
+    assert!(
+        matches!(err, switchyard::Error::PayloadTooLarge { limit: 1024, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("1024"),
+        "the message names the limit: {err}"
+    );
+    let err = bus
+        .publish_batch("t", vec![msg(2, None), big])
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     quiet(&mut sub).await;
     bus.close().await.unwrap();
     let default_bus_dir = dir.join("default");
@@ -441,7 +510,10 @@ async fn oversized<F: BusFactory>(f: &F, dir: &Path) {
     just_over.data = vec![b'x'; switchyard::bus::DEFAULT_MAX_MESSAGE_BYTES].into();
     just_over.datacontenttype = "application/octet-stream".into();
     let err = bus.publish("t", just_over).await.unwrap_err();
-    assert!(matches!(err, switchyard::Error::PayloadTooLarge { .. }), "default limit is 1 MiB");
+    assert!(
+        matches!(err, switchyard::Error::PayloadTooLarge { .. }),
+        "default limit is 1 MiB"
+    );
     bus.close().await.unwrap();
 }
 
@@ -472,18 +544,31 @@ async fn start_latest<F: BusFactory>(f: &F, dir: &Path) {
     let d = recv(&mut sub).await;
     assert_eq!(index(&d), 2);
     d.ack().await.unwrap();
-    let mut early = bus.subscribe("t", "early", SubscribeOptions::default()).await.unwrap();
-    assert_eq!(index(&recv(&mut early).await), 1, "Earliest sees the backlog");
+    let mut early = bus
+        .subscribe("t", "early", SubscribeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        index(&recv(&mut early).await),
+        1,
+        "Earliest sees the backlog"
+    );
     bus.close().await.unwrap();
 }
 
 async fn close_wakes<F: BusFactory>(f: &F, dir: &Path) {
     let bus = open(f, dir).await;
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     let waiter = tokio::spawn(async move { sub.next().await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(100)).await;
     bus.close().await.unwrap();
-    let r = tokio::time::timeout(ARRIVES, waiter).await.unwrap().unwrap();
+    let r = tokio::time::timeout(ARRIVES, waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(r.unwrap_err().kind(), ErrorKind::Closed);
     assert_eq!(
         bus.publish("t", msg(1, None)).await.unwrap_err().kind(),
@@ -510,7 +595,10 @@ async fn survive_reopen<F: BusFactory>(f: &F, dir: &Path) {
         bus.close().await.unwrap();
     }
     let bus = open(f, dir).await;
-    let mut sub = bus.subscribe("t", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     for i in 5..10 {
         let d = recv(&mut sub).await;
         assert_eq!(index(&d), i, "resumes at the first unacknowledged message");
@@ -521,7 +609,11 @@ async fn survive_reopen<F: BusFactory>(f: &F, dir: &Path) {
     assert_eq!(dl.len(), 1, "dead letters are durable");
     assert_eq!(dl[0].reason, "poison");
     bus.publish("t", msg(10, None)).await.unwrap();
-    assert_eq!(index(&recv(&mut sub).await), 10, "new offsets continue after the old ones");
+    assert_eq!(
+        index(&recv(&mut sub).await),
+        10,
+        "new offsets continue after the old ones"
+    );
     bus.close().await.unwrap();
 }
 
@@ -547,7 +639,10 @@ async fn publish_survives_sigkill<F: BusFactory>(f: &F, dir: &Path) {
             acked += 1;
         }
     }
-    assert!(acked >= 100, "the child published too little before the kill ({acked})");
+    assert!(
+        acked >= 100,
+        "the child published too little before the kill ({acked})"
+    );
     child.kill().unwrap();
     // Lines already written before the kill are acknowledgements too.
     for line in child.drain(Duration::from_millis(200)) {
@@ -563,7 +658,10 @@ async fn publish_survives_sigkill<F: BusFactory>(f: &F, dir: &Path) {
 
 async fn verify_after_crash<F: BusFactory>(f: &F, dir: &Path, mut ledger: Ledger) {
     let bus = open(f, dir).await;
-    let mut sub = bus.subscribe("crash", "verify", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("crash", "verify", SubscribeOptions::default())
+        .await
+        .unwrap();
     let mut observed = 0u64;
     while let Ok(batch) = tokio::time::timeout(Duration::from_secs(2), sub.next_batch(1024)).await {
         for d in batch.unwrap() {
@@ -585,9 +683,21 @@ async fn verify_after_crash<F: BusFactory>(f: &F, dir: &Path, mut ledger: Ledger
         v.duplicated.len(),
         v.out_of_order.len()
     );
-    assert!(v.lost.is_empty(), "acknowledged publishes lost: {:?}", &v.lost[..v.lost.len().min(10)]);
-    assert!(v.duplicated.is_empty(), "stored twice: {:?}", &v.duplicated[..v.duplicated.len().min(10)]);
-    assert!(v.out_of_order.is_empty(), "out of order per subject: {:?}", &v.out_of_order[..v.out_of_order.len().min(10)]);
+    assert!(
+        v.lost.is_empty(),
+        "acknowledged publishes lost: {:?}",
+        &v.lost[..v.lost.len().min(10)]
+    );
+    assert!(
+        v.duplicated.is_empty(),
+        "stored twice: {:?}",
+        &v.duplicated[..v.duplicated.len().min(10)]
+    );
+    assert!(
+        v.out_of_order.is_empty(),
+        "out of order per subject: {:?}",
+        &v.out_of_order[..v.out_of_order.len().min(10)]
+    );
     assert!(v.acknowledged > 0 && PUBLISHERS > 0);
 }
 
@@ -614,10 +724,17 @@ async fn consumer_killed<F: BusFactory>(f: &F, dir: &Path) {
     assert_eq!(got, ids[0].to_string());
     child.kill().unwrap();
     let bus = open(f, dir).await;
-    let mut sub = bus.subscribe("hold", "g", SubscribeOptions::default()).await.unwrap();
+    let mut sub = bus
+        .subscribe("hold", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
     for (i, id) in ids.iter().enumerate() {
         let d = recv(&mut sub).await;
-        assert_eq!(&d.envelope().id, id, "message {i} redelivered in order after the kill");
+        assert_eq!(
+            &d.envelope().id,
+            id,
+            "message {i} redelivered in order after the kill"
+        );
         d.ack().await.unwrap();
     }
     quiet(&mut sub).await;
@@ -662,11 +779,13 @@ async fn backlog<F: BusFactory>(f: &F, dir: &Path) {
         .unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(count, n);
-    println!("consumed a backlog of {n} messages with peak RSS {} MiB", rss_kb / 1024);
+    println!(
+        "consumed a backlog of {n} messages with peak RSS {} MiB",
+        rss_kb / 1024
+    );
     assert!(
         rss_kb < 200 * 1024,
         "peak RSS {} MiB while consuming the backlog; the bound is 200 MiB",
         rss_kb / 1024
     );
 }
-

@@ -21,6 +21,8 @@ pub fn child_entry<F: BusFactory>(factory: &F) {
     let Ok(mode) = std::env::var(MODE_VAR) else {
         return;
     };
+    // The harness printed a status line without a newline; start markers on a fresh line.
+    println!();
     let dir = PathBuf::from(std::env::var(DIR_VAR).expect("child needs a directory"));
     let n: u64 = std::env::var(N_VAR)
         .ok()
@@ -75,8 +77,15 @@ async fn publish_loop<B: Bus + Clone>(bus: B) {
             }
         }));
     }
+    // The publishers run until the parent kills this process.
+    futures_join(tasks).await;
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     for t in tasks {
-        t.await.unwrap();
+        if let Err(e) = t.await {
+            panic!("publisher task failed: {e}");
+        }
     }
 }
 

@@ -71,10 +71,19 @@ pub const CASES: &[(&str, Option<Capability>)] = &[
     ("invalid_names_are_rejected", None),
     ("start_latest_skips_the_backlog", None),
     ("close_wakes_waiting_consumers", None),
-    ("positions_and_dead_letters_survive_reopen", Some(Capability::Reopen)),
+    (
+        "positions_and_dead_letters_survive_reopen",
+        Some(Capability::Reopen),
+    ),
     ("publish_survives_sigkill", Some(Capability::CrashSafe)),
-    ("consumer_killed_mid_message_is_redelivered", Some(Capability::Reopen)),
-    ("backlog_of_1m_with_bounded_memory", Some(Capability::BoundedBacklogMemory)),
+    (
+        "consumer_killed_mid_message_is_redelivered",
+        Some(Capability::Reopen),
+    ),
+    (
+        "backlog_of_1m_with_bounded_memory",
+        Some(Capability::BoundedBacklogMemory),
+    ),
 ];
 
 /// Runs the case `name` against `factory` (on its own Tokio runtime, in a fresh temp dir).
@@ -126,7 +135,10 @@ pub fn print_gaps<F: BusFactory>(factory: &F) {
                 .filter(|(_, c)| *c == Some(*cap))
                 .map(|(n, _)| *n)
                 .collect();
-            println!("gap {cap:?}: {reason} (cases not run: {})", cases.join(", "));
+            println!(
+                "gap {cap:?}: {reason} (cases not run: {})",
+                cases.join(", ")
+            );
         }
         bus.close().await.unwrap();
     });

@@ -67,14 +67,15 @@ impl Child {
         self.lines.recv_timeout(timeout).ok()
     }
 
-    /// Waits for a line starting with `prefix` (returning the rest), discarding others.
+    /// Waits for a line containing `prefix` (returning what follows it), discarding others.
+    /// (Matching inside the line tolerates a test harness's status text before it.)
     pub fn wait_for(&self, prefix: &str, timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
             let line = self.next_line(left)?;
-            if let Some(rest) = line.strip_prefix(prefix) {
-                return Some(rest.to_string());
+            if let Some(at) = line.find(prefix) {
+                return Some(line[at + prefix.len()..].to_string());
             }
         }
     }
@@ -224,7 +225,8 @@ pub fn require_binary(name: &str, install_hint: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        let msg = format!("`{name}` not found on PATH; install it ({install_hint}) to run this test");
+        let msg =
+            format!("`{name}` not found on PATH; install it ({install_hint}) to run this test");
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{msg} — under CI=true a missing server binary is a failure");
         }
@@ -258,7 +260,10 @@ mod tests {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo hello; echo ready 42; sleep 30"]);
         let mut c = Child::spawn(cmd).unwrap();
-        assert_eq!(c.wait_for("ready ", Duration::from_secs(5)).as_deref(), Some("42"));
+        assert_eq!(
+            c.wait_for("ready ", Duration::from_secs(5)).as_deref(),
+            Some("42")
+        );
         assert!(c.pid() > 0);
         c.kill().unwrap();
     }

@@ -70,7 +70,9 @@ pub enum DecodeError {
         reason: String,
     },
     /// The payload's content type is not one the codec reads.
-    #[error("unsupported content type `{content_type}` for `{event_type}` (expected application/json)")]
+    #[error(
+        "unsupported content type `{content_type}` for `{event_type}` (expected application/json)"
+    )]
     UnsupportedContentType {
         /// The envelope's `type`.
         event_type: String,

@@ -327,13 +327,12 @@ impl Envelope {
 
     /// Parses the compact binary form; the payload is a zero-copy slice of `bytes`.
     pub fn from_bytes(bytes: &Bytes) -> Result<Envelope, WireError> {
-        let mut r = Reader {
-            all: bytes,
-            pos: 0,
-        };
+        let mut r = Reader { all: bytes, pos: 0 };
         let version = r.u8()?;
         if version != WIRE_VERSION {
-            return Err(WireError(format!("unknown envelope wire version {version}")));
+            return Err(WireError(format!(
+                "unknown envelope wire version {version}"
+            )));
         }
         let id = MessageId(Uuid::from_u128(r.u128()?));
         let event_type = r.string()?;
@@ -377,6 +376,15 @@ impl Envelope {
 }
 
 const WIRE_VERSION: u8 = 1;
+
+/// Reads only the id from the stored binary form (cheap: for rebuilding dedup windows).
+pub fn id_from_bytes(bytes: &[u8]) -> Option<MessageId> {
+    if bytes.first() != Some(&WIRE_VERSION) {
+        return None;
+    }
+    let raw: [u8; 16] = bytes.get(1..17)?.try_into().ok()?;
+    Some(MessageId(Uuid::from_u128(u128::from_le_bytes(raw))))
+}
 
 /// The stored binary form of an envelope could not be parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -523,9 +531,9 @@ impl<'de> Deserialize<'de> for Envelope {
             None => None,
         };
         let data = match (map.remove("data"), map.remove("data_bytes")) {
-            (Some(v), _) if is_json(&datacontenttype) => Bytes::from(
-                serde_json::to_vec(&v).map_err(|e| D::Error::custom(e.to_string()))?,
-            ),
+            (Some(v), _) if is_json(&datacontenttype) => {
+                Bytes::from(serde_json::to_vec(&v).map_err(|e| D::Error::custom(e.to_string()))?)
+            }
             (Some(serde_json::Value::String(s)), _) => Bytes::from(s),
             (_, Some(v)) => Bytes::from(
                 serde_json::from_value::<Vec<u8>>(v)
@@ -598,18 +606,19 @@ mod tests {
         let e = full();
         let b = e.to_bytes();
         assert_eq!(Envelope::from_bytes(&b).unwrap(), e);
+        assert_eq!(id_from_bytes(&b), Some(e.id));
         let minimal = Envelope::new("t", "s", "application/octet-stream", vec![0u8, 255, 7]);
-        assert_eq!(
-            Envelope::from_bytes(&minimal.to_bytes()).unwrap(),
-            minimal
-        );
+        assert_eq!(Envelope::from_bytes(&minimal.to_bytes()).unwrap(), minimal);
     }
 
     #[test]
     fn binary_truncation_is_an_error_not_a_panic() {
         let b = full().to_bytes();
         for cut in 0..b.len() {
-            assert!(Envelope::from_bytes(&b.slice(..cut)).is_err(), "cut at {cut}");
+            assert!(
+                Envelope::from_bytes(&b.slice(..cut)).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 
@@ -643,8 +652,13 @@ mod tests {
     #[test]
     fn caused_by_propagates_the_flow() {
         let cause = full();
-        let next = Envelope::new("payment.completed.v1", "/shop/payment", JSON_CONTENT_TYPE, "{}")
-            .caused_by(&cause);
+        let next = Envelope::new(
+            "payment.completed.v1",
+            "/shop/payment",
+            JSON_CONTENT_TYPE,
+            "{}",
+        )
+        .caused_by(&cause);
         assert_eq!(next.correlationid.as_deref(), Some("flow-7"));
         assert_eq!(next.causationid, Some(cause.id.to_string()));
         assert_eq!(next.traceparent, cause.traceparent);

@@ -101,9 +101,9 @@ impl Error {
     /// The kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::PayloadTooLarge { .. } | Error::InvalidName { .. } | Error::InvalidArgument(_) => {
-                ErrorKind::InvalidInput
-            }
+            Error::PayloadTooLarge { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidArgument(_) => ErrorKind::InvalidInput,
             Error::StaleDelivery { .. } => ErrorKind::StaleDelivery,
             Error::Closed => ErrorKind::Closed,
             Error::Locked { .. } => ErrorKind::Locked,

@@ -38,8 +38,8 @@ pub mod logbus;
 pub mod memory;
 
 pub use bus::{
-    Bus, Capabilities, Capability, DeadLetter, Delivery, Published, RedeliveryPolicy,
-    ReplayFilter, StartPosition, SubscribeOptions, Subscription,
+    Bus, Capabilities, Capability, DeadLetter, Delivery, Published, RedeliveryPolicy, ReplayFilter,
+    StartPosition, SubscribeOptions, Subscription,
 };
 pub use codec::{DecodeError, Event};
 pub use envelope::{Envelope, MessageId, Timestamp};

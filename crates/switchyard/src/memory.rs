@@ -15,8 +15,8 @@ use crate::bus::{Capabilities, Capability, Published};
 use crate::envelope::Envelope;
 use crate::error::Result;
 use crate::logbus::{
-    DedupWindow, GroupChange, GroupLog, GroupSnapshot, LogBus, LogBusConfig, LogStorage,
-    TopicLog, now_ms,
+    DedupWindow, GroupChange, GroupLog, GroupSnapshot, LogBus, LogBusConfig, LogStorage, TopicLog,
+    now_ms,
 };
 
 /// A bus that keeps everything in memory.

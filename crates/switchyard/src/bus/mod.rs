@@ -349,8 +349,12 @@ pub trait Bus: Send + Sync + 'static {
     async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<Vec<Published>>;
 
     /// Joins consumer group `group` of `topic` (created on first use).
-    async fn subscribe(&self, topic: &str, group: &str, options: SubscribeOptions)
-    -> Result<Subscription>;
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription>;
 
     /// Lists up to `limit` unreplayed dead letters of `topic`, oldest first.
     async fn dead_letters(&self, topic: &str, limit: usize) -> Result<Vec<DeadLetter>>;

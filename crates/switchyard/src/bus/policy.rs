@@ -37,7 +37,10 @@ impl Default for RedeliveryPolicy {
 impl RedeliveryPolicy {
     /// The wait after failed attempt `attempt` (1-based), jitter included.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self.multiplier.max(1.0).powi(attempt.saturating_sub(1).min(64) as i32);
+        let exp = self
+            .multiplier
+            .max(1.0)
+            .powi(attempt.saturating_sub(1).min(64) as i32);
         let base = (self.initial_backoff.as_secs_f64() * exp).min(self.max_backoff.as_secs_f64());
         let jitter = self.jitter.clamp(0.0, 1.0);
         let factor = 1.0 + jitter * (fastrand::f64() * 2.0 - 1.0);

@@ -121,7 +121,10 @@ enum State {
     Blocked,
     Ready,
     Delayed(Instant),
-    InFlight { lease: u64, deadline: Instant },
+    InFlight {
+        lease: u64,
+        deadline: Instant,
+    },
     /// Being moved to the DLQ; keeps its subject blocked until done.
     Dying,
 }
@@ -413,7 +416,10 @@ impl GroupCore {
 
     /// The DLQ has the message: settle it and release its subject.
     pub fn dead_lettered(&mut self, offset: u64) {
-        if matches!(self.entries.get(&offset).map(|e| e.state), Some(State::Dying)) {
+        if matches!(
+            self.entries.get(&offset).map(|e| e.state),
+            Some(State::Dying)
+        ) {
             self.settle_done(offset);
         }
     }
@@ -580,12 +586,20 @@ mod tests {
         c.load(1, env(Some("a")));
         let l = poll(&mut c, t).unwrap();
         assert_eq!(l.attempt, 1);
-        assert!(c.nack(0, l.lease, t, None, "boom".into()).unwrap().is_none());
+        assert!(
+            c.nack(0, l.lease, t, None, "boom".into())
+                .unwrap()
+                .is_none()
+        );
         assert!(poll(&mut c, t + Duration::from_millis(999)).is_none());
         let l = poll(&mut c, t + Duration::from_secs(1)).unwrap();
         assert_eq!((l.offset, l.attempt), (0, 2));
         let t2 = t + Duration::from_secs(1);
-        assert!(c.nack(0, l.lease, t2, None, "boom2".into()).unwrap().is_none());
+        assert!(
+            c.nack(0, l.lease, t2, None, "boom2".into())
+                .unwrap()
+                .is_none()
+        );
         assert!(poll(&mut c, t2 + Duration::from_millis(1999)).is_none());
         let l = poll(&mut c, t2 + Duration::from_secs(2)).unwrap();
         assert_eq!(l.attempt, 3);
@@ -596,7 +610,10 @@ mod tests {
         assert_eq!(order.failure.attempts, 3);
         assert_eq!(order.failure.last_error, "boom3");
         assert!(order.failure.first_failure <= order.failure.last_failure);
-        assert!(poll(&mut c, t2 + Duration::from_secs(60)).is_none(), "1 waits until 0 is in the DLQ");
+        assert!(
+            poll(&mut c, t2 + Duration::from_secs(60)).is_none(),
+            "1 waits until 0 is in the DLQ"
+        );
         c.dead_lettered(0);
         assert_eq!(poll(&mut c, t2).unwrap().offset, 1);
     }
@@ -658,7 +675,11 @@ mod tests {
         }
         let a = poll(&mut c, t).unwrap();
         let b = poll(&mut c, t).unwrap();
-        assert_eq!((a.offset, b.offset), (1, 3), "2 was done before the restart");
+        assert_eq!(
+            (a.offset, b.offset),
+            (1, 3),
+            "2 was done before the restart"
+        );
         assert_eq!(b.attempt, 3, "attempts continue across restarts");
     }
 
@@ -671,7 +692,8 @@ mod tests {
         c.load(0, Arc::new(e.clone()));
         assert!(poll(&mut c, Instant::now()).is_none());
         assert_eq!(c.floor(), 1);
-        e.extensions.insert(REPLAY_GROUP_EXTENSION.into(), "g".into());
+        e.extensions
+            .insert(REPLAY_GROUP_EXTENSION.into(), "g".into());
         c.load(1, Arc::new(e));
         assert_eq!(poll(&mut c, Instant::now()).unwrap().offset, 1);
     }

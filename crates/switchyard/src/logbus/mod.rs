@@ -455,7 +455,11 @@ impl<S: LogStorage> DeadLetterSink for DlqWriter<S> {
 
 fn parse_dead_letter(offset: u64, env: &Envelope) -> DeadLetter {
     let attr = |k| env.extension(k).unwrap_or_default().to_string();
-    let time = |k| env.extension(k).and_then(|v| v.parse().ok()).unwrap_or_default();
+    let time = |k| {
+        env.extension(k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default()
+    };
     let mut original = env.clone();
     for k in dlq_attr::ALL {
         original.extensions.remove(k);
@@ -650,7 +654,10 @@ impl<S: LogStorage> Bus for LogBus<S> {
             for (offset, env) in batch {
                 let dl = parse_dead_letter(offset, &env);
                 let group_ok = filter.group.as_deref().is_none_or(|g| g == dl.group);
-                let id_ok = filter.ids.as_ref().is_none_or(|ids| ids.contains(&dl.envelope.id));
+                let id_ok = filter
+                    .ids
+                    .as_ref()
+                    .is_none_or(|ids| ids.contains(&dl.envelope.id));
                 if group_ok && id_ok && dl.topic == topic {
                     let mut e = dl.envelope;
                     e.extensions

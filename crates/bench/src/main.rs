@@ -1,0 +1,113 @@
+//! The switchyard benchmark program.
+//!
+//! `cargo run --release -p bench -- <suite> [--json]` runs a suite several times and
+//! prints each figure's median and range, with the raw peer measured in the same run.
+//! Figures are documented in `crates/bench/README.md`.
+
+mod bus;
+mod report;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Measures switchyard against the raw peers on this machine.
+#[derive(Parser, Debug)]
+#[command(name = "bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand, Debug)]
+enum Suite {
+    /// The embedded bus: durable publish, end to end, latency, backlog memory.
+    Bus(Args),
+    /// Internal: consume a backlog in a fresh process and print its peak RSS.
+    #[command(hide = true)]
+    BacklogChild {
+        /// Data directory of the bus.
+        dir: PathBuf,
+        /// Messages to consume.
+        n: u64,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct Args {
+    /// Print one JSON object per figure per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Runs per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Seconds per throughput run.
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+    /// Messages in the backlog figure.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// Fewer, shorter runs (3 runs of 1 s, one backlog run) for a quick look.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Settings every suite reads.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Runs per figure.
+    pub runs: usize,
+    /// Seconds per throughput run.
+    pub secs: f64,
+    /// Backlog size.
+    pub backlog: u64,
+    /// Runs of the backlog figure.
+    pub backlog_runs: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.suite {
+            Suite::Bus(args) => {
+                let settings = Settings {
+                    runs: if args.quick { 3 } else { args.runs.max(1) },
+                    secs: if args.quick { 1.0 } else { args.secs },
+                    backlog: args.backlog,
+                    backlog_runs: if args.quick { 1 } else { 3 },
+                };
+                eprintln!(
+                    "bench bus: {} runs per figure, {} s each, {}-byte payloads; medians with ranges",
+                    settings.runs,
+                    settings.secs,
+                    bus::PAYLOAD_BYTES
+                );
+                let figures = bus::run(&settings).await?;
+                if args.json {
+                    report::print_json(&figures);
+                } else {
+                    report::print_table(&figures);
+                }
+                Ok(())
+            }
+            Suite::BacklogChild { dir, n } => bus::backlog_child(&dir, n).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

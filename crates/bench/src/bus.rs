@@ -53,7 +53,7 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     runs("bus.floor.fdatasync");
     let mut floor = Vec::new();
     for _ in 0..s.runs {
-        floor.push(fdatasync_floor(s.secs)?);
+        floor.push(fdatasync_floor(s.secs.min(1.0))?);
     }
     let floor = Figure::from_runs("bus.floor.fdatasync", "ops/s", floor);
 
@@ -70,6 +70,9 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     ];
     let mut per_fsync_c64 = Vec::new();
     for (name, durability, concurrency, batch) in cases {
+        if !s.selected(&name) {
+            continue;
+        }
         runs(&name);
         let mut v = Vec::new();
         for _ in 0..s.runs {
@@ -86,15 +89,20 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
         );
         figures.push(f.with_note(note));
     }
-    figures.push(
-        Figure::from_runs("bus.msgs_per_fsync.c64", "msg/fsync", per_fsync_c64)
-            .with_note("group commit: messages sharing one fdatasync"),
-    );
+    if !per_fsync_c64.is_empty() {
+        figures.push(
+            Figure::from_runs("bus.msgs_per_fsync.c64", "msg/fsync", per_fsync_c64)
+                .with_note("group commit: messages sharing one fdatasync"),
+        );
+    }
 
     for (name, durability) in [
         ("bus.e2e.fsync.batch", Durability::Fsync),
         ("bus.e2e.buffered.batch", BUFFERED),
     ] {
+        if !s.selected(name) {
+            continue;
+        }
         runs(name);
         let mut v = Vec::new();
         for _ in 0..s.runs {
@@ -106,30 +114,34 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
         );
     }
 
-    runs("bus.latency.fsync.5k");
-    let (mut p50, mut p99) = (Vec::new(), Vec::new());
-    for _ in 0..s.runs {
-        let (a, b) = latency_at_rate(5_000, s.secs.max(2.0)).await?;
-        p50.push(a);
-        p99.push(b);
+    if s.selected("bus.latency.fsync.5k") {
+        runs("bus.latency.fsync.5k");
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        for _ in 0..s.runs {
+            let (a, b) = latency_at_rate(5_000, s.secs.max(2.0)).await?;
+            p50.push(a);
+            p99.push(b);
+        }
+        figures.push(
+            Figure::from_runs("bus.latency.fsync.5k.p50", "ms", p50)
+                .with_note("publish -> delivered, open loop at 5,000 msg/s"),
+        );
+        figures.push(Figure::from_runs("bus.latency.fsync.5k.p99", "ms", p99));
     }
-    figures.push(
-        Figure::from_runs("bus.latency.fsync.5k.p50", "ms", p50)
-            .with_note("publish -> delivered, open loop at 5,000 msg/s"),
-    );
-    figures.push(Figure::from_runs("bus.latency.fsync.5k.p99", "ms", p99));
 
-    runs("bus.backlog_1m.peak_rss_mb");
-    let mut rss = Vec::new();
-    for _ in 0..s.backlog_runs {
-        rss.push(backlog_peak_rss(s.backlog).await?);
+    if s.selected("bus.backlog_1m.peak_rss_mb") {
+        runs("bus.backlog_1m.peak_rss_mb");
+        let mut rss = Vec::new();
+        for _ in 0..s.backlog_runs {
+            rss.push(backlog_peak_rss(s.backlog).await?);
+        }
+        figures.push(
+            Figure::from_runs("bus.backlog_1m.peak_rss_mb", "MiB", rss).with_note(format!(
+                "{} messages consumed by a fresh process",
+                s.backlog
+            )),
+        );
     }
-    figures.push(
-        Figure::from_runs("bus.backlog_1m.peak_rss_mb", "MiB", rss).with_note(format!(
-            "{} messages consumed by a fresh process",
-            s.backlog
-        )),
-    );
     figures.push(floor.with_note("raw peer: one writer, 200-byte appends, fdatasync each"));
     eprint!("\r\x1b[2K");
     Ok(figures)

@@ -50,6 +50,9 @@ struct Args {
     /// Fewer, shorter runs (3 runs of 1 s, one backlog run) for a quick look.
     #[arg(long)]
     quick: bool,
+    /// Only figures whose name contains this text (the fdatasync floor always runs).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// Settings every suite reads.
@@ -63,6 +66,17 @@ pub struct Settings {
     pub backlog: u64,
     /// Runs of the backlog figure.
     pub backlog_runs: usize,
+    /// Only figures whose name contains this.
+    pub only: Option<String>,
+}
+
+impl Settings {
+    /// Whether the figure (or group of figures) `name` is to be measured.
+    pub fn selected(&self, name: &str) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|o| name.contains(o) || o.contains(name))
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +99,7 @@ fn main() -> std::process::ExitCode {
                     secs: if args.quick { 1.0 } else { args.secs },
                     backlog: args.backlog,
                     backlog_runs: if args.quick { 1 } else { 3 },
+                    only: args.only.clone(),
                 };
                 eprintln!(
                     "bench bus: {} runs per figure, {} s each, {}-byte payloads; medians with ranges",

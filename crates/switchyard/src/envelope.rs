@@ -26,9 +26,17 @@ pub const JSON_CONTENT_TYPE: &str = "application/json";
 pub struct MessageId(pub Uuid);
 
 impl MessageId {
-    /// A fresh, time-ordered id (UUIDv7).
+    /// A fresh id: UUIDv7 (48-bit millisecond timestamp, then 74 random bits), ordered by
+    /// creation time across milliseconds. Random bits come from a fast thread-local
+    /// generator, not a system call per id.
     pub fn new() -> Self {
-        MessageId(Uuid::now_v7())
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut random = [0u8; 10];
+        fastrand::fill(&mut random);
+        MessageId(uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid())
     }
 
     /// The id as a 128-bit integer, the compact key dedup windows store.
@@ -666,9 +674,13 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_time_ordered() {
+    fn ids_are_v7_and_time_ordered_across_milliseconds() {
         let a = MessageId::new();
+        std::thread::sleep(Duration::from_millis(2));
         let b = MessageId::new();
         assert!(a < b);
+        assert_eq!(a.0.get_version_num(), 7);
+        let many: std::collections::HashSet<_> = (0..10_000).map(|_| MessageId::new()).collect();
+        assert_eq!(many.len(), 10_000);
     }
 }

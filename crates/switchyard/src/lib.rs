@@ -30,6 +30,9 @@
 //! | [`memory`] | the in-memory backend |
 //! | [`error`] | the error type and its kinds |
 
+/// The version of this crate.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod bus;
 pub mod codec;
 pub mod envelope;

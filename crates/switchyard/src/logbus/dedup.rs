@@ -4,13 +4,42 @@
 //! so that a window holding a million ids stays in tens of megabytes.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
+
+/// A hasher for message ids: they are already random (UUIDv7's low 74 bits), so a
+/// multiply-fold suffices where SipHash would cost more than the lookup itself.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+}
+
+/// Map keyed by message id (as `u128`) with [`IdHasher`].
+pub type IdMap<V> = HashMap<u128, V, BuildHasherDefault<IdHasher>>;
 
 /// Ids seen within `window`, each with the offset it was stored at.
 #[derive(Debug)]
 pub struct DedupWindow {
     window_ms: u64,
-    seen: HashMap<u128, u64>,
+    seen: IdMap<u64>,
     order: VecDeque<(u64, u128)>,
 }
 
@@ -19,7 +48,7 @@ impl DedupWindow {
     pub fn new(window: Duration) -> Self {
         DedupWindow {
             window_ms: window.as_millis() as u64,
-            seen: HashMap::new(),
+            seen: IdMap::default(),
             order: VecDeque::new(),
         }
     }

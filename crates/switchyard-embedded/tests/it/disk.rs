@@ -170,3 +170,46 @@ async fn a_second_bus_on_the_same_directory_is_refused() {
     assert!(err.to_string().contains("locked"), "{err}");
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_kept_until_replayed_even_when_another_group_reads_the_dlq() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        segment_bytes: 16 * 1024,
+        ..Default::default()
+    };
+    let bus = EmbeddedBus::open_with(dir.path(), config).unwrap();
+    let mut sub = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    for chunk in 0..10u64 {
+        bus.publish_batch("t", (chunk * 20..chunk * 20 + 20).map(msg).collect())
+            .await
+            .unwrap();
+        for _ in 0..20 {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .unwrap()
+                .unwrap();
+            d.dead_letter("bad").await.unwrap();
+        }
+    }
+    // An alerting group reads the DLQ topic and acknowledges everything.
+    let mut alerts = bus
+        .subscribe("t.dlq", "alerts", SubscribeOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(drain(&mut alerts).await.len(), 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    bus.publish("t", msg(999)).await.unwrap();
+    let d = sub.next().await.unwrap();
+    d.dead_letter("bad").await.unwrap();
+    drain(&mut alerts).await;
+    assert_eq!(
+        bus.dead_letters("t", 1000).await.unwrap().len(),
+        201,
+        "retention kept every unreplayed dead letter"
+    );
+    bus.close().await.unwrap();
+}

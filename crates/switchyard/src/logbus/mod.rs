@@ -438,6 +438,13 @@ impl<S: LogStorage> DeadLetterSink for DlqWriter<S> {
     async fn store(&self, topic: &str, group: &str, order: &DeadLetterOrder) -> Result<()> {
         let inner = self.inner.upgrade().ok_or(Error::Closed)?;
         let dlq = inner.topic(&dlq_topic(topic))?;
+        // The DLQ's own bookkeeping group exists before its first entry, so retention never
+        // reclaims an entry that has not been listed and replayed (other groups reading
+        // the DLQ, e.g. for alerts, don't count as resolving it).
+        let sink: Arc<dyn DeadLetterSink> = Arc::new(DlqWriter {
+            inner: self.inner.clone(),
+        });
+        dlq.group(DLQ_GROUP, SubscribeOptions::default(), &sink)?;
         let f = &order.failure;
         let env = (*order.envelope)
             .clone()

@@ -116,17 +116,22 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
 
     if s.selected("bus.latency.fsync.5k") {
         runs("bus.latency.fsync.5k");
-        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        let (mut p50, mut p99, mut publish_p99) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..s.runs {
-            let (a, b) = latency_at_rate(5_000, s.secs.max(2.0)).await?;
-            p50.push(a);
-            p99.push(b);
+            let l = latency_at_rate(5_000, s.secs.max(2.0)).await?;
+            p50.push(l.delivered_p50);
+            p99.push(l.delivered_p99);
+            publish_p99.push(l.publish_p99);
         }
         figures.push(
             Figure::from_runs("bus.latency.fsync.5k.p50", "ms", p50)
                 .with_note("publish -> delivered, open loop at 5,000 msg/s"),
         );
         figures.push(Figure::from_runs("bus.latency.fsync.5k.p99", "ms", p99));
+        figures.push(
+            Figure::from_runs("bus.latency.fsync.5k.publish_p99", "ms", publish_p99)
+                .with_note("until publish returned (durable)"),
+        );
     }
 
     if s.selected("bus.backlog_1m.peak_rss_mb") {
@@ -276,8 +281,15 @@ async fn end_to_end(durability: Durability, secs: f64) -> Result<f64, BoxError> 
     Ok(n as f64 / elapsed)
 }
 
-/// Open-loop publishes at `rate` msg/s; returns publish-to-delivery (p50, p99) in ms.
-async fn latency_at_rate(rate: u64, secs: f64) -> Result<(f64, f64), BoxError> {
+/// Latencies of one open-loop run, in ms.
+struct Latency {
+    delivered_p50: f64,
+    delivered_p99: f64,
+    publish_p99: f64,
+}
+
+/// Open-loop publishes at `rate` msg/s: publish-to-delivery p50/p99 and publish p99.
+async fn latency_at_rate(rate: u64, secs: f64) -> Result<Latency, BoxError> {
     let dir = tempfile::tempdir()?;
     let bus = EmbeddedBus::open_with(dir.path(), config(Durability::Fsync))?;
     let base = Instant::now();
@@ -310,6 +322,7 @@ async fn latency_at_rate(rate: u64, secs: f64) -> Result<(f64, f64), BoxError> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
     let mut inflight = tokio::task::JoinSet::new();
+    let mut publish_h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     while sent < total {
         tick.tick().await;
         for _ in 0..per_tick.min(total - sent) {
@@ -317,22 +330,26 @@ async fn latency_at_rate(rate: u64, secs: f64) -> Result<(f64, f64), BoxError> {
             let at = base.elapsed().as_micros() as u64;
             let env =
                 message(sent, &format!("s{}", sent % 64)).with_extension("sentus", at.to_string());
-            inflight.spawn(async move { bus.publish("lat", env).await.map(|_| ()) });
+            inflight.spawn(async move {
+                bus.publish("lat", env).await?;
+                Ok::<u64, switchyard::Error>((base.elapsed().as_micros() as u64).saturating_sub(at))
+            });
             sent += 1;
         }
         while let Some(r) = inflight.try_join_next() {
-            r??;
+            publish_h.record(r??.max(1))?;
         }
     }
     while let Some(r) = inflight.join_next().await {
-        r??;
+        publish_h.record(r??.max(1))?;
     }
     let h = consumer.await??;
     bus.close().await?;
-    Ok((
-        h.value_at_quantile(0.50) as f64 / 1000.0,
-        h.value_at_quantile(0.99) as f64 / 1000.0,
-    ))
+    Ok(Latency {
+        delivered_p50: h.value_at_quantile(0.50) as f64 / 1000.0,
+        delivered_p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+        publish_p99: publish_h.value_at_quantile(0.99) as f64 / 1000.0,
+    })
 }
 
 /// Publishes a backlog, then a fresh process consumes it all; returns its peak RSS in MiB.

@@ -71,7 +71,9 @@ pub(crate) fn run(
         Durability::Fsync => None,
         Durability::Buffered { interval } => Some(interval.max(Duration::from_millis(1))),
     };
+    let mut linger = Linger::default();
     loop {
+        linger.start_group();
         // Let the publishers just answered run and queue their next messages, so they
         // share the next fsync instead of trickling into a small one (cheap when idle).
         std::thread::yield_now();
@@ -107,10 +109,22 @@ pub(crate) fn run(
                 }
                 if bytes < max_batch_bytes {
                     next = rx.try_recv().ok();
+                    // Linger: when the last group was large (many publishers waiting on each
+                    // other), wait briefly for the publishers just answered to queue again,
+                    // so one fsync serves all of them rather than half in each of two.
+                    // It sleeps rather than waiting on the channel, so the stragglers don't
+                    // wake this thread one by one.
+                    if next.is_none() && linger.should_wait(batch.len()) {
+                        std::thread::sleep(linger.budget);
+                        next = rx.try_recv().ok();
+                    }
                 }
             }
             if !batch.is_empty() {
+                linger.last_requests = batch.len();
+                let started = Instant::now();
                 write_batch(batch, interval.is_none(), &stats, &mut unsynced);
+                linger.observe(started.elapsed());
             }
         }
         if let Some(done) = shutdown {
@@ -141,6 +155,52 @@ pub(crate) fn run(
 
 /// Where a publish call waits for its outcome.
 type Reply = oneshot::Sender<Result<Vec<Published>>>;
+
+/// Adaptive linger of the group commit: waits for more requests only while the previous
+/// group showed heavy concurrency, and never longer than a fraction of one write's cost.
+#[derive(Debug)]
+struct Linger {
+    /// Requests in the previous group.
+    last_requests: usize,
+    /// How long one wait may take (a quarter of the last write-and-sync, capped).
+    budget: Duration,
+    /// When the current group started lingering.
+    deadline: Option<Instant>,
+}
+
+impl Default for Linger {
+    fn default() -> Self {
+        Linger {
+            last_requests: 0,
+            budget: Duration::from_micros(50),
+            deadline: None,
+        }
+    }
+}
+
+impl Linger {
+    /// Requests in a group that count as heavy concurrency.
+    const HEAVY: usize = 16;
+    /// Longest total linger of one group.
+    const MAX: Duration = Duration::from_micros(250);
+
+    fn start_group(&mut self) {
+        self.deadline = None;
+    }
+
+    fn should_wait(&mut self, have: usize) -> bool {
+        if self.last_requests < Self::HEAVY || have >= self.last_requests {
+            return false;
+        }
+        let now = Instant::now();
+        let deadline = *self.deadline.get_or_insert(now + Self::MAX);
+        now < deadline
+    }
+
+    fn observe(&mut self, write: Duration) {
+        self.budget = (write / 4).clamp(Duration::from_micros(20), Self::MAX);
+    }
+}
 
 struct TopicWork {
     topic: Arc<TopicShared>,

@@ -27,6 +27,10 @@ pub enum ErrorKind {
     NotFound,
     /// A remote backend is unreachable or timed out; retrying later may help.
     Unavailable,
+    /// A transaction read a row that another commit changed; retry the transaction.
+    Conflict,
+    /// The message was already processed by this consumer (inbox); skip it.
+    AlreadyProcessed,
 }
 
 /// An error from a bus or its machinery. Each message says what to do about it.
@@ -95,6 +99,24 @@ pub enum Error {
     /// A remote backend could not be reached.
     #[error("backend unavailable: {0}; retry later")]
     Unavailable(String),
+    /// Optimistic concurrency: a row this transaction read changed before it committed.
+    #[error(
+        "conflict on {table}/{key}: another commit changed it after this transaction read it; run the transaction again"
+    )]
+    Conflict {
+        /// Table of the changed row.
+        table: String,
+        /// Key of the changed row.
+        key: String,
+    },
+    /// The inbox already holds this message for this consumer: its effect was applied.
+    #[error("message {id} was already processed by `{consumer}`; nothing was written")]
+    AlreadyProcessed {
+        /// The consumer (e.g. `topic/group`).
+        consumer: String,
+        /// The message id.
+        id: String,
+    },
 }
 
 impl Error {
@@ -111,6 +133,8 @@ impl Error {
             Error::Decode(_) => ErrorKind::Decode,
             Error::NotFound(_) => ErrorKind::NotFound,
             Error::Unavailable(_) => ErrorKind::Unavailable,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::AlreadyProcessed { .. } => ErrorKind::AlreadyProcessed,
         }
     }
 

@@ -27,7 +27,8 @@
 //! | [`codec`] | typed events (`Event`) and the JSON codec; decode errors |
 //! | [`bus`] | the `Bus` contract: publish, groups, deliveries, settling, dead letters |
 //! | [`logbus`] | the group machinery over any append-only log, shared by log backends |
-//! | [`memory`] | the in-memory backend |
+//! | [`memory`] | the in-memory bus backend |
+//! | [`store`] | the store contract: typed tables, optimistic transactions, outbox, inbox; the in-memory store |
 //! | [`error`] | the error type and its kinds |
 
 /// The version of this crate.
@@ -39,6 +40,7 @@ pub mod envelope;
 pub mod error;
 pub mod logbus;
 pub mod memory;
+pub mod store;
 
 pub use bus::{
     Bus, Capabilities, Capability, DeadLetter, Delivery, Published, RedeliveryPolicy, ReplayFilter,

@@ -28,6 +28,8 @@
 //! | [`bus`] | the `Bus` contract: publish, groups, deliveries, settling, dead letters |
 //! | [`logbus`] | the group machinery over any append-only log, shared by log backends |
 //! | [`memory`] | the in-memory bus backend |
+//! | [`router`] | typed handlers with inbox dedup and one atomic commit per message |
+//! | [`relay`] | the outbox relay: committed outbox entries to the bus, in order |
 //! | [`store`] | the store contract: typed tables, optimistic transactions, outbox, inbox; the in-memory store |
 //! | [`error`] | the error type and its kinds |
 
@@ -40,6 +42,8 @@ pub mod envelope;
 pub mod error;
 pub mod logbus;
 pub mod memory;
+pub mod relay;
+pub mod router;
 pub mod store;
 
 pub use bus::{

@@ -1,0 +1,459 @@
+//! The router: typed handlers for (topic, group), with exactly-once effects in the
+//! service's store.
+//!
+//! Per message: decode (unknown type or malformed payload: to the DLQ at once, with the
+//! reason) → inbox check (already processed: ack and skip) → the handler, which gets a
+//! transaction on the service's store and may publish only into that transaction's
+//! outbox → one atomic commit of state, outbox and inbox mark → ack.
+//!
+//! A handler returns `Ok`, a retryable error (redelivered with backoff, then the DLQ) or
+//! a terminal one (the DLQ at once). Ordering per subject comes from the bus: a failing
+//! message keeps only its own subject waiting; other subjects keep flowing.
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! use switchyard::router::{Context, HandlerError, Router};
+//! use switchyard::store::Table;
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct OrderCreated { order_id: String }
+//! # impl switchyard::Event for OrderCreated { const TYPE: &'static str = "order.created.v1"; }
+//! # async fn demo(bus: Arc<dyn switchyard::Bus>, store: Arc<dyn switchyard::store::Store>) {
+//! const SEEN: Table<u64> = Table::new("seen");
+//! let mut router = Router::new("billing", bus, store);
+//! router.on("orders", "billing", |ctx: Context, ev: OrderCreated| async move {
+//!     let n = ctx.txn.get(&SEEN, &ev.order_id)?.unwrap_or(0);
+//!     ctx.txn.put(&SEEN, &ev.order_id, &(n + 1))?;
+//!     Ok::<(), HandlerError>(())
+//! });
+//! router.run(std::future::pending()).await.unwrap();
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::bus::{Bus, Delivery, SubscribeOptions};
+use crate::codec::{self, Event};
+use crate::envelope::{Envelope, MessageId, Timestamp};
+use crate::error::{Error, Result};
+use crate::store::{Store, Txn};
+
+/// Why a handler failed, which decides what happens to the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying (a dependency is down, a conflict): redelivered with backoff, then the DLQ.
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// Never worth retrying (invalid input, a business rule): to the DLQ at once, with the reason.
+    #[error("terminal: {0}")]
+    Terminal(String),
+}
+
+impl HandlerError {
+    /// A retryable failure.
+    pub fn retryable(reason: impl Into<String>) -> Self {
+        HandlerError::Retryable(reason.into())
+    }
+
+    /// Dead-letters the message now with `reason` (a terminal failure).
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        HandlerError::Terminal(reason.into())
+    }
+}
+
+impl From<Error> for HandlerError {
+    /// Store and bus errors are retryable except invalid input and decode errors.
+    fn from(e: Error) -> Self {
+        use crate::error::ErrorKind::*;
+        match e.kind() {
+            InvalidInput | Decode => HandlerError::Terminal(e.to_string()),
+            _ => HandlerError::Retryable(e.to_string()),
+        }
+    }
+}
+
+/// What a handler gets besides the event: the transaction and the incoming message.
+#[derive(Clone)]
+pub struct Context {
+    /// The transaction on the service's store; committed with the inbox mark when the
+    /// handler returns `Ok`. Publish through it (its outbox) — there is no other way.
+    pub txn: Txn,
+    /// The incoming message.
+    pub envelope: Arc<Envelope>,
+    /// 1 for the first delivery, 2 for the first redelivery, …
+    pub attempt: u32,
+    service: Arc<str>,
+}
+
+impl Context {
+    /// Publishes a typed event caused by the incoming message (via the outbox, after the
+    /// commit): correlation id, causation id, trace context and deadline are carried over.
+    pub fn publish<E: Event>(&self, topic: &str, event: &E) -> Result<MessageId> {
+        let env = codec::encode(event, &format!("/{}", self.service))
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?
+            .caused_by(&self.envelope);
+        Ok(self.txn.publish_envelope(topic, env))
+    }
+
+    /// The service this router runs for.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
+type Handler = Arc<dyn Fn(Context, Arc<Envelope>) -> BoxFuture + Send + Sync>;
+
+/// Counters of a router (all routes).
+#[derive(Debug, Default)]
+pub struct RouterStats {
+    /// Messages whose effect was committed and acknowledged.
+    pub processed: AtomicU64,
+    /// Deliveries skipped because the inbox had them (duplicates).
+    pub duplicates: AtomicU64,
+    /// Retryable failures (nacked for redelivery).
+    pub retried: AtomicU64,
+    /// Messages sent to the DLQ by the router (terminal, undecodable, unknown type).
+    pub dead_lettered: AtomicU64,
+}
+
+struct Route {
+    topic: String,
+    group: String,
+    handlers: HashMap<&'static str, Handler>,
+    options: SubscribeOptions,
+    concurrency: usize,
+}
+
+/// Runs typed handlers against a bus and a store. See the [module docs](self).
+pub struct Router {
+    service: Arc<str>,
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    routes: Vec<Route>,
+    inbox_window: Duration,
+    stats: Arc<RouterStats>,
+}
+
+/// How many times a commit conflict re-runs the handler before the message is nacked.
+const CONFLICT_RETRIES: u32 = 8;
+
+impl Router {
+    /// A router for `service` (used as the `source` of what it publishes).
+    pub fn new(service: &str, bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Self {
+        Router {
+            service: Arc::from(service),
+            bus,
+            store,
+            routes: Vec::new(),
+            inbox_window: Duration::from_secs(24 * 3600),
+            stats: Arc::new(RouterStats::default()),
+        }
+    }
+
+    /// How long inbox marks are kept (default 24 h). Must exceed the redelivery horizon
+    /// of every route (`run` checks), or an old duplicate could be applied twice.
+    pub fn inbox_window(mut self, window: Duration) -> Self {
+        self.inbox_window = window;
+        self
+    }
+
+    /// The router's counters.
+    pub fn stats(&self) -> Arc<RouterStats> {
+        self.stats.clone()
+    }
+
+    fn route_mut(&mut self, topic: &str, group: &str) -> &mut Route {
+        if let Some(i) = self
+            .routes
+            .iter()
+            .position(|r| r.topic == topic && r.group == group)
+        {
+            return &mut self.routes[i];
+        }
+        self.routes.push(Route {
+            topic: topic.to_string(),
+            group: group.to_string(),
+            handlers: HashMap::new(),
+            options: SubscribeOptions::default(),
+            concurrency: 64,
+        });
+        let last = self.routes.len() - 1;
+        &mut self.routes[last]
+    }
+
+    /// Handles events of type `E` arriving on `topic` for consumer group `group`. Several
+    /// event types may share one (topic, group); any other type goes to the DLQ.
+    pub fn on<E, F, Fut>(&mut self, topic: &str, group: &str, handler: F) -> &mut Self
+    where
+        E: Event,
+        F: Fn(Context, E) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: Handler = Arc::new(move |ctx: Context, env: Arc<Envelope>| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let event: E = codec::decode_payload(&env)
+                    .map_err(|e| HandlerError::Terminal(e.to_string()))?;
+                handler(ctx, event).await
+            }) as BoxFuture
+        });
+        self.route_mut(topic, group)
+            .handlers
+            .insert(E::TYPE, erased);
+        self
+    }
+
+    /// Sets the subscription options (ack wait, redelivery policy) of (topic, group).
+    pub fn options(&mut self, topic: &str, group: &str, options: SubscribeOptions) -> &mut Self {
+        self.route_mut(topic, group).options = options;
+        self
+    }
+
+    /// Sets how many messages of (topic, group) are handled at once (default 64).
+    pub fn concurrency(&mut self, topic: &str, group: &str, n: usize) -> &mut Self {
+        self.route_mut(topic, group).concurrency = n.max(1);
+        self
+    }
+
+    /// Runs every route until `shutdown` completes; then stops taking messages and waits
+    /// for in-flight handlers to finish (their messages are acked or redelivered later —
+    /// nothing is lost).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        for r in &self.routes {
+            let p = &r.options.redelivery;
+            let horizon =
+                r.options.ack_wait * p.max_attempts.max(1) + p.max_backoff * p.max_attempts.max(1);
+            if self.inbox_window <= horizon {
+                return Err(Error::InvalidArgument(format!(
+                    "inbox window {:?} must exceed the redelivery horizon {:?} of {}/{}; raise `inbox_window`",
+                    self.inbox_window, horizon, r.topic, r.group
+                )));
+            }
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for route in self.routes {
+            let sub = self
+                .bus
+                .subscribe(&route.topic, &route.group, route.options.clone())
+                .await?;
+            let worker = RouteWorker {
+                consumer: Arc::from(format!("{}/{}", route.topic, route.group)),
+                handlers: Arc::new(route.handlers),
+                store: self.store.clone(),
+                service: self.service.clone(),
+                stats: self.stats.clone(),
+                concurrency: route.concurrency,
+            };
+            tasks.spawn(worker.run(sub, stop_rx.clone()));
+        }
+        let store = self.store.clone();
+        let window = self.inbox_window;
+        let mut expiry_stop = stop_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                let before = Timestamp::from_unix_micros(
+                    Timestamp::now()
+                        .unix_micros()
+                        .saturating_sub(window.as_micros() as u64),
+                );
+                match store.expire_inbox(before).await {
+                    Ok(n) if n > 0 => tracing::debug!(expired = n, "expired inbox marks"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "expiring inbox marks failed; will retry"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep((window / 24).min(Duration::from_secs(600))) => {}
+                    _ = expiry_stop.changed() => return Ok(()),
+                }
+            }
+        });
+        let first = tokio::select! {
+            _ = shutdown => None,
+            r = tasks.join_next() => r,
+        };
+        let _ = stop_tx.send(true);
+        let mut result = Ok(());
+        if let Some(Ok(Err(e))) = first {
+            result = Err(e);
+        }
+        while let Some(r) = tasks.join_next().await {
+            if let Ok(Err(e)) = r
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+struct RouteWorker {
+    consumer: Arc<str>,
+    handlers: Arc<HashMap<&'static str, Handler>>,
+    store: Arc<dyn Store>,
+    service: Arc<str>,
+    stats: Arc<RouterStats>,
+    concurrency: usize,
+}
+
+impl RouteWorker {
+    async fn run(
+        self,
+        mut sub: crate::bus::Subscription,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let limit = Arc::new(Semaphore::new(self.concurrency));
+        let me = Arc::new(self);
+        let mut inflight = JoinSet::new();
+        loop {
+            let permits = tokio::select! {
+                p = limit.clone().acquire_many_owned(1) => p,
+                _ = stop.changed() => break,
+            };
+            let Ok(first_permit) = permits else { break };
+            let available = limit.available_permits() + 1;
+            let batch = tokio::select! {
+                b = sub.next_batch(available) => b,
+                _ = stop.changed() => break,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) if e.kind() == crate::error::ErrorKind::Closed => break,
+                Err(e) => {
+                    tracing::warn!(consumer = %me.consumer, error = %e, "receiving failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut first_permit = Some(first_permit);
+            for delivery in batch {
+                let permit = match first_permit.take() {
+                    Some(p) => p,
+                    None => match limit.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let me = me.clone();
+                inflight.spawn(async move {
+                    me.process(delivery).await;
+                    drop(permit);
+                });
+            }
+            while inflight.try_join_next().is_some() {}
+        }
+        while inflight.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn process(&self, delivery: Delivery) {
+        let env = delivery.envelope_arc();
+        let Some(handler) = self.handlers.get(env.event_type.as_str()).cloned() else {
+            let mut known: Vec<_> = self.handlers.keys().copied().collect();
+            known.sort();
+            let reason = format!(
+                "unknown event type `{}` for {} (handles {})",
+                env.event_type,
+                self.consumer,
+                known.join(", ")
+            );
+            self.dead_letter(delivery, reason).await;
+            return;
+        };
+        match self.store.inbox_contains(&self.consumer, env.id) {
+            Ok(true) => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.settle(delivery.ack().await);
+                return;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                self.retry(delivery, format!("inbox check failed: {e}"))
+                    .await;
+                return;
+            }
+        }
+        let mut conflicts = 0;
+        loop {
+            let ctx = Context {
+                txn: Txn::new(self.store.clone()),
+                envelope: env.clone(),
+                attempt: delivery.attempt(),
+                service: self.service.clone(),
+            };
+            let txn = ctx.txn.clone();
+            // The handler runs in its own task so a panic is a failed attempt, not a crash.
+            let outcome = tokio::spawn((handler)(ctx, env.clone())).await;
+            let result = match outcome {
+                Ok(r) => r,
+                Err(e) if e.is_panic() => Err(HandlerError::Retryable(format!(
+                    "handler panicked: {}",
+                    panic_message(e)
+                ))),
+                Err(e) => Err(HandlerError::Retryable(format!("handler cancelled: {e}"))),
+            };
+            match result {
+                Ok(()) => {
+                    txn.mark_processed(&self.consumer, env.id);
+                    match txn.commit().await {
+                        Ok(()) => {
+                            self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                            self.settle(delivery.ack().await);
+                        }
+                        Err(Error::AlreadyProcessed { .. }) => {
+                            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            self.settle(delivery.ack().await);
+                        }
+                        Err(Error::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
+                            conflicts += 1;
+                            continue;
+                        }
+                        Err(e) => self.retry(delivery, format!("commit failed: {e}")).await,
+                    }
+                }
+                Err(HandlerError::Retryable(reason)) => self.retry(delivery, reason).await,
+                Err(HandlerError::Terminal(reason)) => self.dead_letter(delivery, reason).await,
+            }
+            return;
+        }
+    }
+
+    async fn retry(&self, delivery: Delivery, reason: String) {
+        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(consumer = %self.consumer, id = %delivery.envelope().id, attempt = delivery.attempt(), %reason, "handler failed; will retry");
+        self.settle(delivery.nack(None, reason).await);
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, reason: String) {
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.settle(delivery.dead_letter(reason).await);
+    }
+
+    fn settle(&self, r: Result<()>) {
+        if let Err(e) = r {
+            // A stale lease: the message was redelivered meanwhile and the inbox will
+            // absorb the duplicate. Anything else: it stays unsettled and comes back.
+            tracing::warn!(consumer = %self.consumer, error = %e, "settling a delivery failed");
+        }
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic".into()),
+        Err(_) => "cancelled".into(),
+    }
+}

@@ -4,7 +4,8 @@
 //! Per message: decode (unknown type or malformed payload: to the DLQ at once, with the
 //! reason) → inbox check (already processed: ack and skip) → the handler, which gets a
 //! transaction on the service's store and may publish only into that transaction's
-//! outbox → one atomic commit of state, outbox and inbox mark → ack.
+//! outbox → one atomic commit of state, outbox and inbox mark → ack. A handler that
+//! changed nothing in the store commits nothing (there is no effect to protect).
 //!
 //! A handler returns `Ok`, a retryable error (redelivered with backoff, then the DLQ) or
 //! a terminal one (the DLQ at once). Ordering per subject comes from the bus: a failing
@@ -110,6 +111,10 @@ impl Context {
 type BoxFuture = Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
 type Handler = Arc<dyn Fn(Context, Arc<Envelope>) -> BoxFuture + Send + Sync>;
 
+/// Called after a message's effect is committed and before it is acknowledged, with the
+/// consumer (`topic/group`) and the message (for flow records, metrics — and crash tests).
+pub type CommitObserver = Arc<dyn Fn(&str, &Envelope) + Send + Sync>;
+
 /// Counters of a router (all routes).
 #[derive(Debug, Default)]
 pub struct RouterStats {
@@ -139,6 +144,7 @@ pub struct Router {
     routes: Vec<Route>,
     inbox_window: Duration,
     stats: Arc<RouterStats>,
+    observer: Option<CommitObserver>,
 }
 
 /// How many times a commit conflict re-runs the handler before the message is nacked.
@@ -154,7 +160,14 @@ impl Router {
             routes: Vec::new(),
             inbox_window: Duration::from_secs(24 * 3600),
             stats: Arc::new(RouterStats::default()),
+            observer: None,
         }
+    }
+
+    /// Calls `f` after each committed effect, before the ack.
+    pub fn on_committed(mut self, f: impl Fn(&str, &Envelope) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(f));
+        self
     }
 
     /// How long inbox marks are kept (default 24 h). Must exceed the redelivery horizon
@@ -252,6 +265,7 @@ impl Router {
                 service: self.service.clone(),
                 stats: self.stats.clone(),
                 concurrency: route.concurrency,
+                observer: self.observer.clone(),
             };
             tasks.spawn(worker.run(sub, stop_rx.clone()));
         }
@@ -303,6 +317,7 @@ struct RouteWorker {
     service: Arc<str>,
     stats: Arc<RouterStats>,
     concurrency: usize,
+    observer: Option<CommitObserver>,
 }
 
 impl RouteWorker {
@@ -402,11 +417,19 @@ impl RouteWorker {
                 Err(e) => Err(HandlerError::Retryable(format!("handler cancelled: {e}"))),
             };
             match result {
+                Ok(()) if !txn.has_effects() => {
+                    // Nothing to make exactly-once: no commit, no inbox mark.
+                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                    self.settle(delivery.ack().await);
+                }
                 Ok(()) => {
                     txn.mark_processed(&self.consumer, env.id);
                     match txn.commit().await {
                         Ok(()) => {
                             self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                            if let Some(observe) = &self.observer {
+                                observe(&self.consumer, &env);
+                            }
                             self.settle(delivery.ack().await);
                         }
                         Err(Error::AlreadyProcessed { .. }) => {

@@ -232,6 +232,13 @@ impl Txn {
         self.lock().batch.inbox.push((consumer.to_string(), id));
     }
 
+    /// True when the transaction changed something (rows or outbox); a handler that only
+    /// read commits nothing, and needs no inbox mark.
+    pub fn has_effects(&self) -> bool {
+        let s = self.lock();
+        !s.batch.writes.is_empty() || !s.batch.outbox.is_empty()
+    }
+
     /// Messages appended to the outbox so far.
     pub fn outbox_len(&self) -> usize {
         self.lock().batch.outbox.len()

@@ -18,7 +18,7 @@ use crate::{BusFactory, Settings};
 const ARRIVES: Duration = Duration::from_secs(15);
 const QUIET: Duration = Duration::from_millis(300);
 
-pub(crate) async fn dispatch<F: BusFactory>(f: &F, name: &str, dir: &Path) {
+pub(crate) async fn dispatch<F: BusFactory>(f: &F, name: &str, dir: &Path, entry: &str) {
     match name {
         "publish_and_consume_in_order" => publish_and_consume_in_order(f, dir).await,
         "every_group_gets_every_message" => every_group_gets_every_message(f, dir).await,
@@ -38,9 +38,9 @@ pub(crate) async fn dispatch<F: BusFactory>(f: &F, name: &str, dir: &Path) {
         "start_latest_skips_the_backlog" => start_latest(f, dir).await,
         "close_wakes_waiting_consumers" => close_wakes(f, dir).await,
         "positions_and_dead_letters_survive_reopen" => survive_reopen(f, dir).await,
-        "publish_survives_sigkill" => publish_survives_sigkill(f, dir).await,
-        "consumer_killed_mid_message_is_redelivered" => consumer_killed(f, dir).await,
-        "backlog_of_1m_with_bounded_memory" => backlog(f, dir).await,
+        "publish_survives_sigkill" => publish_survives_sigkill(f, dir, entry).await,
+        "consumer_killed_mid_message_is_redelivered" => consumer_killed(f, dir, entry).await,
+        "backlog_of_1m_with_bounded_memory" => backlog(f, dir, entry).await,
         other => panic!("no conformance case `{other}`"),
     }
 }
@@ -617,10 +617,10 @@ async fn survive_reopen<F: BusFactory>(f: &F, dir: &Path) {
     bus.close().await.unwrap();
 }
 
-async fn publish_survives_sigkill<F: BusFactory>(f: &F, dir: &Path) {
+async fn publish_survives_sigkill<F: BusFactory>(f: &F, dir: &Path, entry: &str) {
     let dir_s = dir.display().to_string();
     let mut child = Child::spawn_test_entry(
-        "conformance_child",
+        entry,
         &[(MODE_VAR, "publish-loop".into()), (DIR_VAR, dir_s.clone())],
     )
     .unwrap();
@@ -701,7 +701,7 @@ async fn verify_after_crash<F: BusFactory>(f: &F, dir: &Path, mut ledger: Ledger
     assert!(v.acknowledged > 0 && PUBLISHERS > 0);
 }
 
-async fn consumer_killed<F: BusFactory>(f: &F, dir: &Path) {
+async fn consumer_killed<F: BusFactory>(f: &F, dir: &Path, entry: &str) {
     let ids: Vec<MessageId> = {
         let bus = open(f, dir).await;
         let batch: Vec<_> = (0..10).map(|i| msg(i, Some("k"))).collect();
@@ -711,7 +711,7 @@ async fn consumer_killed<F: BusFactory>(f: &F, dir: &Path) {
         ids
     };
     let mut child = Child::spawn_test_entry(
-        "conformance_child",
+        entry,
         &[
             (MODE_VAR, "consume-hold".into()),
             (DIR_VAR, dir.display().to_string()),
@@ -741,7 +741,7 @@ async fn consumer_killed<F: BusFactory>(f: &F, dir: &Path) {
     bus.close().await.unwrap();
 }
 
-async fn backlog<F: BusFactory>(f: &F, dir: &Path) {
+async fn backlog<F: BusFactory>(f: &F, dir: &Path, entry: &str) {
     let n: u64 = std::env::var("SWITCHYARD_BACKLOG_N")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -759,7 +759,7 @@ async fn backlog<F: BusFactory>(f: &F, dir: &Path) {
         bus.close().await.unwrap();
     }
     let mut child = Child::spawn_test_entry(
-        "conformance_child",
+        entry,
         &[
             (MODE_VAR, "consume-all".into()),
             (DIR_VAR, dir.display().to_string()),

@@ -1,31 +1,47 @@
 //! # switchyard-conformance
 //!
-//! The one conformance suite of the bus contract, written once and run by every backend.
-//! A backend's `tests/` file is a constructor and nothing else:
+//! The one conformance suite of the bus and store contracts, written once and run by
+//! every backend. A backend's `tests/` file is a constructor and nothing else:
 //!
 //! ```ignore
 //! struct Factory;
 //! impl switchyard_conformance::BusFactory for Factory { /* open(dir, settings) */ }
 //! switchyard_conformance::bus_suite!(Factory);
+//!
+//! struct Stores;
+//! impl switchyard_conformance::StoreFactory for Stores { /* open, capabilities, close */ }
+//! switchyard_conformance::store_suite!(Stores);
 //! ```
 //!
 //! Each case becomes its own `#[test]`. A case needs a [`Capability`] the backend
 //! declares missing prints `NOT SUPPORTED by this backend: <reason>` and passes; the
-//! `declared_gaps` test prints every gap with its reason, so nothing is skipped silently.
-//! Crash cases re-run the test binary as a child process (the `conformance_child`
-//! test) and kill it with SIGKILL by pid.
+//! `declared_gaps` (bus) and `store_declared_gaps` (store) tests print every gap with
+//! its reason, so nothing is skipped silently. Crash cases re-run the test binary as a
+//! child process (the `conformance_child` and `store_conformance_child` tests) and kill
+//! it with SIGKILL by pid.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | `cases` | the bus cases ([`CASES`], run by [`run`]) |
+//! | `child` | the child process of the bus crash cases ([`child_entry`]) |
+//! | `store_cases` | the store cases ([`STORE_CASES`], run by [`run_store`]) |
+//! | `store_child` | the child process of the store crash case ([`store_child_entry`]) |
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cases;
 mod child;
+mod store_cases;
+mod store_child;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use switchyard::{Bus, Capability};
+use switchyard::{Bus, Capabilities, Capability};
 
 pub use child::child_entry;
+pub use store_child::store_child_entry;
 
 /// Settings a case asks the backend for.
 #[derive(Debug, Clone)]
@@ -87,7 +103,7 @@ pub const CASES: &[(&str, Option<Capability>)] = &[
 ];
 
 /// Runs the case `name` against `factory` (on its own Tokio runtime, in a fresh temp dir).
-pub fn run<F: BusFactory>(factory: &F, name: &str) {
+pub fn run<F: BusFactory>(factory: &F, name: &str, child_entry: &str) {
     let (_, needs) = CASES
         .iter()
         .find(|(n, _)| *n == name)
@@ -110,10 +126,22 @@ pub fn run<F: BusFactory>(factory: &F, name: &str) {
             }
         }
         let limit = Duration::from_secs(300);
-        tokio::time::timeout(limit, cases::dispatch(factory, name, dir.path()))
-            .await
-            .unwrap_or_else(|_| panic!("case `{name}` did not finish within {limit:?}"));
+        tokio::time::timeout(
+            limit,
+            cases::dispatch(factory, name, dir.path(), child_entry),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("case `{name}` did not finish within {limit:?}"));
     });
+}
+
+/// The libtest name of the `conformance_child` test generated in the module `module`
+/// (a `module_path!()`, whose first segment is the test crate and not part of test names).
+pub fn child_test_name(module: &str) -> String {
+    match module.split_once("::") {
+        Some((_, path)) => format!("{path}::conformance_child"),
+        None => "conformance_child".to_string(),
+    }
 }
 
 /// Prints the backend's declared gaps (capability and reason), one per line.
@@ -183,8 +211,143 @@ macro_rules! bus_suite {
         $(
             #[test]
             fn $case() {
-                $crate::run(&$factory, stringify!($case));
+                $crate::run(&$factory, stringify!($case), &$crate::child_test_name(module_path!()));
             }
         )*
+    };
+}
+
+/// Opens the store backend under test.
+///
+/// The store suite reuses the bus's [`Capability`] names with these meanings:
+/// [`Durable`](Capability::Durable) (committed state survives closing and reopening),
+/// [`CrashSafe`](Capability::CrashSafe) (every commit that returned `Ok` survives a
+/// SIGKILL of the committing process, and no commit is half-applied) and
+/// [`Reopen`](Capability::Reopen) (a store can be reopened on the same directory, by
+/// this or another process, once the previous one is closed or dead).
+pub trait StoreFactory: Send + Sync + 'static {
+    /// The backend's store.
+    type Store: switchyard::store::Store;
+
+    /// Opens a store under `dir` (a fresh directory per case; the same one to reopen).
+    /// Called inside a Tokio runtime.
+    fn open(&self, dir: &Path) -> switchyard::Result<Arc<Self::Store>>;
+
+    /// What the backend supports; cases needing a missing capability are not run (and
+    /// say so).
+    fn capabilities(&self) -> Capabilities;
+
+    /// Closes `store` before the case drops its last `Arc` to it (and, in reopen cases,
+    /// opens the directory again). When this returns `Ok`, the store must have released
+    /// the directory — its lock, its files, its background tasks — so that a new
+    /// [`open`](Self::open) of the same directory succeeds right after the drop. A
+    /// backend with nothing to release returns `Ok(())`.
+    fn close(&self, store: &Self::Store) -> impl Future<Output = switchyard::Result<()>> + Send;
+}
+
+/// Every case of the store suite with the capability it needs.
+pub const STORE_CASES: &[(&str, Option<Capability>)] = &[
+    ("typed_rows_roundtrip_with_versions", None),
+    ("commit_is_atomic", None),
+    ("concurrent_read_modify_write_loses_no_update", None),
+    ("blind_writes_are_last_writer_wins", None),
+    ("inbox_marks_apply_an_effect_once", None),
+    ("outbox_keeps_commit_order", None),
+    ("state_survives_reopen", Some(Capability::Reopen)),
+    ("commits_survive_sigkill", Some(Capability::CrashSafe)),
+];
+
+/// Runs the store case `name` against `factory` (on its own Tokio runtime, in a fresh
+/// temp dir).
+pub fn run_store<F: StoreFactory>(factory: &F, name: &str) {
+    let (_, needs) = STORE_CASES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no store conformance case `{name}`"));
+    if let Some(cap) = needs
+        && let Err(reason) = factory.capabilities().check(*cap)
+    {
+        println!("case `{name}`: NOT SUPPORTED by this backend ({cap:?}): {reason}");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let limit = Duration::from_secs(300);
+        tokio::time::timeout(limit, store_cases::dispatch(factory, name, dir.path()))
+            .await
+            .unwrap_or_else(|_| panic!("store case `{name}` did not finish within {limit:?}"));
+    });
+}
+
+/// Prints the store backend's declared gaps (capability and reason), one per line.
+pub fn print_store_gaps<F: StoreFactory>(factory: &F) {
+    let caps = factory.capabilities();
+    if caps.missing.is_empty() {
+        println!("this store backend declares no gaps: every store conformance case runs");
+    }
+    for (cap, reason) in &caps.missing {
+        let cases: Vec<_> = STORE_CASES
+            .iter()
+            .filter(|(_, c)| *c == Some(*cap))
+            .map(|(n, _)| *n)
+            .collect();
+        let not_run = if cases.is_empty() {
+            "no store case needs it".to_string()
+        } else {
+            format!("cases not run: {}", cases.join(", "))
+        };
+        println!("gap {cap:?}: {reason} ({not_run})");
+    }
+}
+
+/// Checks that [`store_suite!`] generated a test for every case of [`STORE_CASES`]
+/// (called by the generated `store_declared_gaps` test).
+#[doc(hidden)]
+pub fn assert_store_cases_generated(generated: &[&str]) {
+    let listed: Vec<&str> = STORE_CASES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        generated, listed,
+        "store_suite! must generate one test per entry of STORE_CASES, in the same order"
+    );
+}
+
+/// Generates one `#[test]` per store conformance case for a [`StoreFactory`]
+/// expression, plus `store_declared_gaps` and the `store_conformance_child` entry used
+/// by the crash case.
+#[macro_export]
+macro_rules! store_suite {
+    ($factory:expr) => {
+        $crate::store_suite!(@cases $factory;
+            typed_rows_roundtrip_with_versions,
+            commit_is_atomic,
+            concurrent_read_modify_write_loses_no_update,
+            blind_writes_are_last_writer_wins,
+            inbox_marks_apply_an_effect_once,
+            outbox_keeps_commit_order,
+            state_survives_reopen,
+            commits_survive_sigkill
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::run_store(&$factory, stringify!($case));
+            }
+        )*
+        #[test]
+        fn store_declared_gaps() {
+            $crate::assert_store_cases_generated(&[$(stringify!($case)),*]);
+            $crate::print_store_gaps(&$factory);
+        }
+        #[test]
+        fn store_conformance_child() {
+            $crate::store_child_entry(&$factory);
+        }
     };
 }

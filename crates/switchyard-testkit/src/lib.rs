@@ -47,10 +47,15 @@ impl Child {
 
     /// Re-runs the current test binary so that only the test named `entry` runs, with
     /// `env` set; that test acts as the child (the self-exec pattern of test harnesses).
+    /// A name containing `::` is matched exactly (a full test path), so suites in
+    /// different modules of one test binary each reach their own entry.
     pub fn spawn_test_entry(entry: &str, env: &[(&str, String)]) -> std::io::Result<Child> {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         cmd.args([entry, "--nocapture", "--test-threads=1"]);
+        if entry.contains("::") {
+            cmd.arg("--exact");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

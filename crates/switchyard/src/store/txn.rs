@@ -143,7 +143,17 @@ impl Txn {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, T)>> {
-        let committed = self.store.scan_raw(table.name, prefix, limit)?;
+        // Rows this transaction deleted may be among the first `limit` committed ones:
+        // read that many more, so the merged result still holds the first `limit` keys.
+        let deleted = self
+            .lock()
+            .local
+            .iter()
+            .filter(|((t, k), v)| t == table.name && k.starts_with(prefix) && v.is_none())
+            .count();
+        let committed = self
+            .store
+            .scan_raw(table.name, prefix, limit.saturating_add(deleted))?;
         let mut merged: BTreeMap<String, Bytes> = BTreeMap::new();
         {
             let mut s = self.lock();

@@ -114,6 +114,31 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
         );
     }
 
+    for (name, with_store, n, note) in [
+        (
+            "router.e2e.noop",
+            false,
+            200_000u64,
+            "router draining a backlog, no-op handler (nothing to commit)",
+        ),
+        (
+            "router.e2e.store_commit",
+            true,
+            100_000,
+            "router: handler updates 1 row + appends 1 outbox event; one durable commit with the inbox mark",
+        ),
+    ] {
+        if !s.selected(name) {
+            continue;
+        }
+        runs(name);
+        let mut v = Vec::new();
+        for _ in 0..s.runs {
+            v.push(crate::store::router_drain(n, with_store).await?);
+        }
+        figures.push(Figure::from_runs(name, "msg/s", v).with_note(note));
+    }
+
     if s.selected("bus.latency.fsync.5k") {
         runs("bus.latency.fsync.5k");
         let (mut p50, mut p99, mut publish_p99) = (Vec::new(), Vec::new(), Vec::new());

@@ -6,6 +6,7 @@
 
 mod bus;
 mod report;
+mod store;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,8 @@ struct Cli {
 enum Suite {
     /// The embedded bus: durable publish, end to end, latency, backlog memory.
     Bus(Args),
+    /// The embedded store: durable commits with outbox and inbox.
+    Store(Args),
     /// Internal: consume a backlog in a fresh process and print its peak RSS.
     #[command(hide = true)]
     BacklogChild {
@@ -79,6 +82,24 @@ impl Settings {
     }
 }
 
+fn settings(args: &Args) -> Settings {
+    Settings {
+        runs: if args.quick { 3 } else { args.runs.max(1) },
+        secs: if args.quick { 1.0 } else { args.secs },
+        backlog: args.backlog,
+        backlog_runs: if args.quick { 1 } else { 3 },
+        only: args.only.clone(),
+    }
+}
+
+fn print(args: &Args, figures: &[report::Figure]) {
+    if args.json {
+        report::print_json(figures);
+    } else {
+        report::print_table(figures);
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -94,13 +115,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.suite {
             Suite::Bus(args) => {
-                let settings = Settings {
-                    runs: if args.quick { 3 } else { args.runs.max(1) },
-                    secs: if args.quick { 1.0 } else { args.secs },
-                    backlog: args.backlog,
-                    backlog_runs: if args.quick { 1 } else { 3 },
-                    only: args.only.clone(),
-                };
+                let settings = settings(&args);
                 eprintln!(
                     "bench bus: {} runs per figure, {} s each, {}-byte payloads; medians with ranges",
                     settings.runs,
@@ -108,11 +123,17 @@ fn main() -> std::process::ExitCode {
                     bus::PAYLOAD_BYTES
                 );
                 let figures = bus::run(&settings).await?;
-                if args.json {
-                    report::print_json(&figures);
-                } else {
-                    report::print_table(&figures);
-                }
+                print(&args, &figures);
+                Ok(())
+            }
+            Suite::Store(args) => {
+                let settings = settings(&args);
+                eprintln!(
+                    "bench store: {} runs per figure, {} s each; medians with ranges",
+                    settings.runs, settings.secs
+                );
+                let figures = store::run(&settings).await?;
+                print(&args, &figures);
                 Ok(())
             }
             Suite::BacklogChild { dir, n } => bus::backlog_child(&dir, n).await,

@@ -44,6 +44,7 @@ mod group_file;
 pub mod log;
 mod segment;
 pub mod storage;
+pub mod store;
 mod writer;
 
 use std::path::Path;
@@ -57,6 +58,7 @@ use switchyard::{
 };
 
 pub use storage::EmbeddedStorage;
+pub use store::{EmbeddedStore, StoreConfig};
 pub use writer::WriterStats;
 
 /// When `publish` returns relative to the disk.

@@ -6,3 +6,5 @@
 mod conformance;
 mod conformance_buffered;
 mod disk;
+mod exactly_once;
+mod store_conformance;

@@ -462,10 +462,17 @@ impl RouteWorker {
     }
 
     fn settle(&self, r: Result<()>) {
-        if let Err(e) = r {
-            // A stale lease: the message was redelivered meanwhile and the inbox will
-            // absorb the duplicate. Anything else: it stays unsettled and comes back.
-            tracing::warn!(consumer = %self.consumer, error = %e, "settling a delivery failed");
+        match r {
+            Ok(()) => {}
+            // The lease expired and the message was handed out again; the inbox absorbs
+            // the duplicate.
+            Err(e) if e.kind() == crate::error::ErrorKind::StaleDelivery => {
+                tracing::info!(consumer = %self.consumer, error = %e, "ack refused as stale; the redelivery will be skipped by the inbox")
+            }
+            // Anything else: the message stays unsettled and comes back.
+            Err(e) => {
+                tracing::warn!(consumer = %self.consumer, error = %e, "settling a delivery failed")
+            }
         }
     }
 }

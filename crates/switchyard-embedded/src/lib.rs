@@ -40,6 +40,7 @@
 //! | `group_file` | a group's durable position as a checksummed change log |
 //! | [`storage`] | the data directory, tying the above to [`switchyard::logbus`] |
 
+mod group_commit;
 mod group_file;
 pub mod log;
 mod segment;

@@ -7,7 +7,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
@@ -46,18 +46,7 @@ impl EmbeddedStorage {
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Self> {
         fs::create_dir_all(dir.join("topics"))
             .map_err(|e| Error::storage(format!("creating data directory {}", dir.display()), e))?;
-        let lock_path = dir.join("LOCK");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::storage(format!("opening {}", lock_path.display()), e))?;
-        if lock_file.try_lock().is_err() {
-            return Err(Error::Locked {
-                path: dir.to_path_buf(),
-            });
-        }
+        let lock_file = crate::group_commit::lock_dir(dir)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();

@@ -18,6 +18,7 @@ use switchyard::{Envelope, Error, Published, Result};
 use tokio::sync::oneshot;
 
 use crate::Durability;
+use crate::group_commit::Linger;
 use crate::storage::TopicShared;
 
 /// What the writer thread receives.
@@ -155,52 +156,6 @@ pub(crate) fn run(
 
 /// Where a publish call waits for its outcome.
 type Reply = oneshot::Sender<Result<Vec<Published>>>;
-
-/// Adaptive linger of the group commit: waits for more requests only while the previous
-/// group showed heavy concurrency, and never longer than a fraction of one write's cost.
-#[derive(Debug)]
-struct Linger {
-    /// Requests in the previous group.
-    last_requests: usize,
-    /// How long one wait may take (a quarter of the last write-and-sync, capped).
-    budget: Duration,
-    /// When the current group started lingering.
-    deadline: Option<Instant>,
-}
-
-impl Default for Linger {
-    fn default() -> Self {
-        Linger {
-            last_requests: 0,
-            budget: Duration::from_micros(50),
-            deadline: None,
-        }
-    }
-}
-
-impl Linger {
-    /// Requests in a group that count as heavy concurrency.
-    const HEAVY: usize = 16;
-    /// Longest total linger of one group.
-    const MAX: Duration = Duration::from_micros(250);
-
-    fn start_group(&mut self) {
-        self.deadline = None;
-    }
-
-    fn should_wait(&mut self, have: usize) -> bool {
-        if self.last_requests < Self::HEAVY || have >= self.last_requests {
-            return false;
-        }
-        let now = Instant::now();
-        let deadline = *self.deadline.get_or_insert(now + Self::MAX);
-        now < deadline
-    }
-
-    fn observe(&mut self, write: Duration) {
-        self.budget = (write / 4).clamp(Duration::from_micros(20), Self::MAX);
-    }
-}
 
 struct TopicWork {
     topic: Arc<TopicShared>,

@@ -27,6 +27,7 @@ use super::{
     outbox_key, row_key, row_version,
 };
 use crate::Durability;
+use crate::group_commit::Linger;
 
 /// What the committer thread receives.
 pub(super) enum Request {
@@ -394,52 +395,5 @@ impl Committer {
         self.write(fb)
             .map_err(|e| Error::storage(format!("removing {n} expired inbox marks"), e))?;
         Ok(n)
-    }
-}
-
-/// Adaptive linger of the group commit (as in the bus writer): waits for more commits
-/// only while the previous group showed heavy concurrency, and never longer than a
-/// fraction of one write's cost.
-#[derive(Debug)]
-struct Linger {
-    /// Commits in the previous group.
-    last_requests: usize,
-    /// How long one wait may take (a quarter of the last write-and-sync, capped).
-    budget: Duration,
-    /// When the current group must stop lingering.
-    deadline: Option<Instant>,
-}
-
-impl Default for Linger {
-    fn default() -> Self {
-        Linger {
-            last_requests: 0,
-            budget: Duration::from_micros(50),
-            deadline: None,
-        }
-    }
-}
-
-impl Linger {
-    /// Commits in a group that count as heavy concurrency.
-    const HEAVY: usize = 16;
-    /// Longest total linger of one group.
-    const MAX: Duration = Duration::from_micros(250);
-
-    fn start_group(&mut self) {
-        self.deadline = None;
-    }
-
-    fn should_wait(&mut self, have: usize) -> bool {
-        if self.last_requests < Self::HEAVY || have >= self.last_requests {
-            return false;
-        }
-        let now = Instant::now();
-        let deadline = *self.deadline.get_or_insert(now + Self::MAX);
-        now < deadline
-    }
-
-    fn observe(&mut self, write: Duration) {
-        self.budget = (write / 4).clamp(Duration::from_micros(20), Self::MAX);
     }
 }

@@ -74,7 +74,7 @@
 
 mod committer;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
@@ -219,21 +219,7 @@ impl EmbeddedStore {
     /// [`Error::Locked`] when another store has the directory.
     pub fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Self> {
         let dir = dir.as_ref();
-        fs::create_dir_all(dir).map_err(|e| {
-            Error::storage(format!("creating store directory {}", dir.display()), e)
-        })?;
-        let lock_path = dir.join("LOCK");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::storage(format!("opening {}", lock_path.display()), e))?;
-        if lock_file.try_lock().is_err() {
-            return Err(Error::Locked {
-                path: dir.to_path_buf(),
-            });
-        }
+        let lock_file = crate::group_commit::lock_dir(dir)?;
         let db_path = dir.join("db");
         let db = Database::builder(&db_path).open().map_err(|e| match e {
             fjall::Error::Locked => Error::Locked {

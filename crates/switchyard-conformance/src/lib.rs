@@ -11,14 +11,19 @@
 //! struct Stores;
 //! impl switchyard_conformance::StoreFactory for Stores { /* open, capabilities, close */ }
 //! switchyard_conformance::store_suite!(Stores);
+//!
+//! // The router and the outbox relay over both: the bus under `<dir>/bus`, the store
+//! // under `<dir>/store`.
+//! switchyard_conformance::router_suite!(Factory, Stores);
 //! ```
 //!
 //! Each case becomes its own `#[test]`. A case needs a [`Capability`] the backend
 //! declares missing prints `NOT SUPPORTED by this backend: <reason>` and passes; the
-//! `declared_gaps` (bus) and `store_declared_gaps` (store) tests print every gap with
-//! its reason, so nothing is skipped silently. Crash cases re-run the test binary as a
-//! child process (the `conformance_child` and `store_conformance_child` tests) and kill
-//! it with SIGKILL by pid.
+//! `declared_gaps` (bus), `store_declared_gaps` (store) and `router_declared_gaps`
+//! (router) tests print every gap with its reason, so nothing is skipped silently. Crash
+//! cases re-run the test binary as a child process (the `conformance_child`,
+//! `store_conformance_child` and `router_conformance_child` tests) and kill it with
+//! SIGKILL by pid.
 //!
 //! | module | what |
 //! | --- | --- |
@@ -26,11 +31,15 @@
 //! | `child` | the child process of the bus crash cases ([`child_entry`]) |
 //! | `store_cases` | the store cases ([`STORE_CASES`], run by [`run_store`]) |
 //! | `store_child` | the child process of the store crash case ([`store_child_entry`]) |
+//! | `router_cases` | the router and relay cases over a bus and a store ([`ROUTER_CASES`], run by [`run_router`]) |
+//! | `router_child` | the child process of the router crash cases ([`router_child_entry`]) |
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cases;
 mod child;
+mod router_cases;
+mod router_child;
 mod store_cases;
 mod store_child;
 
@@ -41,6 +50,7 @@ use std::time::Duration;
 use switchyard::{Bus, Capabilities, Capability};
 
 pub use child::child_entry;
+pub use router_child::router_child_entry;
 pub use store_child::store_child_entry;
 
 /// Settings a case asks the backend for.
@@ -138,9 +148,15 @@ pub fn run<F: BusFactory>(factory: &F, name: &str, child_entry: &str) {
 /// The libtest name of the `conformance_child` test generated in the module `module`
 /// (a `module_path!()`, whose first segment is the test crate and not part of test names).
 pub fn child_test_name(module: &str) -> String {
+    entry_test_name(module, "conformance_child")
+}
+
+/// The libtest name of the test `entry` generated in the module `module` (a
+/// `module_path!()`).
+fn entry_test_name(module: &str, entry: &str) -> String {
     match module.split_once("::") {
-        Some((_, path)) => format!("{path}::conformance_child"),
-        None => "conformance_child".to_string(),
+        Some((_, path)) => format!("{path}::{entry}"),
+        None => entry.to_string(),
     }
 }
 
@@ -348,6 +364,189 @@ macro_rules! store_suite {
         #[test]
         fn store_conformance_child() {
             $crate::store_child_entry(&$factory);
+        }
+    };
+}
+
+/// Every case of the router suite with the capability it needs — of both the bus and the
+/// store (a crash case needs [`CrashSafe`](Capability::CrashSafe) of each: the relay
+/// and the router are killed between a commit and what follows it).
+pub const ROUTER_CASES: &[(&str, Option<Capability>)] = &[
+    (
+        "effects_apply_once_even_when_a_message_is_delivered_twice",
+        None,
+    ),
+    (
+        "outbox_relay_publishes_with_correlation_and_causation",
+        None,
+    ),
+    (
+        "terminal_unknown_and_malformed_messages_go_to_the_dlq_at_once",
+        None,
+    ),
+    (
+        "a_poison_message_parks_only_its_subject_and_replay_succeeds_after_the_fix",
+        None,
+    ),
+    (
+        "a_lost_ack_after_the_commit_does_not_repeat_the_effect",
+        None,
+    ),
+    (
+        "an_inbox_window_shorter_than_the_redelivery_horizon_is_refused",
+        None,
+    ),
+    (
+        "outbox_relay_loses_and_duplicates_nothing_across_sigkills",
+        Some(Capability::CrashSafe),
+    ),
+    (
+        "router_killed_between_commit_and_ack_applies_the_effect_once",
+        Some(Capability::CrashSafe),
+    ),
+];
+
+/// What the bus of `factory` declares, read from a bus opened (and closed) under `dir`.
+async fn bus_capabilities<F: BusFactory>(factory: &F, dir: &Path) -> Capabilities {
+    let bus = factory.open(dir, &Settings::default()).unwrap();
+    let caps = bus.capabilities();
+    bus.close().await.unwrap();
+    caps
+}
+
+/// Runs the router case `name` against a bus from `bus` and a store from `store` (on its
+/// own Tokio runtime, in a fresh temp dir: the bus under `bus/`, the store under
+/// `store/`). `child_entry` is the libtest name of the `router_conformance_child` test
+/// ([`router_child_test_name`]).
+pub fn run_router<B: BusFactory, S: StoreFactory>(
+    bus: &B,
+    store: &S,
+    name: &str,
+    child_entry: &str,
+) {
+    let (_, needs) = ROUTER_CASES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no router conformance case `{name}`"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        if let Some(cap) = needs {
+            let bus_caps = bus_capabilities(bus, &dir.path().join("bus")).await;
+            let gaps: Vec<_> = [("bus", bus_caps), ("store", store.capabilities())]
+                .into_iter()
+                .filter_map(|(side, caps)| caps.check(*cap).err().map(|why| (side, why)))
+                .collect();
+            if !gaps.is_empty() {
+                for (side, reason) in gaps {
+                    println!(
+                        "case `{name}`: NOT SUPPORTED by this backend ({cap:?} of the {side}): {reason}"
+                    );
+                }
+                return;
+            }
+        }
+        let limit = Duration::from_secs(300);
+        tokio::time::timeout(
+            limit,
+            router_cases::dispatch(bus, store, name, dir.path(), child_entry),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("router case `{name}` did not finish within {limit:?}"));
+    });
+}
+
+/// The libtest name of the `router_conformance_child` test generated in the module
+/// `module` (a `module_path!()`), which the router crash cases re-run by exact path.
+pub fn router_child_test_name(module: &str) -> String {
+    entry_test_name(module, "router_conformance_child")
+}
+
+/// Prints the gaps of the bus and the store that keep router cases from running
+/// (capability and reason), one per line.
+pub fn print_router_gaps<B: BusFactory, S: StoreFactory>(bus: &B, store: &S) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bus_caps = rt.block_on(bus_capabilities(bus, &dir.path().join("bus")));
+    let mut none = true;
+    for (side, caps) in [("bus", bus_caps), ("store", store.capabilities())] {
+        for (cap, reason) in &caps.missing {
+            let cases: Vec<_> = ROUTER_CASES
+                .iter()
+                .filter(|(_, c)| *c == Some(*cap))
+                .map(|(n, _)| *n)
+                .collect();
+            if cases.is_empty() {
+                continue;
+            }
+            none = false;
+            println!(
+                "gap {cap:?} of the {side}: {reason} (router cases not run: {})",
+                cases.join(", ")
+            );
+        }
+    }
+    if none {
+        println!("these backends declare no gap a router case needs: every router case runs");
+    }
+}
+
+/// Checks that [`router_suite!`] generated a test for every case of [`ROUTER_CASES`]
+/// (called by the generated `router_declared_gaps` test).
+#[doc(hidden)]
+pub fn assert_router_cases_generated(generated: &[&str]) {
+    let listed: Vec<&str> = ROUTER_CASES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        generated, listed,
+        "router_suite! must generate one test per entry of ROUTER_CASES, in the same order"
+    );
+}
+
+/// Generates one `#[test]` per router conformance case for a [`BusFactory`] expression
+/// and a [`StoreFactory`] expression, plus `router_declared_gaps` and the
+/// `router_conformance_child` entry used by the crash cases (addressed by its exact test
+/// path, so several suites in one test binary each reach their own).
+#[macro_export]
+macro_rules! router_suite {
+    ($bus:expr, $store:expr) => {
+        $crate::router_suite!(@cases $bus, $store;
+            effects_apply_once_even_when_a_message_is_delivered_twice,
+            outbox_relay_publishes_with_correlation_and_causation,
+            terminal_unknown_and_malformed_messages_go_to_the_dlq_at_once,
+            a_poison_message_parks_only_its_subject_and_replay_succeeds_after_the_fix,
+            a_lost_ack_after_the_commit_does_not_repeat_the_effect,
+            an_inbox_window_shorter_than_the_redelivery_horizon_is_refused,
+            outbox_relay_loses_and_duplicates_nothing_across_sigkills,
+            router_killed_between_commit_and_ack_applies_the_effect_once
+        );
+    };
+    (@cases $bus:expr, $store:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::run_router(
+                    &$bus,
+                    &$store,
+                    stringify!($case),
+                    &$crate::router_child_test_name(module_path!()),
+                );
+            }
+        )*
+        #[test]
+        fn router_declared_gaps() {
+            $crate::assert_router_cases_generated(&[$(stringify!($case)),*]);
+            $crate::print_router_gaps(&$bus, &$store);
+        }
+        #[test]
+        fn router_conformance_child() {
+            $crate::router_child_entry(&$bus, &$store);
         }
     };
 }

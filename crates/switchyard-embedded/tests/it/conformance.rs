@@ -5,7 +5,7 @@ use std::path::Path;
 use switchyard_conformance::{BusFactory, Settings};
 use switchyard_embedded::{EmbeddedBus, EmbeddedConfig};
 
-struct Embedded;
+pub(crate) struct Embedded;
 
 impl BusFactory for Embedded {
     type Bus = EmbeddedBus;

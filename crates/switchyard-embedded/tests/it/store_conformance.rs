@@ -7,7 +7,7 @@ use switchyard::Capabilities;
 use switchyard_conformance::StoreFactory;
 use switchyard_embedded::{EmbeddedStore, StoreConfig};
 
-struct EmbeddedStoreFactory;
+pub(crate) struct EmbeddedStoreFactory;
 
 impl StoreFactory for EmbeddedStoreFactory {
     type Store = EmbeddedStore;

@@ -82,6 +82,9 @@ pub struct EmbeddedConfig {
     pub durability: Durability,
     /// Publisher-dedup window (zero disables).
     pub dedup_window: Duration,
+    /// Most ids a topic's dedup window remembers (the oldest go first), bounding its
+    /// memory (~50 bytes per id) at any publish rate.
+    pub max_dedup_ids: usize,
     /// Size at which a topic starts a new segment file (retention frees whole segments).
     pub segment_bytes: u64,
     /// Largest message accepted.
@@ -95,6 +98,7 @@ impl Default for EmbeddedConfig {
         EmbeddedConfig {
             durability: Durability::Fsync,
             dedup_window: Duration::from_secs(120),
+            max_dedup_ids: switchyard::logbus::DEFAULT_MAX_DEDUP_IDS,
             segment_bytes: 64 * 1024 * 1024,
             max_message_bytes: switchyard::bus::DEFAULT_MAX_MESSAGE_BYTES,
             max_batch_bytes: 8 * 1024 * 1024,

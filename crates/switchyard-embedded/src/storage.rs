@@ -184,7 +184,10 @@ impl LogStorage for EmbeddedStorage {
             shared: Arc::new(TopicShared {
                 name: name.to_string(),
                 log,
-                dedup: Mutex::new(DedupWindow::new(self.config.dedup_window)),
+                dedup: Mutex::new(DedupWindow::with_capacity_limit(
+                    self.config.dedup_window,
+                    self.config.max_dedup_ids,
+                )),
                 dedup_loaded: AtomicBool::new(false),
                 end_tx: watch::channel(end).0,
             }),

@@ -9,7 +9,7 @@
 mod dedup;
 mod group;
 
-pub use dedup::{DedupWindow, IdHasher, IdMap};
+pub use dedup::{DEFAULT_MAX_DEDUP_IDS, DedupWindow, IdHasher, IdMap};
 pub use group::{
     DeadLetterOrder, FailureInfo, GroupChange, GroupCore, GroupSettings, GroupSnapshot, Lease,
     StaleLease,

@@ -1,0 +1,734 @@
+//! The HTTP client: calls services by name, with every resilience layer on.
+//!
+//! One call goes through, outermost first:
+//!
+//! 1. **deadline** — the per-call budget (`CallOptions::timeout`, tightened by the
+//!    deadline of the request being handled, if any). A call whose deadline has passed
+//!    fails fast without sending; the remaining budget travels downstream in
+//!    `x-switchyard-deadline`.
+//! 2. **bulkhead** — `tower::limit::ConcurrencyLimit` per service: at most
+//!    `max_concurrency` calls (with their retries) in flight; further calls wait for a
+//!    slot, within their deadline.
+//! 3. **retry** — `tower::retry::Retry` with [`RetryPolicy`]: exponential backoff with
+//!    full jitter, a `tower` `TpsBudget`, only for idempotent methods
+//!    (GET/HEAD/PUT/DELETE/OPTIONS) or calls carrying an idempotency key; on connect
+//!    errors, resets, attempt timeouts, 502/503/504, and 429 (waiting at least its
+//!    `Retry-After` seconds). A retry that would end past the deadline is not made.
+//! 4. **balance + breaker** — per attempt: instances whose breaker admits a call, minus
+//!    ejected ones ([`crate::balance`]), power of two choices; the breaker of the
+//!    chosen instance ([`crate::breaker`]) records the outcome. When every breaker is
+//!    open the attempt fails fast with [`Error::CircuitOpen`] and nothing is sent.
+//!
+//! Metrics (the `metrics` facade; install any recorder): gauge
+//! `switchyard_rpc_breaker_state{service,instance}` (0 closed, 1 open, 2 half-open),
+//! counters `switchyard_rpc_retries_total{service}`, `switchyard_rpc_ejections_total{service,instance}`,
+//! `switchyard_rpc_retry_budget_exhausted_total{service}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower::limit::ConcurrencyLimit;
+use tower::retry::Retry;
+use tower::retry::budget::{Budget, TpsBudget};
+use tracing::Instrument;
+
+use crate::balance::{BalanceConfig, Balancer};
+use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState};
+use crate::context::CallContext;
+use crate::error::{Error, Result};
+use crate::problem::{PROBLEM_JSON, Problem};
+use crate::registry::Registry;
+
+/// Client settings (per client; every service gets the same).
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The budget of a call without an explicit timeout.
+    pub default_timeout: Duration,
+    /// The longest one attempt may take (`None`: the whole remaining budget).
+    pub attempt_timeout: Option<Duration>,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+    /// Backoff before the first retry is drawn from `0..=backoff_base`, then doubles.
+    pub backoff_base: Duration,
+    /// The cap of the backoff.
+    pub backoff_max: Duration,
+    /// Retry budget: retries may add at most this fraction to the call rate…
+    pub retry_ratio: f32,
+    /// …plus this many retries per second regardless…
+    pub retry_min_per_sec: u32,
+    /// …measured over this window.
+    pub retry_budget_window: Duration,
+    /// The circuit breaker of each instance.
+    pub breaker: BreakerConfig,
+    /// Load balancing and ejection.
+    pub balance: BalanceConfig,
+    /// Calls in flight per service (the bulkhead).
+    pub max_concurrency: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            default_timeout: Duration::from_secs(10),
+            attempt_timeout: None,
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            retry_ratio: 0.2,
+            retry_min_per_sec: 10,
+            retry_budget_window: Duration::from_secs(10),
+            breaker: BreakerConfig::default(),
+            balance: BalanceConfig::default(),
+            max_concurrency: 256,
+        }
+    }
+}
+
+/// Options of one call.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// The call's budget (default: [`ClientConfig::default_timeout`]); a deadline
+    /// inherited from the request being handled is never extended.
+    pub timeout: Option<Duration>,
+    /// The idempotency key (makes a non-idempotent method retryable).
+    pub idempotency_key: Option<String>,
+    /// The context to continue (default: the current request's, see [`CallContext::current`]).
+    pub context: Option<CallContext>,
+}
+
+impl CallOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the call's budget.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Continues `ctx` (its trace, correlation id and deadline).
+    pub fn context(mut self, ctx: CallContext) -> Self {
+        self.context = Some(ctx);
+        self
+    }
+}
+
+/// A raw response.
+#[derive(Debug, Clone)]
+pub struct CallResponse {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// The instance that answered.
+    pub instance: String,
+}
+
+/// One outgoing request as the layers see it (cheap to clone for retries).
+#[derive(Debug, Clone)]
+pub struct CallRequest {
+    method: Method,
+    path: String,
+    body: Option<Bytes>,
+    ctx: CallContext,
+    deadline: Instant,
+    retryable: bool,
+}
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+struct ServiceState {
+    balancer: Balancer,
+    breakers: BTreeMap<String, Breaker>,
+}
+
+struct Core {
+    name: String,
+    registry: Arc<dyn Registry>,
+    http: Http,
+    cfg: ClientConfig,
+    state: Mutex<ServiceState>,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, ServiceState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish_state(&self, instance: &str, state: BreakerState) {
+        metrics::gauge!("switchyard_rpc_breaker_state", "service" => self.name.clone(), "instance" => instance.to_string())
+            .set(state as u8 as f64);
+    }
+
+    fn record(&self, instance: &str, ok: bool) {
+        let now = std::time::Instant::now();
+        let (ejected, state) = {
+            let mut s = self.lock();
+            let ejected = s.balancer.finish(instance, ok, now);
+            let b = s
+                .breakers
+                .entry(instance.to_string())
+                .or_insert_with(|| Breaker::new(self.cfg.breaker));
+            if ok {
+                b.on_success(now);
+            } else {
+                b.on_failure(now);
+            }
+            (ejected, b.state(now))
+        };
+        self.publish_state(instance, state);
+        if ejected {
+            metrics::counter!("switchyard_rpc_ejections_total", "service" => self.name.clone(), "instance" => instance.to_string()).increment(1);
+            tracing::warn!(service = %self.name, instance, "instance ejected after consecutive failures");
+        }
+    }
+}
+
+/// Decrements the in-flight count if an attempt is dropped before it finished.
+struct InFlight<'a> {
+    core: &'a Core,
+    instance: String,
+    done: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.core.lock().balancer.cancel(&self.instance);
+        }
+    }
+}
+
+/// The innermost service: one attempt on one instance.
+#[derive(Clone)]
+struct Attempt {
+    core: Arc<Core>,
+}
+
+impl tower::Service<CallRequest> for Attempt {
+    type Response = CallResponse;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<CallResponse>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: CallRequest) -> Self::Future {
+        let core = self.core.clone();
+        Box::pin(async move { attempt(&core, req).await })
+    }
+}
+
+fn pick_instance(core: &Core) -> Result<String> {
+    let service = || core.name.clone();
+    let instances = core.registry.instances(&core.name);
+    if instances.is_empty() {
+        return Err(Error::NoInstances { service: service() });
+    }
+    let now = std::time::Instant::now();
+    let mut s = core.lock();
+    let urls: Vec<&str> = instances.iter().map(|i| i.url.as_str()).collect();
+    s.balancer.retain(&urls);
+    s.breakers.retain(|k, _| urls.contains(&k.as_str()));
+    let admitted: Vec<&str> = urls
+        .iter()
+        .copied()
+        .filter(|u| s.breakers.get(*u).is_none_or(|b| b.would_admit(now)))
+        .collect();
+    if admitted.is_empty() {
+        let retry_in = s
+            .breakers
+            .values_mut()
+            .filter_map(|b| match b.admit(now) {
+                Admit::No { retry_in } => Some(retry_in),
+                _ => None,
+            })
+            .min()
+            .unwrap_or_default();
+        return Err(Error::CircuitOpen {
+            service: service(),
+            retry_in,
+        });
+    }
+    let idx = s
+        .balancer
+        .pick(&admitted, now, &mut |n| fastrand::usize(..n))
+        .unwrap_or(0);
+    let url = admitted[idx].to_string();
+    let cfg = core.cfg.breaker;
+    let state = {
+        let b = s
+            .breakers
+            .entry(url.clone())
+            .or_insert_with(|| Breaker::new(cfg));
+        b.admit(now);
+        b.state(now)
+    };
+    s.balancer.start(&url);
+    drop(s);
+    core.publish_state(&url, state);
+    Ok(url)
+}
+
+async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
+    let service = || core.name.clone();
+    let now = Instant::now();
+    if now >= req.deadline {
+        return Err(Error::DeadlineExceeded { service: service() });
+    }
+    let instance = pick_instance(core)?;
+    let mut guard = InFlight {
+        core,
+        instance: instance.clone(),
+        done: false,
+    };
+    let mut builder = http::Request::builder()
+        .method(req.method.clone())
+        .uri(format!("{instance}{}", req.path))
+        .header(header::ACCEPT, "application/json");
+    if req.body.is_some() {
+        builder = builder.header(header::CONTENT_TYPE, "application/json");
+    }
+    let mut request = builder
+        .body(Full::new(req.body.clone().unwrap_or_default()))
+        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+    req.ctx.write_headers(request.headers_mut());
+    let attempt_deadline = match core.cfg.attempt_timeout {
+        Some(t) => req.deadline.min(now + t),
+        None => req.deadline,
+    };
+    let fut = async {
+        let resp = core.http.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                Error::Connect {
+                    service: service(),
+                    instance: instance.clone(),
+                    source: Box::new(e),
+                }
+            } else {
+                Error::Transport {
+                    service: service(),
+                    instance: instance.clone(),
+                    source: Box::new(e),
+                }
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| Error::Transport {
+                service: service(),
+                instance: instance.clone(),
+                source: Box::new(e),
+            })?
+            .to_bytes();
+        Ok(CallResponse {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            instance: instance.clone(),
+        })
+    };
+    let out = match tokio::time::timeout_at(attempt_deadline, fut).await {
+        Ok(r) => r,
+        Err(_) if attempt_deadline >= req.deadline => {
+            Err(Error::DeadlineExceeded { service: service() })
+        }
+        Err(_) => Err(Error::AttemptTimeout {
+            service: service(),
+            instance: instance.clone(),
+        }),
+    };
+    let ok = match &out {
+        Ok(r) => !r.status.is_server_error(),
+        Err(_) => false,
+    };
+    guard.done = true;
+    core.record(&instance, ok);
+    out
+}
+
+/// The retry policy (see the [module docs](self)). One clone per call holds its attempt count.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    attempts: u32,
+    max_attempts: u32,
+    base: Duration,
+    max: Duration,
+    budget: Arc<TpsBudget>,
+    service: Arc<str>,
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `n` (1-based): uniform in `0..=min(max, base * 2^(n-1))`.
+    pub fn backoff(&self, n: u32) -> Duration {
+        let cap = self
+            .base
+            .saturating_mul(
+                1u32.checked_shl(n.saturating_sub(1).min(20))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(self.max);
+        let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(fastrand::u64(0..=nanos))
+    }
+}
+
+impl tower::retry::Policy<CallRequest, CallResponse, Error> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut CallRequest,
+        result: &mut Result<CallResponse>,
+    ) -> Option<Self::Future> {
+        if self.attempts == 0 {
+            self.budget.deposit();
+        }
+        self.attempts += 1;
+        let floor = match result {
+            Ok(r) => match r.status.as_u16() {
+                502..=504 => Duration::ZERO,
+                429 => retry_after(&r.headers).unwrap_or_default(),
+                _ => return None,
+            },
+            Err(e) if e.is_transient_transport() => Duration::ZERO,
+            Err(_) => return None,
+        };
+        if !req.retryable || self.attempts >= self.max_attempts {
+            return None;
+        }
+        let delay = self.backoff(self.attempts).max(floor);
+        if Instant::now() + delay >= req.deadline {
+            return None;
+        }
+        if !self.budget.withdraw() {
+            metrics::counter!("switchyard_rpc_retry_budget_exhausted_total", "service" => self.service.to_string()).increment(1);
+            return None;
+        }
+        metrics::counter!("switchyard_rpc_retries_total", "service" => self.service.to_string())
+            .increment(1);
+        tracing::debug!(service = %self.service, attempt = self.attempts + 1, ?delay, "retrying");
+        Some(tokio::time::sleep(delay))
+    }
+
+    fn clone_request(&mut self, req: &CallRequest) -> Option<CallRequest> {
+        Some(req.clone())
+    }
+}
+
+type Stack = ConcurrencyLimit<Retry<RetryPolicy, Attempt>>;
+
+struct Shared {
+    core: Arc<Core>,
+    stack: Stack,
+}
+
+struct ClientInner {
+    registry: Arc<dyn Registry>,
+    http: Http,
+    cfg: ClientConfig,
+    services: Mutex<HashMap<String, Arc<Shared>>>,
+}
+
+/// A client for calling services by name. Cheap to clone; clones share connections,
+/// breakers and balancer state.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpClient")
+            .field("cfg", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpClient {
+    /// A client over `registry` with default settings.
+    pub fn new(registry: impl Registry) -> Self {
+        Self::with_config(Arc::new(registry), ClientConfig::default())
+    }
+
+    /// A client over `registry` with `cfg`.
+    pub fn with_config(registry: Arc<dyn Registry>, cfg: ClientConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        HttpClient {
+            inner: Arc::new(ClientInner {
+                registry,
+                http,
+                cfg,
+                services: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The client of service `name` (created on first use, then shared).
+    pub fn service(&self, name: &str) -> ServiceClient {
+        let mut services = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let shared = services
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let cfg = self.inner.cfg.clone();
+                let core = Arc::new(Core {
+                    name: name.to_string(),
+                    registry: self.inner.registry.clone(),
+                    http: self.inner.http.clone(),
+                    state: Mutex::new(ServiceState {
+                        balancer: Balancer::new(cfg.balance),
+                        breakers: BTreeMap::new(),
+                    }),
+                    cfg: cfg.clone(),
+                });
+                let policy = RetryPolicy {
+                    attempts: 0,
+                    max_attempts: cfg.max_attempts.max(1),
+                    base: cfg.backoff_base,
+                    max: cfg.backoff_max,
+                    budget: Arc::new(TpsBudget::new(
+                        cfg.retry_budget_window,
+                        cfg.retry_min_per_sec,
+                        cfg.retry_ratio,
+                    )),
+                    service: Arc::from(name),
+                };
+                let stack = ConcurrencyLimit::new(
+                    Retry::new(policy, Attempt { core: core.clone() }),
+                    cfg.max_concurrency.max(1),
+                );
+                Arc::new(Shared { core, stack })
+            })
+            .clone();
+        ServiceClient { shared }
+    }
+
+    /// The breaker state of every instance called so far: (service, instance, state).
+    pub fn breaker_states(&self) -> Vec<(String, String, BreakerState)> {
+        let services: Vec<Arc<Shared>> = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::new();
+        for s in services {
+            for (inst, st) in (ServiceClient { shared: s.clone() }).breaker_states() {
+                out.push((s.core.name.clone(), inst, st));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    )
+}
+
+/// The client of one service, by name.
+#[derive(Clone)]
+pub struct ServiceClient {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceClient")
+            .field("service", &self.shared.core.name)
+            .finish()
+    }
+}
+
+impl ServiceClient {
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.shared.core.name
+    }
+
+    /// The breaker state of each instance called so far.
+    pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
+        let now = std::time::Instant::now();
+        let s = self.shared.core.lock();
+        s.breakers
+            .iter()
+            .map(|(k, b)| (k.clone(), b.state(now)))
+            .collect()
+    }
+
+    /// `GET path`, decoding a JSON response.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.get_json_with(path, &CallOptions::default()).await
+    }
+
+    /// `GET path` with options.
+    pub async fn get_json_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        opts: &CallOptions,
+    ) -> Result<T> {
+        let r = self.call(Method::GET, path, None, opts).await?;
+        self.decode(r)
+    }
+
+    /// `POST path` with a JSON body, decoding a JSON response.
+    pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.post_json_with(path, body, &CallOptions::default())
+            .await
+    }
+
+    /// `POST path` with a JSON body and options (an idempotency key makes it retryable).
+    pub async fn post_json_with<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        opts: &CallOptions,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(body).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let r = self
+            .call(Method::POST, path, Some(Bytes::from(body)), opts)
+            .await?;
+        self.decode(r)
+    }
+
+    fn decode<T: DeserializeOwned>(&self, r: CallResponse) -> Result<T> {
+        let body = if r.body.is_empty() && r.status == StatusCode::NO_CONTENT {
+            Bytes::from_static(b"null")
+        } else {
+            r.body
+        };
+        serde_json::from_slice(&body).map_err(|source| Error::Decode {
+            service: self.name().to_string(),
+            source,
+        })
+    }
+
+    /// Makes a call through every layer; a non-2xx answer becomes [`Error::Status`]
+    /// (with the callee's problem document when it sent one).
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+        opts: &CallOptions,
+    ) -> Result<CallResponse> {
+        let core = &self.shared.core;
+        let service = || core.name.clone();
+        if !path.starts_with('/') {
+            return Err(Error::InvalidRequest(format!(
+                "path `{path}` must start with `/`"
+            )));
+        }
+        let mut ctx = opts
+            .context
+            .clone()
+            .or_else(CallContext::current)
+            .map(|c| c.downstream())
+            .unwrap_or_else(|| CallContext::default().downstream());
+        ctx.idempotency_key = opts.idempotency_key.clone();
+        ctx.tighten(opts.timeout.unwrap_or(core.cfg.default_timeout));
+        let remaining = ctx.remaining().unwrap_or_default();
+        if remaining.is_zero() {
+            return Err(Error::DeadlineExceeded { service: service() });
+        }
+        let deadline = Instant::now() + remaining;
+        let retryable = is_idempotent(&method) || ctx.idempotency_key.is_some();
+        let span = tracing::info_span!(
+            "rpc.client",
+            service = %core.name,
+            method = %method,
+            path,
+            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
+            idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
+        );
+        let req = CallRequest {
+            method,
+            path: path.to_string(),
+            body,
+            ctx,
+            deadline,
+            retryable,
+        };
+        let stack = self.shared.stack.clone();
+        let resp = match tokio::time::timeout_at(deadline, stack.oneshot(req))
+            .instrument(span)
+            .await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(Error::DeadlineExceeded { service: service() }),
+        };
+        if resp.status.is_success() {
+            return Ok(resp);
+        }
+        let is_problem = resp
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with(PROBLEM_JSON) || ct.starts_with("application/json"));
+        let problem = is_problem
+            .then(|| serde_json::from_slice::<Problem>(&resp.body).ok())
+            .flatten()
+            .map(Box::new);
+        Err(Error::Status {
+            service: service(),
+            status: resp.status,
+            problem,
+        })
+    }
+}

@@ -1,0 +1,216 @@
+//! Serving a service over HTTP: [`router`] adds the standard endpoints and layers to an
+//! axum app, [`serve`] runs it with graceful shutdown.
+//!
+//! What [`router`] adds:
+//!
+//! - `GET /healthz` (liveness: 200 while the process serves) and `GET /readyz`
+//!   (readiness: 200 when [`Health::set_ready`] was given `true`, else 503 problem+json);
+//! - the call context middleware: [`CallContext`] in the request extensions (also an
+//!   extractor), a `rpc.server` `tracing` span with its fields, the context made current
+//!   for the handler's task (so outgoing calls continue it), and the **deadline**: a
+//!   handler still running when the caller's propagated deadline passes is cancelled
+//!   (its future dropped) and the answer is 504 problem+json;
+//! - a request body limit (`tower_http::limit::RequestBodyLimitLayer`) answered with
+//!   413 problem+json, and problem+json for unknown routes (404) and wrong methods (405).
+//!
+//! Handler errors are [`Problem`]s; JSON bodies go through [`Json`].
+
+mod json;
+
+pub(crate) use json::too_large as json_too_large;
+pub use json::{Json, parse_body};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::request::Parts;
+use http::{StatusCode, header};
+use tokio::net::TcpListener;
+use tower_http::limit::RequestBodyLimitLayer;
+use tracing::Instrument;
+
+use crate::context::{CallContext, TraceParent, deadline_to_millis};
+use crate::problem::{PROBLEM_JSON, Problem, types};
+
+/// The readiness flag of a service (liveness needs none: answering is being alive).
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// A flag that starts not ready.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets readiness (e.g. true once dependencies are reachable, false while draining).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// The current readiness.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Settings of [`router`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The service's name (in spans).
+    pub service: String,
+    /// The largest accepted request body, in bytes (default 1 MiB).
+    pub body_limit: usize,
+    /// The readiness flag served at `/readyz`.
+    pub health: Health,
+}
+
+impl ServerOptions {
+    /// Options for service `name` with defaults.
+    pub fn new(name: impl Into<String>) -> Self {
+        ServerOptions {
+            service: name.into(),
+            body_limit: 1024 * 1024,
+            health: Health::new(),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for CallContext {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<CallContext>()
+            .cloned()
+            .unwrap_or_else(|| CallContext::from_headers(&parts.headers)))
+    }
+}
+
+fn deadline_exceeded() -> Response {
+    Problem::new(
+        types::DEADLINE_EXCEEDED,
+        StatusCode::GATEWAY_TIMEOUT,
+        "Deadline exceeded",
+    )
+    .with_detail("the caller's deadline passed before the handler finished")
+    .into_response()
+}
+
+async fn context_middleware(
+    State(service): State<Arc<str>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let mut ctx = CallContext::from_headers(req.headers());
+    if ctx.traceparent.is_none() {
+        ctx.traceparent = Some(TraceParent::new_root());
+    }
+    req.extensions_mut().insert(ctx.clone());
+    let span = tracing::info_span!(
+        "rpc.server",
+        service = %service,
+        method = %req.method(),
+        path = %req.uri().path(),
+        trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
+        idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
+        deadline_ms = ctx.deadline.map(deadline_to_millis).unwrap_or(0),
+    );
+    let remaining = ctx.remaining();
+    let fut = ctx.scope(next.run(req)).instrument(span.clone());
+    match remaining {
+        None => fut.await,
+        Some(r) if r.is_zero() => {
+            span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
+            deadline_exceeded()
+        }
+        Some(r) => match tokio::time::timeout(r, fut).await {
+            Ok(res) => res,
+            Err(_) => {
+                span.in_scope(|| tracing::warn!("deadline passed; handler cancelled"));
+                deadline_exceeded()
+            }
+        },
+    }
+}
+
+/// Rewrites the plain-text 413/405 answers of the layers below into problem+json.
+async fn problem_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let is_problem = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
+    if is_problem {
+        return res;
+    }
+    match res.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => json::too_large().into_response(),
+        StatusCode::METHOD_NOT_ALLOWED => Problem::new(
+            "https://switchyard.dev/problems/method-not-allowed",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed",
+        )
+        .into_response(),
+        _ => res,
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(types::NOT_FOUND, StatusCode::NOT_FOUND, "No such route")
+}
+
+/// `app` with `/healthz`, `/readyz`, the context/deadline middleware, the body limit and
+/// problem+json for framework errors (see the [module docs](self)).
+pub fn router(app: Router, opts: &ServerOptions) -> Router {
+    let health = opts.health.clone();
+    let service: Arc<str> = Arc::from(opts.service.as_str());
+    app.route(
+        "/healthz",
+        get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+    )
+    .route(
+        "/readyz",
+        get(move || {
+            let ready = health.is_ready();
+            async move {
+                if ready {
+                    Json(serde_json::json!({"status": "ready"})).into_response()
+                } else {
+                    Problem::new(
+                        types::NOT_READY,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Not ready",
+                    )
+                    .into_response()
+                }
+            }
+        }),
+    )
+    .fallback(not_found)
+    .layer(middleware::from_fn_with_state(service, context_middleware))
+    .layer(DefaultBodyLimit::disable())
+    .layer(RequestBodyLimitLayer::new(opts.body_limit))
+    .layer(middleware::from_fn(problem_errors))
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then stops accepting and waits
+/// for in-flight requests to finish (graceful).
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,292 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use switchyard_rpc::balance::BalanceConfig;
+use switchyard_rpc::breaker::{BreakerConfig, BreakerState};
+use switchyard_rpc::context::TraceParent;
+use switchyard_rpc::registry::{InProcessRegistry, StaticRegistry};
+use switchyard_rpc::{CallContext, CallOptions, ClientConfig, ErrorKind, HttpClient};
+
+use crate::support::{Counter, spawn};
+
+fn fast_config() -> ClientConfig {
+    ClientConfig {
+        backoff_base: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(20),
+        ..ClientConfig::default()
+    }
+}
+
+fn client(reg: StaticRegistry, cfg: ClientConfig) -> HttpClient {
+    HttpClient::with_config(Arc::new(reg), cfg)
+}
+
+#[tokio::test]
+async fn callee_sees_the_propagated_deadline_and_context() {
+    let app = Router::new().route(
+        "/echo",
+        get(|ctx: CallContext| async move {
+            axum::Json(json!({
+                "remaining_ms": ctx.remaining().map(|d| d.as_millis() as u64),
+                "traceparent": ctx.traceparent.map(|t| t.to_string()),
+                "correlation_id": ctx.correlation_id,
+            }))
+        }),
+    );
+    let s = spawn(app).await;
+    let c = client(
+        StaticRegistry::default().with("echo", &s.url),
+        fast_config(),
+    );
+    let parent = TraceParent::new_root();
+    let ctx = CallContext {
+        traceparent: Some(parent),
+        correlation_id: Some("order-42".into()),
+        ..CallContext::default()
+    };
+    let v: Value = c
+        .service("echo")
+        .get_json_with(
+            "/echo",
+            &CallOptions::new()
+                .timeout(Duration::from_secs(2))
+                .context(ctx),
+        )
+        .await
+        .unwrap();
+    let remaining = v["remaining_ms"].as_u64().unwrap();
+    assert!(remaining > 0 && remaining <= 2000, "{v}");
+    let tp = TraceParent::parse(v["traceparent"].as_str().unwrap()).unwrap();
+    assert_eq!(tp.trace_id, parent.trace_id);
+    assert_ne!(tp.span_id, parent.span_id);
+    assert_eq!(v["correlation_id"], "order-42");
+}
+
+#[tokio::test]
+async fn timeout_fires_and_expired_deadline_fails_fast_without_sending() {
+    let hits = Counter::default();
+    let h = hits.clone();
+    let app = Router::new().route(
+        "/slow",
+        get(move || {
+            h.inc();
+            async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }
+        }),
+    );
+    let s = spawn(app).await;
+    let c = client(
+        StaticRegistry::default().with("slow", &s.url),
+        fast_config(),
+    );
+    let err = c
+        .service("slow")
+        .get_json_with::<Value>(
+            "/slow",
+            &CallOptions::new().timeout(Duration::from_millis(200)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded, "{err}");
+    let before = hits.get();
+    assert!(before >= 1);
+    // A caller whose own deadline has passed: nothing is sent.
+    let expired = CallContext {
+        deadline: Some(switchyard::Timestamp::from_unix_micros(1_000_000)),
+        ..CallContext::default()
+    };
+    let err = c
+        .service("slow")
+        .get_json_with::<Value>("/slow", &CallOptions::new().context(expired))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
+    assert_eq!(hits.get(), before);
+}
+
+fn always_503(hits: Counter) -> Router {
+    Router::new().route(
+        "/pay",
+        post(move || {
+            hits.inc();
+            async {
+                switchyard_rpc::Problem::new(
+                    "https://switchyard.dev/problems/unavailable",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "down",
+                )
+            }
+        }),
+    )
+}
+
+#[tokio::test]
+async fn non_idempotent_post_without_key_is_never_retried() {
+    let hits = Counter::default();
+    let s = spawn(always_503(hits.clone())).await;
+    let c = client(
+        StaticRegistry::default().with("payment", &s.url),
+        fast_config(),
+    );
+    let err = c
+        .service("payment")
+        .post_json::<_, Value>("/pay", &json!({"amount": 1}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    assert_eq!(err.problem().unwrap().title, "down");
+    assert_eq!(hits.get(), 1);
+    // The same POST with a key is retried (3 attempts).
+    let _ = c
+        .service("payment")
+        .post_json_with::<_, Value>(
+            "/pay",
+            &json!({"amount": 1}),
+            &CallOptions::new().idempotency_key("k-1"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(hits.get(), 1 + 3);
+}
+
+#[tokio::test]
+async fn breaker_opens_fails_fast_half_opens_and_closes() {
+    let hits = Counter::default();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let (h, ok) = (hits.clone(), healthy.clone());
+    let app = Router::new().route(
+        "/x",
+        get(move || {
+            h.inc();
+            let ok = ok.load(Ordering::SeqCst);
+            async move {
+                if ok {
+                    (StatusCode::OK, "{}")
+                } else {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "{}")
+                }
+            }
+        }),
+    );
+    let s = spawn(app).await;
+    let cfg = ClientConfig {
+        breaker: BreakerConfig {
+            failure_threshold: 3,
+            window: Duration::from_secs(60),
+            open_for: Duration::from_millis(300),
+        },
+        balance: BalanceConfig {
+            eject_after: 1000,
+            ..BalanceConfig::default()
+        },
+        ..fast_config()
+    };
+    let c = client(StaticRegistry::default().with("x", &s.url), cfg);
+    let svc = c.service("x");
+    for _ in 0..3 {
+        let e = svc.get_json::<Value>("/x").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Server);
+    }
+    assert_eq!(hits.get(), 3);
+    assert_eq!(
+        svc.breaker_states(),
+        vec![(s.url.clone(), BreakerState::Open)]
+    );
+    assert_eq!(c.breaker_states()[0].2, BreakerState::Open);
+    // Open: fails fast, nothing reaches the server.
+    for _ in 0..5 {
+        let e = svc.get_json::<Value>("/x").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::CircuitOpen, "{e}");
+    }
+    assert_eq!(hits.get(), 3);
+    // After the cool-off the probe passes and closes the breaker.
+    healthy.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(svc.breaker_states()[0].1, BreakerState::HalfOpen);
+    let _: Value = svc.get_json("/x").await.unwrap();
+    assert_eq!(hits.get(), 4);
+    assert_eq!(svc.breaker_states()[0].1, BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn failing_instance_is_ejected_and_traffic_moves_to_the_healthy_one() {
+    let (bad_hits, good_hits) = (Counter::default(), Counter::default());
+    let bh = bad_hits.clone();
+    let bad = spawn(Router::new().route(
+        "/x",
+        get(move || {
+            bh.inc();
+            async { (StatusCode::INTERNAL_SERVER_ERROR, "{}") }
+        }),
+    ))
+    .await;
+    let gh = good_hits.clone();
+    let good = spawn(Router::new().route(
+        "/x",
+        get(move || {
+            gh.inc();
+            async { "{}" }
+        }),
+    ))
+    .await;
+    let reg = InProcessRegistry::new();
+    let _a = reg.register("x", &bad.url);
+    let _b = reg.register("x", &good.url);
+    let cfg = ClientConfig {
+        balance: BalanceConfig {
+            eject_after: 2,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(60),
+        },
+        breaker: BreakerConfig {
+            failure_threshold: 1000,
+            ..BreakerConfig::default()
+        },
+        ..fast_config()
+    };
+    let c = HttpClient::with_config(Arc::new(reg.clone()), cfg);
+    let svc = c.service("x");
+    let mut failures = 0;
+    for _ in 0..40 {
+        if svc.get_json::<Value>("/x").await.is_err() {
+            failures += 1;
+        }
+    }
+    assert!(bad_hits.get() <= 2, "bad got {}", bad_hits.get());
+    assert_eq!(failures, bad_hits.get());
+    assert_eq!(good_hits.get(), 40 - bad_hits.get());
+    // Deregistered instances are no longer called.
+    drop(_b);
+    use switchyard_rpc::registry::Registry;
+    assert_eq!(reg.instances("x").len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_service_and_stopped_instance() {
+    let c = client(StaticRegistry::default(), fast_config());
+    let e = c
+        .service("nobody")
+        .get_json::<Value>("/")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable);
+    // Nothing listens on this port any more: connect error, retried, then Unavailable.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let c = client(
+        StaticRegistry::default().with("gone", &format!("http://{addr}")),
+        fast_config(),
+    );
+    let e = c.service("gone").get_json::<Value>("/").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+}

@@ -1,0 +1,7 @@
+//! Integration tests: real servers on 127.0.0.1 port 0.
+#![allow(clippy::unwrap_used)]
+
+mod client;
+mod idempotency;
+mod server;
+mod support;

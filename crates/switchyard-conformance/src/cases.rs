@@ -26,6 +26,9 @@ pub(crate) async fn dispatch<F: BusFactory>(f: &F, name: &str, dir: &Path, entry
         "ordering_per_subject_with_competing_consumers" => {
             ordering_per_subject_with_competing_consumers(f, dir).await
         }
+        "a_parked_subject_with_a_long_backlog_does_not_stall_others" => {
+            parked_subject(f, dir).await
+        }
         "nack_with_delay_redelivers_after_the_delay" => nack_with_delay(f, dir).await,
         "ack_timeout_redelivers_and_stale_ack_is_rejected" => ack_timeout(f, dir).await,
         "exhausted_attempts_go_to_the_dlq_with_reason" => exhausted_to_dlq(f, dir).await,
@@ -244,6 +247,36 @@ async fn ordering_per_subject_with_competing_consumers<F: BusFactory>(f: &F, dir
             );
         }
     }
+    bus.close().await.unwrap();
+}
+
+async fn parked_subject<F: BusFactory>(f: &F, dir: &Path) {
+    let bus = open(f, dir).await;
+    let hot: Vec<_> = (0..100).map(|i| msg(i, Some("hot"))).collect();
+    bus.publish_batch("parked", hot).await.unwrap();
+    let cold: Vec<_> = (1000..1005).map(|i| msg(i, Some("cold"))).collect();
+    bus.publish_batch("parked", cold).await.unwrap();
+    // A small window: 100 messages of one subject would fill it many times over.
+    let options = SubscribeOptions {
+        max_pending: 40,
+        ..Default::default()
+    };
+    let mut sub = bus.subscribe("parked", "g", options).await.unwrap();
+    let head = recv(&mut sub).await;
+    assert_eq!(index(&head), 0);
+    for i in 1000..1005 {
+        let d = recv(&mut sub).await;
+        assert_eq!(index(&d), i, "another subject flows while `hot` is parked");
+        d.ack().await.unwrap();
+    }
+    quiet(&mut sub).await;
+    head.ack().await.unwrap();
+    for i in 1..100 {
+        let d = recv(&mut sub).await;
+        assert_eq!(index(&d), i, "`hot` resumes in order");
+        d.ack().await.unwrap();
+    }
+    quiet(&mut sub).await;
     bus.close().await.unwrap();
 }
 

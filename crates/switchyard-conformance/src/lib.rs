@@ -86,6 +86,10 @@ pub const CASES: &[(&str, Option<Capability>)] = &[
     ("every_group_gets_every_message", None),
     ("competing_consumers_split_a_group", None),
     ("ordering_per_subject_with_competing_consumers", None),
+    (
+        "a_parked_subject_with_a_long_backlog_does_not_stall_others",
+        None,
+    ),
     ("nack_with_delay_redelivers_after_the_delay", None),
     ("ack_timeout_redelivers_and_stale_ack_is_rejected", None),
     ("exhausted_attempts_go_to_the_dlq_with_reason", None),
@@ -198,6 +202,7 @@ macro_rules! bus_suite {
             every_group_gets_every_message,
             competing_consumers_split_a_group,
             ordering_per_subject_with_competing_consumers,
+            a_parked_subject_with_a_long_backlog_does_not_stall_others,
             nack_with_delay_redelivers_after_the_delay,
             ack_timeout_redelivers_and_stale_ack_is_rejected,
             exhausted_attempts_go_to_the_dlq_with_reason,

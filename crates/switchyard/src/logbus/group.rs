@@ -138,6 +138,12 @@ struct Entry {
     failure: Option<FailureInfo>,
 }
 
+/// Most loaded messages one subject may hold while they wait behind its head (and at most
+/// a quarter of `max_pending`). Later ones are only remembered by offset and read again
+/// when the subject drains, so a parked subject with a long backlog never fills the
+/// group's window and stalls the others.
+pub const MAX_LOADED_PER_SUBJECT: usize = 256;
+
 /// Settings the core needs.
 #[derive(Debug, Clone)]
 pub struct GroupSettings {
@@ -160,6 +166,15 @@ pub struct GroupCore {
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
     inflight: BinaryHeap<Reverse<(Instant, u64, u64)>>,
     subjects: HashMap<Arc<str>, VecDeque<u64>>,
+    /// Offsets read but not kept in memory because their subject already has
+    /// [`MAX_LOADED_PER_SUBJECT`] loaded messages waiting: re-read when the subject drains.
+    deferred: BTreeMap<u64, Arc<str>>,
+    /// Deferred offsets per subject not yet asked to be re-read, oldest first.
+    deferred_queue: HashMap<Arc<str>, VecDeque<u64>>,
+    /// Deferred offsets per subject, asked for or not (while > 0, newer messages of the
+    /// subject are deferred too, so order holds).
+    deferred_count: HashMap<Arc<str>, usize>,
+    reloads: Vec<u64>,
     restored_done: BTreeSet<u64>,
     restored_failures: BTreeMap<u64, FailureInfo>,
     next_lease: u64,
@@ -179,6 +194,10 @@ impl GroupCore {
             delayed: BinaryHeap::new(),
             inflight: BinaryHeap::new(),
             subjects: HashMap::new(),
+            deferred: BTreeMap::new(),
+            deferred_queue: HashMap::new(),
+            deferred_count: HashMap::new(),
+            reloads: Vec::new(),
             restored_done: snapshot.done,
             restored_failures: snapshot.failures,
             next_lease: 1,
@@ -195,6 +214,12 @@ impl GroupCore {
     /// The group's name.
     pub fn group(&self) -> &Arc<str> {
         &self.group
+    }
+
+    fn subject_limit(&self) -> usize {
+        MAX_LOADED_PER_SUBJECT
+            .min(self.settings.max_pending / 4)
+            .max(1)
     }
 
     /// Next offset to load from the log.
@@ -214,9 +239,26 @@ impl GroupCore {
 
     /// Every offset below this is settled.
     pub fn floor(&self) -> u64 {
-        self.entries
+        let loaded = self
+            .entries
             .first_key_value()
-            .map_or(self.next_load, |(o, _)| *o)
+            .map_or(self.next_load, |(o, _)| *o);
+        let deferred = self
+            .deferred
+            .first_key_value()
+            .map_or(self.next_load, |(o, _)| *o);
+        loaded.min(deferred)
+    }
+
+    /// Offsets to read again (their subject has room now); the driver reads each and
+    /// hands it to [`GroupCore::load_deferred`].
+    pub fn take_reloads(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.reloads)
+    }
+
+    /// Offsets remembered but not loaded (waiting behind a long subject).
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
     /// Takes the changes to persist, in order.
@@ -231,7 +273,7 @@ impl GroupCore {
 
     /// The log's start moved past `start` (retention): skip what is gone.
     pub fn skip_to(&mut self, start: u64) {
-        if start > self.next_load && self.entries.is_empty() {
+        if start > self.next_load && self.entries.is_empty() && self.deferred.is_empty() {
             self.next_load = start;
             self.note_floor();
         }
@@ -254,6 +296,42 @@ impl GroupCore {
             return;
         }
         let subject: Option<Arc<str>> = envelope.subject.as_deref().map(Arc::from);
+        if let Some(s) = &subject {
+            let loaded = self.subjects.get(s).map_or(0, VecDeque::len);
+            let behind = self.deferred_count.get(s).is_some_and(|n| *n > 0);
+            if behind || loaded >= self.subject_limit() {
+                self.deferred.insert(offset, s.clone());
+                self.deferred_queue
+                    .entry(s.clone())
+                    .or_default()
+                    .push_back(offset);
+                *self.deferred_count.entry(s.clone()).or_default() += 1;
+                return;
+            }
+        }
+        self.insert_loaded(offset, envelope, subject);
+    }
+
+    /// Adds a deferred message read again (see [`GroupCore::take_reloads`]); `None` when
+    /// the log no longer has it, which settles it.
+    pub fn load_deferred(&mut self, offset: u64, envelope: Option<Arc<Envelope>>) {
+        let Some(subject) = self.deferred.remove(&offset) else {
+            return;
+        };
+        if let Some(n) = self.deferred_count.get_mut(&subject) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.deferred_count.remove(&subject);
+                self.deferred_queue.remove(&subject);
+            }
+        }
+        match envelope {
+            Some(env) => self.insert_loaded(offset, env, Some(subject)),
+            None => self.note_floor(),
+        }
+    }
+
+    fn insert_loaded(&mut self, offset: u64, envelope: Arc<Envelope>, subject: Option<Arc<str>>) {
         let state = match &subject {
             Some(s) => {
                 let q = self.subjects.entry(s.clone()).or_default();
@@ -490,6 +568,20 @@ impl GroupCore {
                     self.subjects.remove(&s);
                 }
             }
+            // Room again for this subject: re-read what was deferred behind it, in order.
+            let loaded = self.subjects.get(&s).map_or(0, VecDeque::len);
+            let asked = self.deferred_count.get(&s).copied().unwrap_or(0)
+                - self.deferred_queue.get(&s).map_or(0, VecDeque::len);
+            let limit = self.subject_limit();
+            if let Some(q) = self.deferred_queue.get_mut(&s) {
+                let want = limit.saturating_sub(loaded + asked);
+                for _ in 0..want {
+                    match q.pop_front() {
+                        Some(o) => self.reloads.push(o),
+                        None => break,
+                    }
+                }
+            }
         }
         let floor = self.floor();
         if offset >= floor {
@@ -699,10 +791,51 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_subject_with_a_long_backlog_does_not_stall_the_others() {
+        let mut c = core(5);
+        let t = Instant::now();
+        let limit = c.subject_limit();
+        let n = (limit * 3) as u64;
+        for o in 0..n {
+            c.load(o, env(Some("hot")));
+        }
+        c.load(n, env(Some("other")));
+        assert_eq!(
+            c.pending(),
+            limit + 1,
+            "only a bounded part of `hot` is held"
+        );
+        assert_eq!(c.deferred(), 2 * limit);
+        let head = poll(&mut c, t).unwrap();
+        assert_eq!(head.offset, 0);
+        let other = poll(&mut c, t).unwrap();
+        assert_eq!(
+            other.offset, n,
+            "another subject flows while `hot` is parked"
+        );
+        c.ack(other.offset, other.lease).unwrap();
+        assert_eq!(c.floor(), 0);
+        // Draining `hot` in order re-reads the deferred offsets in order.
+        c.ack(0, head.lease).unwrap();
+        let mut expected = 1;
+        while expected < n {
+            for o in c.take_reloads() {
+                c.load_deferred(o, Some(env(Some("hot"))));
+            }
+            let l = poll(&mut c, t).unwrap();
+            assert_eq!(l.offset, expected, "order kept across deferral");
+            c.ack(l.offset, l.lease).unwrap();
+            expected += 1;
+        }
+        assert_eq!(c.floor(), n + 1);
+        assert_eq!(c.deferred(), 0);
+    }
+
+    #[test]
     fn room_bounds_what_is_loaded() {
         let mut c = core(5);
         for o in 0..100 {
-            c.load(o, env(Some("s")));
+            c.load(o, env(Some(&format!("s{o}"))));
         }
         assert_eq!(c.room(), 0);
     }

@@ -330,6 +330,14 @@ impl<T: TopicLog> TopicState<T> {
 impl<T: TopicLog> GroupShared<T> {
     /// Loads messages from the log while there is room. Caller holds the core lock.
     fn fill(&self, core: &mut GroupCore, log: &T, end: u64) -> Result<()> {
+        for offset in core.take_reloads() {
+            let env = log
+                .read(offset, 1)?
+                .into_iter()
+                .find(|(o, _)| *o == offset)
+                .map(|(_, e)| e);
+            core.load_deferred(offset, env);
+        }
         core.skip_to(log.start());
         while core.room() > 0 && core.next_load() < end {
             let batch = log.read(core.next_load(), core.room().min(1024))?;

@@ -6,6 +6,8 @@
 
 mod bus;
 mod report;
+mod rpc;
+mod rpc_grpc;
 mod store;
 
 use std::path::PathBuf;
@@ -26,6 +28,8 @@ enum Suite {
     Bus(Args),
     /// The embedded store: durable commits with outbox and inbox.
     Store(Args),
+    /// Sync calls: the switchyard HTTP stack against raw axum + hyper-util.
+    Rpc(Args),
     /// Internal: consume a backlog in a fresh process and print its peak RSS.
     #[command(hide = true)]
     BacklogChild {
@@ -133,6 +137,18 @@ fn main() -> std::process::ExitCode {
                     settings.runs, settings.secs
                 );
                 let figures = store::run(&settings).await?;
+                print(&args, &figures);
+                Ok(())
+            }
+            Suite::Rpc(args) => {
+                let settings = settings(&args);
+                eprintln!(
+                    "bench rpc: {} runs per figure, {} s each, {} in flight for c64; medians with ranges",
+                    settings.runs,
+                    settings.secs,
+                    rpc::IN_FLIGHT
+                );
+                let figures = rpc::run(&settings).await?;
                 print(&args, &figures);
                 Ok(())
             }

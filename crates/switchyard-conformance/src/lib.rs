@@ -15,6 +15,9 @@
 //! // The router and the outbox relay over both: the bus under `<dir>/bus`, the store
 //! // under `<dir>/store`.
 //! switchyard_conformance::router_suite!(Factory, Stores);
+//!
+//! // Request/reply (a Requester against a responder and its outbox relay) over both.
+//! switchyard_conformance::reply_suite!(Factory, Stores);
 //! ```
 //!
 //! Each case becomes its own `#[test]`. A case needs a [`Capability`] the backend
@@ -33,11 +36,13 @@
 //! | `store_child` | the child process of the store crash case ([`store_child_entry`]) |
 //! | `router_cases` | the router and relay cases over a bus and a store ([`ROUTER_CASES`], run by [`run_router`]) |
 //! | `router_child` | the child process of the router crash cases ([`router_child_entry`]) |
+//! | `reply_cases` | the request/reply cases over a bus and a store ([`REPLY_CASES`], run by [`run_reply`]) |
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cases;
 mod child;
+mod reply_cases;
 mod router_cases;
 mod router_child;
 mod store_cases;
@@ -552,6 +557,108 @@ macro_rules! router_suite {
         #[test]
         fn router_conformance_child() {
             $crate::router_child_entry(&$bus, &$store);
+        }
+    };
+}
+
+/// Every case of the request/reply suite with the capability it needs (none needs one:
+/// they run on every backend pair).
+pub const REPLY_CASES: &[(&str, Option<Capability>)] = &[
+    ("a_request_gets_its_typed_reply", None),
+    ("concurrent_requesters_each_get_their_own_replies", None),
+    (
+        "a_timeout_is_typed_and_the_late_reply_is_dropped_and_counted",
+        None,
+    ),
+    (
+        "a_repeated_request_id_applies_once_and_gets_the_same_reply",
+        None,
+    ),
+    (
+        "a_retry_with_the_same_idempotency_key_gets_the_stored_reply",
+        None,
+    ),
+    ("an_expired_request_is_not_processed", None),
+    ("a_responder_error_arrives_as_a_typed_remote_error", None),
+];
+
+/// Runs the request/reply case `name` against a bus from `bus` and a store from `store`
+/// (on its own Tokio runtime, in a fresh temp dir: the bus under `bus/`, the store under
+/// `store/`).
+pub fn run_reply<B: BusFactory, S: StoreFactory>(bus: &B, store: &S, name: &str) {
+    let (_, needs) = REPLY_CASES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no reply conformance case `{name}`"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        if let Some(cap) = needs {
+            let bus_caps = bus_capabilities(bus, &dir.path().join("bus")).await;
+            let gaps: Vec<_> = [("bus", bus_caps), ("store", store.capabilities())]
+                .into_iter()
+                .filter_map(|(side, caps)| caps.check(*cap).err().map(|why| (side, why)))
+                .collect();
+            if !gaps.is_empty() {
+                for (side, reason) in gaps {
+                    println!(
+                        "case `{name}`: NOT SUPPORTED by this backend ({cap:?} of the {side}): {reason}"
+                    );
+                }
+                return;
+            }
+        }
+        let limit = Duration::from_secs(300);
+        tokio::time::timeout(limit, reply_cases::dispatch(bus, store, name, dir.path()))
+            .await
+            .unwrap_or_else(|_| panic!("reply case `{name}` did not finish within {limit:?}"));
+    });
+}
+
+/// Checks that [`reply_suite!`] generated a test for every case of [`REPLY_CASES`] and
+/// prints the gaps that keep reply cases from running (called by the generated
+/// `reply_declared_gaps` test).
+#[doc(hidden)]
+pub fn assert_reply_cases_generated(generated: &[&str]) {
+    let listed: Vec<&str> = REPLY_CASES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        generated, listed,
+        "reply_suite! must generate one test per entry of REPLY_CASES, in the same order"
+    );
+    if REPLY_CASES.iter().all(|(_, c)| c.is_none()) {
+        println!("no reply case needs a capability: every reply case runs on every backend");
+    }
+}
+
+/// Generates one `#[test]` per request/reply conformance case for a [`BusFactory`]
+/// expression and a [`StoreFactory`] expression, plus `reply_declared_gaps`.
+#[macro_export]
+macro_rules! reply_suite {
+    ($bus:expr, $store:expr) => {
+        $crate::reply_suite!(@cases $bus, $store;
+            a_request_gets_its_typed_reply,
+            concurrent_requesters_each_get_their_own_replies,
+            a_timeout_is_typed_and_the_late_reply_is_dropped_and_counted,
+            a_repeated_request_id_applies_once_and_gets_the_same_reply,
+            a_retry_with_the_same_idempotency_key_gets_the_stored_reply,
+            an_expired_request_is_not_processed,
+            a_responder_error_arrives_as_a_typed_remote_error
+        );
+    };
+    (@cases $bus:expr, $store:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::run_reply(&$bus, &$store, stringify!($case));
+            }
+        )*
+        #[test]
+        fn reply_declared_gaps() {
+            $crate::assert_reply_cases_generated(&[$(stringify!($case)),*]);
         }
     };
 }

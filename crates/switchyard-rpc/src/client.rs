@@ -24,9 +24,9 @@
 //! counters `switchyard_rpc_retries_total{service}`, `switchyard_rpc_ejections_total{service,instance}`,
 //! `switchyard_rpc_retry_budget_exhausted_total{service}`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,15 +42,16 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 use tower::limit::ConcurrencyLimit;
 use tower::retry::Retry;
-use tower::retry::budget::{Budget, TpsBudget};
 use tracing::Instrument;
 
-use crate::balance::{BalanceConfig, Balancer};
-use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState};
+use crate::balance::BalanceConfig;
+use crate::breaker::{BreakerConfig, BreakerState};
 use crate::context::CallContext;
 use crate::error::{Error, Result};
+use crate::pool::Pool;
 use crate::problem::{PROBLEM_JSON, Problem};
 use crate::registry::Registry;
+use crate::retry::Retrier;
 
 /// Client settings (per client; every service gets the same).
 #[derive(Debug, Clone)]
@@ -107,6 +108,9 @@ pub struct CallOptions {
     pub idempotency_key: Option<String>,
     /// The context to continue (default: the current request's, see [`CallContext::current`]).
     pub context: Option<CallContext>,
+    /// Marks the call idempotent: retryable even without a key (e.g. a POST, or a
+    /// gRPC method, that is safe to repeat).
+    pub idempotent: bool,
 }
 
 impl CallOptions {
@@ -124,6 +128,12 @@ impl CallOptions {
     /// Sets the idempotency key.
     pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
         self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Marks the call as safe to repeat (retryable without an idempotency key).
+    pub fn idempotent(mut self) -> Self {
+        self.idempotent = true;
         self
     }
 
@@ -160,65 +170,15 @@ pub struct CallRequest {
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
-struct ServiceState {
-    balancer: Balancer,
-    breakers: BTreeMap<String, Breaker>,
-}
-
 struct Core {
-    name: String,
-    registry: Arc<dyn Registry>,
+    pool: Arc<Pool>,
     http: Http,
     cfg: ClientConfig,
-    state: Mutex<ServiceState>,
 }
 
 impl Core {
-    fn lock(&self) -> MutexGuard<'_, ServiceState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn publish_state(&self, instance: &str, state: BreakerState) {
-        metrics::gauge!("switchyard_rpc_breaker_state", "service" => self.name.clone(), "instance" => instance.to_string())
-            .set(state as u8 as f64);
-    }
-
-    fn record(&self, instance: &str, ok: bool) {
-        let now = std::time::Instant::now();
-        let (ejected, state) = {
-            let mut s = self.lock();
-            let ejected = s.balancer.finish(instance, ok, now);
-            let b = s
-                .breakers
-                .entry(instance.to_string())
-                .or_insert_with(|| Breaker::new(self.cfg.breaker));
-            if ok {
-                b.on_success(now);
-            } else {
-                b.on_failure(now);
-            }
-            (ejected, b.state(now))
-        };
-        self.publish_state(instance, state);
-        if ejected {
-            metrics::counter!("switchyard_rpc_ejections_total", "service" => self.name.clone(), "instance" => instance.to_string()).increment(1);
-            tracing::warn!(service = %self.name, instance, "instance ejected after consecutive failures");
-        }
-    }
-}
-
-/// Decrements the in-flight count if an attempt is dropped before it finished.
-struct InFlight<'a> {
-    core: &'a Core,
-    instance: String,
-    done: bool,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.core.lock().balancer.cancel(&self.instance);
-        }
+    fn name(&self) -> &str {
+        self.pool.name()
     }
 }
 
@@ -243,69 +203,14 @@ impl tower::Service<CallRequest> for Attempt {
     }
 }
 
-fn pick_instance(core: &Core) -> Result<String> {
-    let service = || core.name.clone();
-    let instances = core.registry.instances(&core.name);
-    if instances.is_empty() {
-        return Err(Error::NoInstances { service: service() });
-    }
-    let now = std::time::Instant::now();
-    let mut s = core.lock();
-    let urls: Vec<&str> = instances.iter().map(|i| i.url.as_str()).collect();
-    s.balancer.retain(&urls);
-    s.breakers.retain(|k, _| urls.contains(&k.as_str()));
-    let admitted: Vec<&str> = urls
-        .iter()
-        .copied()
-        .filter(|u| s.breakers.get(*u).is_none_or(|b| b.would_admit(now)))
-        .collect();
-    if admitted.is_empty() {
-        let retry_in = s
-            .breakers
-            .values_mut()
-            .filter_map(|b| match b.admit(now) {
-                Admit::No { retry_in } => Some(retry_in),
-                _ => None,
-            })
-            .min()
-            .unwrap_or_default();
-        return Err(Error::CircuitOpen {
-            service: service(),
-            retry_in,
-        });
-    }
-    let idx = s
-        .balancer
-        .pick(&admitted, now, &mut |n| fastrand::usize(..n))
-        .unwrap_or(0);
-    let url = admitted[idx].to_string();
-    let cfg = core.cfg.breaker;
-    let state = {
-        let b = s
-            .breakers
-            .entry(url.clone())
-            .or_insert_with(|| Breaker::new(cfg));
-        b.admit(now);
-        b.state(now)
-    };
-    s.balancer.start(&url);
-    drop(s);
-    core.publish_state(&url, state);
-    Ok(url)
-}
-
 async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
-    let service = || core.name.clone();
+    let service = || core.name().to_string();
     let now = Instant::now();
     if now >= req.deadline {
         return Err(Error::DeadlineExceeded { service: service() });
     }
-    let instance = pick_instance(core)?;
-    let mut guard = InFlight {
-        core,
-        instance: instance.clone(),
-        done: false,
-    };
+    let lease = core.pool.pick()?;
+    let instance = lease.instance().to_string();
     let mut builder = http::Request::builder()
         .method(req.method.clone())
         .uri(format!("{instance}{}", req.path))
@@ -368,20 +273,14 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
         Ok(r) => !r.status.is_server_error(),
         Err(_) => false,
     };
-    guard.done = true;
-    core.record(&instance, ok);
+    lease.finish(ok);
     out
 }
 
 /// The retry policy (see the [module docs](self)). One clone per call holds its attempt count.
 #[derive(Clone)]
 pub struct RetryPolicy {
-    attempts: u32,
-    max_attempts: u32,
-    base: Duration,
-    max: Duration,
-    budget: Arc<TpsBudget>,
-    service: Arc<str>,
+    retrier: Retrier,
 }
 
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -398,15 +297,7 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 impl RetryPolicy {
     /// The delay before retry number `n` (1-based): uniform in `0..=min(max, base * 2^(n-1))`.
     pub fn backoff(&self, n: u32) -> Duration {
-        let cap = self
-            .base
-            .saturating_mul(
-                1u32.checked_shl(n.saturating_sub(1).min(20))
-                    .unwrap_or(u32::MAX),
-            )
-            .min(self.max);
-        let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(fastrand::u64(0..=nanos))
+        self.retrier.backoff(n)
     }
 }
 
@@ -418,34 +309,18 @@ impl tower::retry::Policy<CallRequest, CallResponse, Error> for RetryPolicy {
         req: &mut CallRequest,
         result: &mut Result<CallResponse>,
     ) -> Option<Self::Future> {
-        if self.attempts == 0 {
-            self.budget.deposit();
-        }
-        self.attempts += 1;
         let floor = match result {
             Ok(r) => match r.status.as_u16() {
-                502..=504 => Duration::ZERO,
-                429 => retry_after(&r.headers).unwrap_or_default(),
-                _ => return None,
+                502..=504 => Some(Duration::ZERO),
+                429 => Some(retry_after(&r.headers).unwrap_or_default()),
+                _ => None,
             },
-            Err(e) if e.is_transient_transport() => Duration::ZERO,
-            Err(_) => return None,
+            Err(e) if e.is_transient_transport() => Some(Duration::ZERO),
+            Err(_) => None,
         };
-        if !req.retryable || self.attempts >= self.max_attempts {
-            return None;
-        }
-        let delay = self.backoff(self.attempts).max(floor);
-        if Instant::now() + delay >= req.deadline {
-            return None;
-        }
-        if !self.budget.withdraw() {
-            metrics::counter!("switchyard_rpc_retry_budget_exhausted_total", "service" => self.service.to_string()).increment(1);
-            return None;
-        }
-        metrics::counter!("switchyard_rpc_retries_total", "service" => self.service.to_string())
-            .increment(1);
-        tracing::debug!(service = %self.service, attempt = self.attempts + 1, ?delay, "retrying");
-        Some(tokio::time::sleep(delay))
+        self.retrier
+            .next(floor, req.retryable, req.deadline)
+            .map(tokio::time::sleep)
     }
 
     fn clone_request(&mut self, req: &CallRequest) -> Option<CallRequest> {
@@ -518,26 +393,17 @@ impl HttpClient {
             .or_insert_with(|| {
                 let cfg = self.inner.cfg.clone();
                 let core = Arc::new(Core {
-                    name: name.to_string(),
-                    registry: self.inner.registry.clone(),
+                    pool: Arc::new(Pool::new(
+                        name,
+                        self.inner.registry.clone(),
+                        cfg.breaker,
+                        cfg.balance,
+                    )),
                     http: self.inner.http.clone(),
-                    state: Mutex::new(ServiceState {
-                        balancer: Balancer::new(cfg.balance),
-                        breakers: BTreeMap::new(),
-                    }),
                     cfg: cfg.clone(),
                 });
                 let policy = RetryPolicy {
-                    attempts: 0,
-                    max_attempts: cfg.max_attempts.max(1),
-                    base: cfg.backoff_base,
-                    max: cfg.backoff_max,
-                    budget: Arc::new(TpsBudget::new(
-                        cfg.retry_budget_window,
-                        cfg.retry_min_per_sec,
-                        cfg.retry_ratio,
-                    )),
-                    service: Arc::from(name),
+                    retrier: Retrier::new(&cfg, name),
                 };
                 let stack = ConcurrencyLimit::new(
                     Retry::new(policy, Attempt { core: core.clone() }),
@@ -562,7 +428,7 @@ impl HttpClient {
         let mut out = Vec::new();
         for s in services {
             for (inst, st) in (ServiceClient { shared: s.clone() }).breaker_states() {
-                out.push((s.core.name.clone(), inst, st));
+                out.push((s.core.name().to_string(), inst, st));
             }
         }
         out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
@@ -586,7 +452,7 @@ pub struct ServiceClient {
 impl std::fmt::Debug for ServiceClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServiceClient")
-            .field("service", &self.shared.core.name)
+            .field("service", &self.shared.core.name())
             .finish()
     }
 }
@@ -594,17 +460,12 @@ impl std::fmt::Debug for ServiceClient {
 impl ServiceClient {
     /// The service's name.
     pub fn name(&self) -> &str {
-        &self.shared.core.name
+        self.shared.core.name()
     }
 
     /// The breaker state of each instance called so far.
     pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
-        let now = std::time::Instant::now();
-        let s = self.shared.core.lock();
-        s.breakers
-            .iter()
-            .map(|(k, b)| (k.clone(), b.state(now)))
-            .collect()
+        self.shared.core.pool.breaker_states()
     }
 
     /// `GET path`, decoding a JSON response.
@@ -668,7 +529,7 @@ impl ServiceClient {
         opts: &CallOptions,
     ) -> Result<CallResponse> {
         let core = &self.shared.core;
-        let service = || core.name.clone();
+        let service = || core.name().to_string();
         if !path.starts_with('/') {
             return Err(Error::InvalidRequest(format!(
                 "path `{path}` must start with `/`"
@@ -687,10 +548,10 @@ impl ServiceClient {
             return Err(Error::DeadlineExceeded { service: service() });
         }
         let deadline = Instant::now() + remaining;
-        let retryable = is_idempotent(&method) || ctx.idempotency_key.is_some();
+        let retryable = is_idempotent(&method) || opts.idempotent || ctx.idempotency_key.is_some();
         let span = tracing::info_span!(
             "rpc.client",
-            service = %core.name,
+            service = %core.name(),
             method = %method,
             path,
             trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),

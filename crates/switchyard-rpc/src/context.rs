@@ -136,14 +136,22 @@ impl CallContext {
     /// Writes this context into outgoing headers (values that are not valid header
     /// values are skipped).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
+        if let Some(d) = self.deadline
+            && let Ok(v) = HeaderValue::from_str(&deadline_to_millis(d).to_string())
+        {
+            headers.insert(DEADLINE_HEADER, v);
+        }
+        self.write_trace_headers(headers);
+    }
+
+    /// Writes everything but the deadline (`traceparent`, correlation id, idempotency
+    /// key): gRPC carries the deadline in `grpc-timeout` instead.
+    pub fn write_trace_headers(&self, headers: &mut HeaderMap) {
         let mut put = |name: &'static str, v: String| {
             if let Ok(v) = HeaderValue::from_str(&v) {
                 headers.insert(name, v);
             }
         };
-        if let Some(d) = self.deadline {
-            put(DEADLINE_HEADER, deadline_to_millis(d).to_string());
-        }
         if let Some(tp) = self.traceparent {
             put(TRACEPARENT_HEADER, tp.to_string());
         }

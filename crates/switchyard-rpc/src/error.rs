@@ -115,6 +115,15 @@ pub enum Error {
     /// The request could not be built.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A gRPC call ended with a non-OK status (from the callee, or from this client's
+    /// own layers: see [`crate::grpc`]).
+    #[error("`{service}` answered gRPC {}: {}", status.code(), status.message())]
+    Grpc {
+        /// The service name.
+        service: String,
+        /// The status.
+        status: Box<tonic::Status>,
+    },
 }
 
 impl Error {
@@ -139,6 +148,38 @@ impl Error {
             },
             Error::Decode { .. } => ErrorKind::Decode,
             Error::InvalidRequest(_) => ErrorKind::InvalidInput,
+            Error::Grpc { status, .. } => crate::grpc::status_kind(status),
+        }
+    }
+
+    /// The typed error of a gRPC call to `service` that ended with `status`.
+    pub fn from_grpc(service: impl Into<String>, status: tonic::Status) -> Self {
+        Error::Grpc {
+            service: service.into(),
+            status: Box::new(status),
+        }
+    }
+
+    /// The gRPC status, for an error from a gRPC call.
+    pub fn grpc_status(&self) -> Option<&tonic::Status> {
+        match self {
+            Error::Grpc { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+
+    /// The request field a validation failure names (problem+json `field`, or the
+    /// `x-switchyard-field` metadata of a gRPC INVALID_ARGUMENT).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Error::Status { problem, .. } => {
+                problem.as_deref().and_then(|p| p.extension_str("field"))
+            }
+            Error::Grpc { status, .. } => status
+                .metadata()
+                .get(crate::grpc::FIELD_METADATA)
+                .and_then(|v| v.to_str().ok()),
+            _ => None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! # switchyard-rpc
 //!
 //! Sync calls between services **by name**, with the failure handling built in: an HTTP/JSON
-//! server kit (axum) and a client (hyper) that applies a deadline, retries with backoff,
+//! server kit (axum), a client (hyper) and the same for gRPC (tonic), that applies a deadline, retries with backoff,
 //! jitter and a budget, a circuit breaker per instance, load balancing with ejection and a
 //! bulkhead to every call; the call context (deadline, `traceparent`, correlation id,
 //! idempotency key) travels on every hop.
@@ -33,19 +33,25 @@
 //! | [`breaker`] | the circuit breaker (pure state machine) |
 //! | [`client`] | `HttpClient` → `ServiceClient`: typed calls through every layer |
 //! | [`idempotency`] | server-side "run once per `Idempotency-Key`", stored in a `switchyard::store::Store` |
-//! | [`error`] | the client's `Error` and its `kind()` |
+//! | [`grpc`] | gRPC (tonic): `GrpcClient` → `GrpcChannel` (same layers, for tonic-generated clients), `GrpcServer` (health, context/deadline layer, graceful shutdown), the test service `Echo` |
+//! | [`error`] | the client's `Error` and its `kind()` (HTTP statuses and gRPC codes) |
 //!
-//! gRPC (tonic) is not here yet.
+//! The layers are shared by HTTP and gRPC: the per-service pool (registry, balancer,
+//! breakers) lives in the private `pool` module, the retry decision (backoff, jitter,
+//! budget, deadline) in `retry`.
 
 pub mod balance;
 pub mod breaker;
 pub mod client;
 pub mod context;
 pub mod error;
+pub mod grpc;
 pub mod http;
 pub mod idempotency;
+mod pool;
 pub mod problem;
 pub mod registry;
+mod retry;
 
 pub use client::{CallOptions, ClientConfig, HttpClient, ServiceClient};
 pub use context::CallContext;

@@ -30,6 +30,7 @@
 //! | [`memory`] | the in-memory bus backend |
 //! | [`router`] | typed handlers with inbox dedup and one atomic commit per message |
 //! | [`relay`] | the outbox relay: committed outbox entries to the bus, in order |
+//! | [`reply`] | request/reply over the bus: the per-instance `Requester`, correlation, timeouts, late replies; responders are router handlers |
 //! | [`store`] | the store contract: typed tables, optimistic transactions, outbox, inbox; the in-memory store |
 //! | [`error`] | the error type and its kinds |
 
@@ -43,6 +44,7 @@ pub mod error;
 pub mod logbus;
 pub mod memory;
 pub mod relay;
+pub mod reply;
 pub mod router;
 pub mod store;
 

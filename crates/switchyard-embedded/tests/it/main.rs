@@ -7,5 +7,6 @@
 mod conformance;
 mod conformance_buffered;
 mod disk;
+mod reply_conformance;
 mod router_conformance;
 mod store_conformance;

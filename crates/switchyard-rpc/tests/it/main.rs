@@ -2,6 +2,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod client;
+mod grpc;
+mod grpc_codegen;
 mod idempotency;
 mod server;
 mod support;

@@ -11,6 +11,11 @@
 //! a terminal one (the DLQ at once). Ordering per subject comes from the bus: a failing
 //! message keeps only its own subject waiting; other subjects keep flowing.
 //!
+//! A responder ([`Router::respond`]) is a handler whose return value becomes the reply
+//! to a request: the reply is committed with the effects (stored, and in the outbox), a
+//! repeated request gets the stored reply again, and an expired request is not
+//! processed. See [`crate::reply`] for the whole exchange and its decisions.
+//!
 //! ```no_run
 //! # use std::sync::Arc;
 //! use switchyard::router::{Context, HandlerError, Router};
@@ -38,6 +43,8 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
+
+mod respond;
 
 use crate::bus::{Bus, Delivery, SubscribeOptions};
 use crate::codec::{self, Event};
@@ -95,10 +102,17 @@ pub struct Context {
 impl Context {
     /// Publishes a typed event caused by the incoming message (via the outbox, after the
     /// commit): correlation id, causation id, trace context and deadline are carried over.
+    ///
+    /// When the incoming message is a request ([`crate::reply`]), the published event's
+    /// `correlationid` is the caller's business flow (the request's
+    /// [`FLOW_EXTENSION`](crate::reply::FLOW_EXTENSION)), not the exchange id.
     pub fn publish<E: Event>(&self, topic: &str, event: &E) -> Result<MessageId> {
-        let env = codec::encode(event, &format!("/{}", self.service))
+        let mut env = codec::encode(event, &format!("/{}", self.service))
             .map_err(|e| Error::InvalidArgument(e.to_string()))?
             .caused_by(&self.envelope);
+        if let Some(flow) = self.envelope.extension(crate::reply::FLOW_EXTENSION) {
+            env.correlationid = Some(flow.to_string());
+        }
         Ok(self.txn.publish_envelope(topic, env))
     }
 
@@ -108,8 +122,23 @@ impl Context {
     }
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = std::result::Result<(), HandlerError>> + Send>>;
+/// What a handler produced: nothing (an event handler) or a reply's type and JSON payload
+/// (a responder).
+struct ReplyBody {
+    event_type: &'static str,
+    data: String,
+}
+
+type BoxFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<Option<ReplyBody>, HandlerError>> + Send>>;
 type Handler = Arc<dyn Fn(Context, Arc<Envelope>) -> BoxFuture + Send + Sync>;
+
+/// A handler and whether it answers requests.
+#[derive(Clone)]
+struct Registered {
+    handler: Handler,
+    responds: bool,
+}
 
 /// Called after a message's effect is committed and before it is acknowledged, with the
 /// consumer (`topic/group`) and the message (for flow records, metrics — and crash tests).
@@ -126,12 +155,18 @@ pub struct RouterStats {
     pub retried: AtomicU64,
     /// Messages sent to the DLQ by the router (terminal, undecodable, unknown type).
     pub dead_lettered: AtomicU64,
+    /// Replies committed by responders (answers and error replies, first time).
+    pub replies: AtomicU64,
+    /// Stored replies sent again to a repeated request (same id or idempotency key).
+    pub replies_resent: AtomicU64,
+    /// Requests acked without processing because their deadline had passed.
+    pub expired: AtomicU64,
 }
 
 struct Route {
     topic: String,
     group: String,
-    handlers: HashMap<&'static str, Handler>,
+    handlers: HashMap<&'static str, Registered>,
     options: SubscribeOptions,
     concurrency: usize,
 }
@@ -215,12 +250,58 @@ impl Router {
             Box::pin(async move {
                 let event: E = codec::decode_payload(&env)
                     .map_err(|e| HandlerError::Terminal(e.to_string()))?;
-                handler(ctx, event).await
+                handler(ctx, event).await.map(|()| None)
             }) as BoxFuture
         });
-        self.route_mut(topic, group)
-            .handlers
-            .insert(E::TYPE, erased);
+        self.route_mut(topic, group).handlers.insert(
+            E::TYPE,
+            Registered {
+                handler: erased,
+                responds: false,
+            },
+        );
+        self
+    }
+
+    /// Answers requests of type `Req` arriving on `topic` for group `group` (see
+    /// [`crate::reply`]): the handler gets the same [`Context`] as [`on`](Self::on) and
+    /// returns the reply, which is committed with its effects — stored under the
+    /// request's key and appended to the outbox, addressed to the request's `replyto` —
+    /// so the [outbox relay](crate::relay::OutboxRelay) must run for replies to leave.
+    /// A repeated request gets the stored reply without the handler running again; an
+    /// expired one is acked unprocessed; a terminal error is replied as an error (and
+    /// acked); a retryable one is retried per the route's policy, and replied as an
+    /// error when the last attempt fails.
+    pub fn respond<Req, Resp, F, Fut>(&mut self, topic: &str, group: &str, handler: F) -> &mut Self
+    where
+        Req: Event,
+        Resp: Event,
+        F: Fn(Context, Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Resp, HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: Handler = Arc::new(move |ctx: Context, env: Arc<Envelope>| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let request: Req = codec::decode_payload(&env)
+                    .map_err(|e| HandlerError::Terminal(e.to_string()))?;
+                let reply = handler(ctx, request).await?;
+                let data = serde_json::to_string(&reply).map_err(|e| {
+                    HandlerError::Terminal(format!("cannot encode the reply `{}`: {e}", Resp::TYPE))
+                })?;
+                Ok(Some(ReplyBody {
+                    event_type: Resp::TYPE,
+                    data,
+                }))
+            }) as BoxFuture
+        });
+        self.route_mut(topic, group).handlers.insert(
+            Req::TYPE,
+            Registered {
+                handler: erased,
+                responds: true,
+            },
+        );
         self
     }
 
@@ -266,6 +347,7 @@ impl Router {
                 stats: self.stats.clone(),
                 concurrency: route.concurrency,
                 observer: self.observer.clone(),
+                max_attempts: route.options.redelivery.max_attempts.max(1),
             };
             tasks.spawn(worker.run(sub, stop_rx.clone()));
         }
@@ -283,6 +365,13 @@ impl Router {
                     Ok(n) if n > 0 => tracing::debug!(expired = n, "expired inbox marks"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "expiring inbox marks failed; will retry"),
+                }
+                match respond::expire_replies(&store, before).await {
+                    Ok(n) if n > 0 => tracing::debug!(expired = n, "expired stored replies"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "expiring stored replies failed; will retry")
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep((window / 24).min(Duration::from_secs(600))) => {}
@@ -312,12 +401,13 @@ impl Router {
 
 struct RouteWorker {
     consumer: Arc<str>,
-    handlers: Arc<HashMap<&'static str, Handler>>,
+    handlers: Arc<HashMap<&'static str, Registered>>,
     store: Arc<dyn Store>,
     service: Arc<str>,
     stats: Arc<RouterStats>,
     concurrency: usize,
     observer: Option<CommitObserver>,
+    max_attempts: u32,
 }
 
 impl RouteWorker {
@@ -372,7 +462,7 @@ impl RouteWorker {
 
     async fn process(&self, delivery: Delivery) {
         let env = delivery.envelope_arc();
-        let Some(handler) = self.handlers.get(env.event_type.as_str()).cloned() else {
+        let Some(registered) = self.handlers.get(env.event_type.as_str()).cloned() else {
             let mut known: Vec<_> = self.handlers.keys().copied().collect();
             known.sort();
             let reason = format!(
@@ -384,6 +474,11 @@ impl RouteWorker {
             self.dead_letter(delivery, reason).await;
             return;
         };
+        if registered.responds {
+            self.respond(delivery, registered.handler).await;
+            return;
+        }
+        let handler = registered.handler;
         match self.store.inbox_contains(&self.consumer, env.id) {
             Ok(true) => {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -406,16 +501,7 @@ impl RouteWorker {
                 service: self.service.clone(),
             };
             let txn = ctx.txn.clone();
-            // The handler runs in its own task so a panic is a failed attempt, not a crash.
-            let outcome = tokio::spawn((handler)(ctx, env.clone())).await;
-            let result = match outcome {
-                Ok(r) => r,
-                Err(e) if e.is_panic() => Err(HandlerError::Retryable(format!(
-                    "handler panicked: {}",
-                    panic_message(e)
-                ))),
-                Err(e) => Err(HandlerError::Retryable(format!("handler cancelled: {e}"))),
-            };
+            let result = run_handler(&handler, ctx, env.clone()).await.map(|_| ());
             match result {
                 Ok(()) if !txn.has_effects() => {
                     // Nothing to make exactly-once: no commit, no inbox mark.
@@ -474,6 +560,22 @@ impl RouteWorker {
                 tracing::warn!(consumer = %self.consumer, error = %e, "settling a delivery failed")
             }
         }
+    }
+}
+
+/// Runs a handler in its own task, so a panic is a failed attempt, not a crash.
+async fn run_handler(
+    handler: &Handler,
+    ctx: Context,
+    env: Arc<Envelope>,
+) -> std::result::Result<Option<ReplyBody>, HandlerError> {
+    match tokio::spawn((handler)(ctx, env)).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => Err(HandlerError::Retryable(format!(
+            "handler panicked: {}",
+            panic_message(e)
+        ))),
+        Err(e) => Err(HandlerError::Retryable(format!("handler cancelled: {e}"))),
     }
 }
 

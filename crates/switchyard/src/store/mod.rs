@@ -11,7 +11,7 @@
 //!   it reads (or that it was absent). The commit fails with
 //!   [`Error::Conflict`](crate::Error::Conflict) if any of those rows changed since, so two
 //!   concurrent read-modify-write transactions on one key never both succeed; the loser
-//!   retries ([`Store::transact`] does that for you). A write of a row that was not read is
+//!   retries ([`transact`] does that for you). A write of a row that was not read is
 //!   unconditional (last writer wins).
 //! - **Inbox.** Marking message `id` processed by `consumer` fails the whole commit with
 //!   [`Error::AlreadyProcessed`](crate::Error::AlreadyProcessed) if it was marked before:

@@ -1,0 +1,592 @@
+//! The request/reply cases: a `Requester` against a responder (`Router::respond`) with
+//! its outbox relay, over a bus and a store from the backend under test (the bus under
+//! `<dir>/bus`, the store under `<dir>/store`). Typed replies, no cross-talk between
+//! requesters, timeouts with late replies dropped and counted, repeated requests
+//! answered from the store without repeating the effect, expired requests skipped,
+//! responder errors as typed remote errors. None asserts on speed: every wait is a
+//! generous upper bound.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use switchyard::relay::OutboxRelay;
+use switchyard::reply::{RemoteErrorKind, RequestError, RequestOptions, Requester};
+use switchyard::router::{Context, HandlerError, Router, RouterStats};
+use switchyard::store::{Store, Table, Txn};
+use switchyard::{
+    Bus, Envelope, Event, RedeliveryPolicy, StartPosition, SubscribeOptions, Timestamp, codec,
+};
+
+use crate::router_child::{close_both, open_bus, open_store};
+use crate::{BusFactory, Settings, StoreFactory};
+
+/// Upper bound for anything that should happen (a disk backend on a busy machine).
+const EVENTUALLY: Duration = Duration::from_secs(30);
+/// The timeout of requests that are expected to be answered.
+const ANSWERED: Duration = Duration::from_secs(30);
+/// Where the responder listens.
+const REQUESTS: &str = "calc.requests";
+
+pub(crate) async fn dispatch<B: BusFactory, S: StoreFactory>(
+    bf: &B,
+    sf: &S,
+    name: &str,
+    dir: &Path,
+) {
+    match name {
+        "a_request_gets_its_typed_reply" => typed_reply(bf, sf, dir).await,
+        "concurrent_requesters_each_get_their_own_replies" => no_cross_talk(bf, sf, dir).await,
+        "a_timeout_is_typed_and_the_late_reply_is_dropped_and_counted" => {
+            timeout_and_late_reply(bf, sf, dir).await
+        }
+        "a_repeated_request_id_applies_once_and_gets_the_same_reply" => {
+            repeated_request(bf, sf, dir).await
+        }
+        "a_retry_with_the_same_idempotency_key_gets_the_stored_reply" => {
+            idempotency_key(bf, sf, dir).await
+        }
+        "an_expired_request_is_not_processed" => expired_request(bf, sf, dir).await,
+        "a_responder_error_arrives_as_a_typed_remote_error" => remote_errors(bf, sf, dir).await,
+        other => panic!("no reply conformance case `{other}`"),
+    }
+}
+
+/// The request: double `n`; `tag` names the effect row; optional delay and failure.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+struct Ask {
+    n: u64,
+    tag: String,
+    sleep_ms: u64,
+    /// `terminal:<reason>` or `retryable:<reason>`: the handler fails after writing its effect.
+    fail: Option<String>,
+}
+impl Event for Ask {
+    const TYPE: &'static str = "test.ask.v1";
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct Answer {
+    n: u64,
+    doubled: u64,
+    tag: String,
+}
+impl Event for Answer {
+    const TYPE: &'static str = "test.answer.v1";
+}
+
+/// How many times each tag's effect was committed.
+const EFFECTS: Table<u64> = Table::new("effects");
+
+fn ask(n: u64, tag: &str) -> Ask {
+    Ask {
+        n,
+        tag: tag.into(),
+        ..Default::default()
+    }
+}
+
+/// A responder service ("calc") with its outbox relay, over one bus and one store.
+struct Calc {
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    stats: Arc<RouterStats>,
+    calls: Arc<Mutex<HashMap<String, u32>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    router: tokio::task::JoinHandle<switchyard::Result<()>>,
+    relay: tokio::task::JoinHandle<()>,
+}
+
+impl Calc {
+    fn start(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Calc {
+        let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+        let mut router = Router::new("calc", bus.clone(), store.clone());
+        router.options(
+            REQUESTS,
+            "calc",
+            SubscribeOptions {
+                redelivery: RedeliveryPolicy {
+                    max_attempts: 2,
+                    initial_backoff: Duration::from_millis(5),
+                    max_backoff: Duration::from_millis(20),
+                    multiplier: 2.0,
+                    jitter: 0.1,
+                },
+                ..Default::default()
+            },
+        );
+        let c = calls.clone();
+        router.respond(REQUESTS, "calc", move |ctx: Context, ask: Ask| {
+            let calls = c.clone();
+            async move {
+                *calls.lock().unwrap().entry(ask.tag.clone()).or_default() += 1;
+                let n = ctx.txn.get(&EFFECTS, &ask.tag)?.unwrap_or(0);
+                ctx.txn.put(&EFFECTS, &ask.tag, &(n + 1))?;
+                if ask.sleep_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(ask.sleep_ms)).await;
+                }
+                match ask.fail.as_deref().map(|f| f.split_once(':')) {
+                    Some(Some(("terminal", why))) => return Err(HandlerError::dead_letter(why)),
+                    Some(Some(("retryable", why))) => return Err(HandlerError::retryable(why)),
+                    _ => {}
+                }
+                Ok::<_, HandlerError>(Answer {
+                    n: ask.n,
+                    doubled: ask.n * 2,
+                    tag: ask.tag,
+                })
+            }
+        });
+        let stats = router.stats();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let mut router_rx = rx.clone();
+        let router = tokio::spawn(router.run(async move {
+            let _ = router_rx.changed().await;
+        }));
+        let mut relay_rx = rx;
+        let relay = tokio::spawn(
+            OutboxRelay::new(store.clone(), bus.clone()).run(async move {
+                let _ = relay_rx.changed().await;
+            }),
+        );
+        Calc {
+            bus,
+            store,
+            stats,
+            calls,
+            stop,
+            router,
+            relay,
+        }
+    }
+
+    fn effects(&self, tag: &str) -> u64 {
+        Txn::new(self.store.clone())
+            .get(&EFFECTS, tag)
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    fn calls(&self, tag: &str) -> u32 {
+        self.calls.lock().unwrap().get(tag).copied().unwrap_or(0)
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.router.await.unwrap().unwrap();
+        self.relay.await.unwrap();
+    }
+}
+
+/// Opens both backends, starts the responder, runs `case`, stops and closes everything.
+async fn with_calc<B, S, F, Fut>(bf: &B, sf: &S, dir: &Path, settings: Settings, case: F)
+where
+    B: BusFactory,
+    S: StoreFactory,
+    F: FnOnce(Arc<Calc>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let raw_bus = open_bus(bf, dir, &settings);
+    let raw_store = open_store(sf, dir);
+    let calc = Arc::new(Calc::start(
+        Arc::new(raw_bus.clone()),
+        raw_store.clone() as Arc<dyn Store>,
+    ));
+    case(calc.clone()).await;
+    let calc = Arc::into_inner(calc).expect("the case let go of the responder");
+    calc.stop().await;
+    close_both(&raw_bus, sf, &raw_store).await;
+}
+
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + EVENTUALLY;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(f(), "timed out after {EVENTUALLY:?} waiting for: {what}");
+}
+
+fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Waits until a router counter equals `n` (the router counts after its commit, which
+/// races with the reply's delivery), then checks it stays there a moment.
+async fn reaches(what: &str, c: &std::sync::atomic::AtomicU64, n: u64) {
+    eventually(&format!("{what} == {n}"), || load(c) >= n).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(load(c), n, "{what}");
+}
+
+async fn typed_reply<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let requester = Requester::new("shop", calc.bus.clone()).await.unwrap();
+        assert!(
+            requester.reply_topic().starts_with("_reply.shop."),
+            "{}",
+            requester.reply_topic()
+        );
+        let answer: Answer = requester
+            .request(REQUESTS, &ask(21, "typed"), ANSWERED)
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            Answer {
+                n: 21,
+                doubled: 42,
+                tag: "typed".into()
+            }
+        );
+        let s = requester.stats();
+        assert_eq!((s.requests, s.replies, s.timeouts), (1, 1, 0), "{s:?}");
+        assert_eq!(calc.effects("typed"), 1);
+        reaches("router stat `replies`", &calc.stats.replies, 1).await;
+        // A flow id travels as the flow, not as the exchange's correlation id.
+        let again: Answer = requester
+            .request_with(
+                REQUESTS,
+                &ask(1, "typed-flow"),
+                RequestOptions::new(ANSWERED).flow("order-7"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.doubled, 2);
+    })
+    .await;
+}
+
+async fn no_cross_talk<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        const EACH: u64 = 25;
+        let a = Arc::new(Requester::new("shop", calc.bus.clone()).await.unwrap());
+        let b = Arc::new(Requester::new("shop", calc.bus.clone()).await.unwrap());
+        assert_ne!(
+            a.reply_topic(),
+            b.reply_topic(),
+            "one reply topic per instance"
+        );
+        let mut tasks = Vec::new();
+        for (name, requester) in [("a", a.clone()), ("b", b.clone())] {
+            for i in 0..EACH {
+                let requester = requester.clone();
+                tasks.push(tokio::spawn(async move {
+                    let n = if name == "a" { i } else { 1000 + i };
+                    let tag = format!("{name}-{i}");
+                    let answer: Answer = requester
+                        .request(REQUESTS, &ask(n, &tag), ANSWERED)
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        answer,
+                        Answer {
+                            n,
+                            doubled: 2 * n,
+                            tag
+                        },
+                        "own reply"
+                    );
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for (name, r) in [("a", &a), ("b", &b)] {
+            let s = r.stats();
+            assert_eq!(s.replies, EACH, "{name}: {s:?}");
+            assert_eq!(
+                (
+                    s.late_replies,
+                    s.duplicate_replies,
+                    s.unknown_replies,
+                    s.timeouts
+                ),
+                (0, 0, 0, 0),
+                "{name}: {s:?}"
+            );
+        }
+        reaches("router stat `replies`", &calc.stats.replies, 2 * EACH).await;
+    })
+    .await;
+}
+
+async fn timeout_and_late_reply<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let requester = Requester::new("shop", calc.bus.clone()).await.unwrap();
+        // The timeout leaves the responder ample time to start (a request whose deadline
+        // passed before it starts is skipped, and would send no late reply).
+        let timeout = Duration::from_secs(2);
+        let slow = Ask {
+            sleep_ms: 4000,
+            ..ask(5, "slow")
+        };
+        let started = Instant::now();
+        let err = requester
+            .request::<Ask, Answer>(REQUESTS, &slow, timeout)
+            .await
+            .unwrap_err();
+        let took = started.elapsed();
+        assert!(
+            matches!(err, RequestError::Timeout { timeout: t, .. } if t == timeout),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+        assert!(took >= timeout, "not before the timeout: {took:?}");
+        assert!(took < timeout + EVENTUALLY, "within a safe bound: {took:?}");
+        assert_eq!(requester.stats().timeouts, 1);
+        // The responder finishes, commits and replies anyway: the reply is dropped and counted.
+        eventually("the late reply arrives and is counted", || {
+            requester.stats().late_replies == 1
+        })
+        .await;
+        assert_eq!(calc.effects("slow"), 1, "the effect committed once");
+        // The next call gets its own reply, not the late one.
+        let answer: Answer = requester
+            .request(REQUESTS, &ask(8, "after"), ANSWERED)
+            .await
+            .unwrap();
+        assert_eq!(answer.n, 8);
+        let s = requester.stats();
+        assert_eq!(
+            (s.replies, s.late_replies, s.unknown_replies),
+            (1, 1, 0),
+            "{s:?}"
+        );
+    })
+    .await;
+}
+
+/// A request envelope addressed by hand (not through a `Requester`), replying to `replyto`.
+fn manual_request(req: &Ask, replyto: &str, correlation: &str, deadline: Timestamp) -> Envelope {
+    let mut env = codec::encode(req, "/test").unwrap();
+    env.replyto = Some(replyto.to_string());
+    env.correlationid = Some(correlation.to_string());
+    env.deadline = Some(deadline);
+    env
+}
+
+async fn repeated_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    // Dedup window 0: the bus stores the same request id twice; the responder must
+    // apply it once and answer both.
+    let settings = Settings {
+        dedup_window: Duration::ZERO,
+        ..Default::default()
+    };
+    with_calc(bf, sf, dir, settings, |calc| async move {
+        let bus = calc.bus.clone();
+        let mut replies = bus
+            .subscribe("test.replies", "test", SubscribeOptions::default())
+            .await
+            .unwrap();
+        let deadline = Timestamp::now().saturating_add(Duration::from_secs(120));
+        let req = manual_request(&ask(4, "dup"), "test.replies", "exchange-1", deadline);
+        let first = bus.publish(REQUESTS, req.clone()).await.unwrap();
+        let again = bus.publish(REQUESTS, req.clone()).await.unwrap();
+        assert!(
+            !first.duplicate && !again.duplicate && first.offset != again.offset,
+            "with a dedup window of 0 the bus stores the same id twice (does the factory honour `Settings::dedup_window`?)"
+        );
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let d = tokio::time::timeout(EVENTUALLY, replies.next())
+                .await
+                .expect("two replies arrive")
+                .unwrap();
+            got.push(d.envelope().clone());
+            d.ack().await.unwrap();
+        }
+        for r in &got {
+            let answer: Answer = codec::decode(r).unwrap();
+            assert_eq!(answer.doubled, 8);
+            assert_eq!(r.correlationid.as_deref(), Some("exchange-1"));
+            assert_eq!(r.causationid, Some(req.id.to_string()));
+        }
+        assert_eq!(got[0].event_type, got[1].event_type);
+        assert_eq!(got[0].data, got[1].data, "the same reply");
+        assert_ne!(got[0].id, got[1].id, "re-sent under a fresh id");
+        assert_eq!(calc.effects("dup"), 1, "one effect for two deliveries");
+        reaches("router stat `replies`", &calc.stats.replies, 1).await;
+        reaches("router stat `replies_resent`", &calc.stats.replies_resent, 1).await;
+
+        // Through a requester: the repeated request's reply reaches an exchange that was
+        // already answered, and is dropped and counted.
+        let requester = Requester::new("shop", bus.clone()).await.unwrap();
+        let mut tap = bus
+            .subscribe(
+                REQUESTS,
+                "tap",
+                SubscribeOptions {
+                    start: StartPosition::Latest,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let answer: Answer = requester
+            .request(REQUESTS, &ask(6, "dup2"), ANSWERED)
+            .await
+            .unwrap();
+        assert_eq!(answer.doubled, 12);
+        let sent = tokio::time::timeout(EVENTUALLY, tap.next())
+            .await
+            .expect("the tap sees the request")
+            .unwrap();
+        let copy = sent.envelope().clone();
+        sent.ack().await.unwrap();
+        bus.publish(REQUESTS, copy).await.unwrap();
+        eventually("the second reply is dropped as a duplicate", || {
+            requester.stats().duplicate_replies == 1
+        })
+        .await;
+        assert_eq!(calc.effects("dup2"), 1);
+        assert_eq!(calc.calls("dup2"), 1, "the handler did not run again");
+        let s = requester.stats();
+        assert_eq!((s.replies, s.late_replies, s.unknown_replies), (1, 0, 0), "{s:?}");
+    })
+    .await;
+}
+
+async fn idempotency_key<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let requester = Requester::new("shop", calc.bus.clone()).await.unwrap();
+        let options = || RequestOptions::new(ANSWERED).idempotency_key("saga-1/step-2/forward");
+        let first: Answer = requester
+            .request_with(REQUESTS, &ask(3, "keyed"), options())
+            .await
+            .unwrap();
+        // A retry: a new request (new id, new exchange) with the same key.
+        let second: Answer = requester
+            .request_with(REQUESTS, &ask(3, "keyed"), options())
+            .await
+            .unwrap();
+        assert_eq!(first, second, "the same reply");
+        assert_eq!(calc.effects("keyed"), 1, "the effect applied once");
+        assert_eq!(calc.calls("keyed"), 1, "the handler ran once");
+        reaches(
+            "router stat `replies_resent`",
+            &calc.stats.replies_resent,
+            1,
+        )
+        .await;
+        assert_eq!(requester.stats().replies, 2);
+    })
+    .await;
+}
+
+async fn expired_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let bus = calc.bus.clone();
+        let mut replies = bus
+            .subscribe("test.replies", "test", SubscribeOptions::default())
+            .await
+            .unwrap();
+        let past = Timestamp::from_unix_micros(Timestamp::now().unix_micros() - 1_000_000);
+        bus.publish(
+            REQUESTS,
+            manual_request(&ask(1, "expired"), "test.replies", "exchange-x", past),
+        )
+        .await
+        .unwrap();
+        let stats = calc.stats.clone();
+        eventually("the expired request is acked and counted", || {
+            load(&stats.expired) == 1
+        })
+        .await;
+        // The responder is alive and answers a request in time.
+        let requester = Requester::new("shop", bus.clone()).await.unwrap();
+        let answer: Answer = requester
+            .request(REQUESTS, &ask(2, "fresh"), ANSWERED)
+            .await
+            .unwrap();
+        assert_eq!(answer.doubled, 4);
+        assert_eq!(calc.calls("expired"), 0, "the handler never ran");
+        assert_eq!(calc.effects("expired"), 0);
+        reaches(
+            "only the fresh request was answered",
+            &calc.stats.replies,
+            1,
+        )
+        .await;
+        let nothing = tokio::time::timeout(Duration::from_millis(200), replies.next()).await;
+        assert!(nothing.is_err(), "no reply to the expired request");
+    })
+    .await;
+}
+
+async fn remote_errors<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let requester = Requester::new("shop", calc.bus.clone()).await.unwrap();
+        let refused = Ask {
+            fail: Some("terminal:out of stock".into()),
+            ..ask(1, "refused")
+        };
+        let options = || RequestOptions::new(ANSWERED).idempotency_key("refused-1");
+        let err = requester
+            .request_with::<Ask, Answer>(REQUESTS, &refused, options())
+            .await
+            .unwrap_err();
+        match &err {
+            RequestError::Remote { kind, reason } => {
+                assert_eq!(*kind, RemoteErrorKind::Terminal);
+                assert!(reason.contains("out of stock"), "{reason}");
+            }
+            other => panic!("expected a remote terminal error, got {other:?}"),
+        }
+        assert!(!err.is_retryable());
+        assert_eq!(calc.effects("refused"), 0, "a refusal's effects are discarded");
+        // Asking again with the same key gets the same refusal, from the store.
+        let again = requester
+            .request_with::<Ask, Answer>(REQUESTS, &refused, options())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&again, RequestError::Remote { kind: RemoteErrorKind::Terminal, reason } if reason.contains("out of stock")),
+            "{again:?}"
+        );
+        assert_eq!(calc.calls("refused"), 1, "answered from the store");
+        assert!(
+            calc.bus.dead_letters(REQUESTS, 10).await.unwrap().is_empty(),
+            "a refusal is an answer, not a dead letter"
+        );
+
+        // Retryable: retried per the route's policy (2 attempts), then answered as a
+        // retryable remote error, and dead-lettered.
+        let flaky = Ask {
+            fail: Some("retryable:bank down".into()),
+            ..ask(1, "flaky")
+        };
+        let err = requester
+            .request::<Ask, Answer>(REQUESTS, &flaky, ANSWERED)
+            .await
+            .unwrap_err();
+        match &err {
+            RequestError::Remote { kind, reason } => {
+                assert_eq!(*kind, RemoteErrorKind::Retryable);
+                assert!(reason.contains("bank down"), "{reason}");
+            }
+            other => panic!("expected a remote retryable error, got {other:?}"),
+        }
+        assert!(err.is_retryable());
+        assert_eq!(calc.calls("flaky"), 2, "every attempt ran");
+        assert_eq!(calc.effects("flaky"), 0);
+        let bus = calc.bus.clone();
+        let deadline = Instant::now() + EVENTUALLY;
+        let mut dead = Vec::new();
+        while Instant::now() < deadline {
+            dead = bus.dead_letters(REQUESTS, 10).await.unwrap();
+            if !dead.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].reason, "bank down");
+    })
+    .await;
+}

@@ -1,0 +1,506 @@
+//! The gRPC client: [`GrpcClient::channel`] gives a [`GrpcChannel`] for a service name,
+//! a `tower::Service` over `http::Request<tonic::body::Body>` that any tonic-generated
+//! client wraps (`EchoClient::new(channel)`). Unary calls go through, outermost first:
+//!
+//! 1. **deadline** — the budget of [`CallOptions::timeout`], else the request's own
+//!    `grpc-timeout` (`tonic::Request::set_timeout`), else
+//!    [`ClientConfig::default_timeout`]; never later than the deadline of the request
+//!    being handled ([`CallContext::current`]). Each attempt sends its remaining budget
+//!    as `grpc-timeout`, with `traceparent`, `x-correlation-id` and `idempotency-key`.
+//! 2. **bulkhead** — `tower::limit::ConcurrencyLimit` per service.
+//! 3. **retry** — `tower::retry::Retry`, the same backoff, jitter and budget as HTTP,
+//!    only for calls marked idempotent ([`CallOptions::idempotent`], or a method listed
+//!    with [`GrpcClient::idempotent_methods`]) or carrying an idempotency key, on
+//!    UNAVAILABLE, RESOURCE_EXHAUSTED and attempt timeouts (not on a DEADLINE_EXCEEDED
+//!    answered by the callee: the call's own deadline has passed then).
+//! 4. **balance + breaker** — the same per-service pool as HTTP (`crate::pool`):
+//!    breaker per instance, power of two choices, ejection. An instance's outcome is a
+//!    failure for UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, transport errors and
+//!    attempt timeouts.
+//!
+//! The request message is buffered (once) so retries can resend it; the outcome is read
+//! from the response *headers* — tonic answers a handler's error "trailers-only", with
+//! `grpc-status` in the headers. A status sent in trailers after a response body
+//! counts as a success for the breaker. Streaming calls pass through the same path, but
+//! a request stream is collected before sending: use this channel for unary calls.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use http_body_util::{BodyExt, Full};
+use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tower::ServiceExt;
+use tower::limit::ConcurrencyLimit;
+use tower::retry::Retry;
+use tracing::Instrument;
+
+use super::{GRPC_TIMEOUT_HEADER, LOCAL_ERROR_METADATA, encode_timeout, timeout_from_headers};
+use crate::breaker::BreakerState;
+use crate::client::{CallOptions, ClientConfig};
+use crate::context::{CallContext, IDEMPOTENCY_HEADER};
+use crate::error::Error;
+use crate::pool::Pool;
+use crate::registry::Registry;
+use crate::retry::Retrier;
+
+/// Per-call options on a tonic request (they travel in its extensions).
+pub trait GrpcRequestExt: Sized {
+    /// Attaches `opts` (timeout, idempotency key, `idempotent`, context) to the call.
+    fn with_options(self, opts: CallOptions) -> Self;
+}
+
+impl<T> GrpcRequestExt for tonic::Request<T> {
+    fn with_options(mut self, opts: CallOptions) -> Self {
+        self.extensions_mut().insert(opts);
+        self
+    }
+}
+
+fn local_status(code: Code, message: String, marker: &'static str) -> Status {
+    let mut s = Status::new(code, message);
+    s.metadata_mut().insert(
+        LOCAL_ERROR_METADATA,
+        tonic::metadata::MetadataValue::from_static(marker),
+    );
+    s
+}
+
+fn error_status(e: &Error) -> Status {
+    match e {
+        Error::CircuitOpen { .. } => local_status(Code::Unavailable, e.to_string(), "circuit-open"),
+        Error::NoInstances { .. } => local_status(Code::Unavailable, e.to_string(), "no-instances"),
+        _ => Status::unknown(e.to_string()),
+    }
+}
+
+/// One request as the layers see it (cheap to clone for retries).
+#[derive(Clone)]
+pub struct GrpcCall {
+    uri: http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    deadline: Instant,
+    retryable: bool,
+}
+
+struct Core {
+    pool: Arc<Pool>,
+    cfg: ClientConfig,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Core {
+    fn channel(&self, instance: &str) -> Result<Channel, Status> {
+        let mut m = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = m.get(instance) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(instance.to_string())
+            .map_err(|e| Status::invalid_argument(format!("instance URL `{instance}`: {e}")))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2));
+        let c = endpoint.connect_lazy();
+        m.retain(|k, _| self.pool_has(k));
+        m.insert(instance.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn pool_has(&self, instance: &str) -> bool {
+        self.pool
+            .breaker_states()
+            .iter()
+            .any(|(k, _)| k == instance)
+    }
+}
+
+/// The outcome class of a status: (a failure of the instance, retryable).
+fn classify(code: Code, local_attempt_timeout: bool) -> (bool, bool) {
+    match code {
+        Code::Unavailable => (true, true),
+        Code::ResourceExhausted => (false, true),
+        Code::DeadlineExceeded => (local_attempt_timeout, local_attempt_timeout),
+        Code::Internal | Code::Unknown | Code::DataLoss => (true, false),
+        _ => (false, false),
+    }
+}
+
+fn is_attempt_timeout(s: &Status) -> bool {
+    s.metadata()
+        .get(LOCAL_ERROR_METADATA)
+        .is_some_and(|v| v.as_bytes() == b"attempt-timeout")
+}
+
+/// Failures of the client's own pool (every breaker open, no instance): nothing was
+/// sent, and retrying right away would fail the same way (as with HTTP).
+fn is_local_fail_fast(s: &Status) -> bool {
+    s.metadata()
+        .get(LOCAL_ERROR_METADATA)
+        .is_some_and(|v| v.as_bytes() == b"circuit-open" || v.as_bytes() == b"no-instances")
+}
+
+/// The innermost service: one attempt on one instance.
+#[derive(Clone)]
+struct Attempt {
+    core: Arc<Core>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl tower::Service<GrpcCall> for Attempt {
+    type Response = http::Response<Body>;
+    type Error = Status;
+    type Future = BoxFuture<Result<http::Response<Body>, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Status>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: GrpcCall) -> Self::Future {
+        let core = self.core.clone();
+        Box::pin(async move { attempt(&core, req).await })
+    }
+}
+
+async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, Status> {
+    let now = Instant::now();
+    if now >= call.deadline {
+        return Err(local_status(
+            Code::DeadlineExceeded,
+            format!("deadline exceeded calling `{}`", core.pool.name()),
+            "deadline",
+        ));
+    }
+    let lease = core.pool.pick().map_err(|e| error_status(&e))?;
+    let channel = match core.channel(lease.instance()) {
+        Ok(c) => c,
+        Err(s) => {
+            lease.finish(false);
+            return Err(s);
+        }
+    };
+    let attempt_deadline = match core.cfg.attempt_timeout {
+        Some(t) => call.deadline.min(now + t),
+        None => call.deadline,
+    };
+    let mut request = http::Request::new(Body::new(Full::new(call.body)));
+    *request.uri_mut() = call.uri;
+    *request.headers_mut() = call.headers;
+    if let Ok(v) = HeaderValue::from_str(&encode_timeout(attempt_deadline - now)) {
+        request.headers_mut().insert(GRPC_TIMEOUT_HEADER, v);
+    }
+    let out = match tokio::time::timeout_at(attempt_deadline, channel.oneshot(request)).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(_)) | Err(_) if Instant::now() >= attempt_deadline => {
+            Err(if attempt_deadline >= call.deadline {
+                local_status(
+                    Code::DeadlineExceeded,
+                    format!("deadline exceeded calling `{}`", core.pool.name()),
+                    "deadline",
+                )
+            } else {
+                local_status(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "attempt to `{}` at {} timed out",
+                        core.pool.name(),
+                        lease.instance()
+                    ),
+                    "attempt-timeout",
+                )
+            })
+        }
+        Ok(Err(e)) => {
+            let s = Status::from_error(e.into());
+            Err(if s.code() == Code::Unknown {
+                Status::unavailable(format!(
+                    "transport error calling `{}` at {}: {}",
+                    core.pool.name(),
+                    lease.instance(),
+                    s.message()
+                ))
+            } else {
+                s
+            })
+        }
+        Err(_) => Err(Status::deadline_exceeded("attempt timed out")),
+    };
+    let failed = match &out {
+        Ok(resp) => {
+            Status::from_header_map(resp.headers()).is_some_and(|s| classify(s.code(), false).0)
+        }
+        Err(s) => classify(s.code(), is_attempt_timeout(s)).0,
+    };
+    lease.finish(!failed);
+    out
+}
+
+/// The retry policy of gRPC calls (see the [module docs](self)).
+#[derive(Clone)]
+pub struct GrpcRetryPolicy {
+    retrier: Retrier,
+}
+
+impl tower::retry::Policy<GrpcCall, http::Response<Body>, Status> for GrpcRetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        req: &mut GrpcCall,
+        result: &mut Result<http::Response<Body>, Status>,
+    ) -> Option<Self::Future> {
+        let retryable_outcome = match result {
+            Ok(resp) => {
+                Status::from_header_map(resp.headers()).is_some_and(|s| classify(s.code(), false).1)
+            }
+            Err(s) => !is_local_fail_fast(s) && classify(s.code(), is_attempt_timeout(s)).1,
+        };
+        self.retrier
+            .next(
+                retryable_outcome.then_some(Duration::ZERO),
+                req.retryable,
+                req.deadline,
+            )
+            .map(tokio::time::sleep)
+    }
+
+    fn clone_request(&mut self, req: &GrpcCall) -> Option<GrpcCall> {
+        Some(req.clone())
+    }
+}
+
+type Stack = ConcurrencyLimit<Retry<GrpcRetryPolicy, Attempt>>;
+
+struct Shared {
+    core: Arc<Core>,
+    stack: Stack,
+    idempotent: Arc<HashSet<String>>,
+}
+
+struct ClientInner {
+    registry: Arc<dyn Registry>,
+    cfg: ClientConfig,
+    idempotent: Arc<HashSet<String>>,
+    services: Mutex<HashMap<String, GrpcChannel>>,
+}
+
+/// A gRPC client for calling services by name. Cheap to clone; clones share
+/// connections (one HTTP/2 connection per instance), breakers and balancer state.
+#[derive(Clone)]
+pub struct GrpcClient {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for GrpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcClient")
+            .field("cfg", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrpcClient {
+    /// A client over `registry` with default settings.
+    pub fn new(registry: impl Registry) -> Self {
+        Self::with_config(Arc::new(registry), ClientConfig::default())
+    }
+
+    /// A client over `registry` with `cfg` (the same settings as the HTTP client).
+    pub fn with_config(registry: Arc<dyn Registry>, cfg: ClientConfig) -> Self {
+        GrpcClient {
+            inner: Arc::new(ClientInner {
+                registry,
+                cfg,
+                idempotent: Arc::new(HashSet::new()),
+                services: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Declares methods safe to repeat (retried without an idempotency key), by path:
+    /// `/package.Service/Method`. Applies to channels made after this call.
+    pub fn idempotent_methods<I, S>(self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let mut set = (*self.inner.idempotent).clone();
+        set.extend(methods.into_iter().map(Into::into));
+        GrpcClient {
+            inner: Arc::new(ClientInner {
+                registry: self.inner.registry.clone(),
+                cfg: self.inner.cfg.clone(),
+                idempotent: Arc::new(set),
+                services: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The channel of service `name` (created on first use, then shared).
+    pub fn channel(&self, name: &str) -> GrpcChannel {
+        let mut services = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        services
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let cfg = self.inner.cfg.clone();
+                let core = Arc::new(Core {
+                    pool: Arc::new(Pool::new(
+                        name,
+                        self.inner.registry.clone(),
+                        cfg.breaker,
+                        cfg.balance,
+                    )),
+                    cfg: cfg.clone(),
+                    channels: Mutex::new(HashMap::new()),
+                });
+                let policy = GrpcRetryPolicy {
+                    retrier: Retrier::new(&cfg, name),
+                };
+                let stack = ConcurrencyLimit::new(
+                    Retry::new(policy, Attempt { core: core.clone() }),
+                    cfg.max_concurrency.max(1),
+                );
+                GrpcChannel {
+                    shared: Arc::new(Shared {
+                        core,
+                        stack,
+                        idempotent: self.inner.idempotent.clone(),
+                    }),
+                }
+            })
+            .clone()
+    }
+}
+
+/// Every instance of one service behind the layers, as a tower service for tonic
+/// clients. Cheap to clone. Its errors are always answered as gRPC statuses, so the
+/// error type is [`Infallible`].
+#[derive(Clone)]
+pub struct GrpcChannel {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for GrpcChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcChannel")
+            .field("service", &self.shared.core.pool.name())
+            .finish()
+    }
+}
+
+impl GrpcChannel {
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        self.shared.core.pool.name()
+    }
+
+    /// The breaker state of each instance called so far.
+    pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {
+        self.shared.core.pool.breaker_states()
+    }
+
+    /// The typed error of a status answered on this channel.
+    pub fn error(&self, status: Status) -> Error {
+        Error::from_grpc(self.name(), status)
+    }
+}
+
+fn status_response(s: Status) -> http::Response<Body> {
+    s.into_http()
+}
+
+impl tower::Service<http::Request<Body>> for GrpcChannel {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        let (mut parts, body) = req.into_parts();
+        let opts = parts.extensions.remove::<CallOptions>().unwrap_or_default();
+        let mut ctx = opts
+            .context
+            .clone()
+            .or_else(CallContext::current)
+            .map(|c| c.downstream())
+            .unwrap_or_else(|| CallContext::default().downstream());
+        ctx.idempotency_key = opts.idempotency_key.clone().or_else(|| {
+            parts
+                .headers
+                .get(IDEMPOTENCY_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+        let budget = opts
+            .timeout
+            .or_else(|| timeout_from_headers(&parts.headers))
+            .unwrap_or(shared.core.cfg.default_timeout);
+        ctx.tighten(budget);
+        let remaining = ctx.remaining().unwrap_or_default();
+        let deadline = Instant::now() + remaining;
+        let retryable = opts.idempotent
+            || ctx.idempotency_key.is_some()
+            || shared.idempotent.contains(parts.uri.path());
+        ctx.write_trace_headers(&mut parts.headers);
+        let span = tracing::info_span!(
+            "rpc.client",
+            service = %shared.core.pool.name(),
+            method = %parts.uri.path(),
+            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
+            idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
+        );
+        Box::pin(
+            async move {
+                let name = shared.core.pool.name();
+                let deadline_status = || {
+                    local_status(
+                        Code::DeadlineExceeded,
+                        format!("deadline exceeded calling `{name}`"),
+                        "deadline",
+                    )
+                };
+                if remaining.is_zero() {
+                    return Ok(status_response(deadline_status()));
+                }
+                let body = match tokio::time::timeout_at(deadline, body.collect()).await {
+                    Ok(Ok(c)) => c.to_bytes(),
+                    Ok(Err(s)) => return Ok(status_response(s)),
+                    Err(_) => return Ok(status_response(deadline_status())),
+                };
+                let call = GrpcCall {
+                    uri: parts.uri,
+                    headers: parts.headers,
+                    body,
+                    deadline,
+                    retryable,
+                };
+                let stack = shared.stack.clone();
+                Ok(
+                    match tokio::time::timeout_at(deadline, stack.oneshot(call)).await {
+                        Ok(Ok(resp)) => resp,
+                        Ok(Err(s)) => status_response(s),
+                        Err(_) => status_response(deadline_status()),
+                    },
+                )
+            }
+            .instrument(span),
+        )
+    }
+}

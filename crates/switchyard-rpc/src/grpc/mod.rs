@@ -1,0 +1,168 @@
+//! gRPC (tonic) with the same layers as HTTP: calls by service name through the
+//! registry, deadline, retry with backoff, jitter and budget, a breaker per instance,
+//! power of two choices with ejection, a bulkhead and context propagation.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use switchyard_rpc::grpc::{GrpcClient, GrpcRequestExt, echo::{EchoClient, EchoRequest}};
+//! use switchyard_rpc::{CallOptions, ClientConfig, registry::StaticRegistry};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = StaticRegistry::parse("echo=http://127.0.0.1:7005,http://127.0.0.1:7015")?;
+//! let client = GrpcClient::with_config(Arc::new(registry), ClientConfig::default());
+//! // A tower service over every instance of `echo`: wrap it in any tonic client.
+//! let mut echo = EchoClient::new(client.channel("echo"));
+//! let request = tonic::Request::new(EchoRequest { message: "hi".into(), ..Default::default() })
+//!     .with_options(CallOptions::new().idempotency_key("order-7"));
+//! let reply = echo.echo(request).await.map_err(|s| switchyard_rpc::Error::from_grpc("echo", s))?;
+//! # Ok(()) }
+//! ```
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`client`] | [`GrpcClient`] → [`GrpcChannel`] (a tower service tonic clients wrap); per-call [`CallOptions`](crate::CallOptions) via [`GrpcRequestExt`] |
+//! | [`server`] | [`GrpcServer`]: serve tonic services on a listener with health, the context/deadline layer and graceful shutdown; [`invalid_argument`] and friends |
+//! | [`echo`] | the test service `switchyard.test.v1.Echo` (generated code and a reference implementation), used by the tests and the benchmark |
+//!
+//! **Status codes → [`ErrorKind`].** [`Error::from_grpc`](crate::Error::from_grpc) wraps
+//! a [`tonic::Status`]; its `kind()` is [`status_kind`]. Failures made by the client's
+//! own layers (no instance, every breaker open, deadline) come back to the tonic client
+//! as ordinary statuses (UNAVAILABLE / DEADLINE_EXCEEDED) carrying the metadata
+//! [`LOCAL_ERROR_METADATA`], so a circuit-open failure still has kind
+//! [`ErrorKind::CircuitOpen`].
+//!
+//! **Metadata on the wire.** `grpc-timeout` (the remaining budget of each attempt),
+//! `traceparent`, `x-correlation-id`, `idempotency-key` (see [`crate::context`]).
+
+pub mod client;
+pub mod echo;
+pub mod server;
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use tonic::Code;
+
+use crate::error::ErrorKind;
+
+pub use client::{GrpcChannel, GrpcClient, GrpcRequestExt};
+pub use server::{
+    ContextLayer, ContextService, GrpcServer, invalid_argument, require, require_non_empty,
+};
+
+/// The header carrying a gRPC call's timeout (`<digits><unit>`, unit one of `HMSmun`).
+pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
+
+/// Metadata naming the request field an INVALID_ARGUMENT is about.
+pub const FIELD_METADATA: &str = "x-switchyard-field";
+
+/// Metadata on statuses made by the client's own layers: `circuit-open`,
+/// `no-instances`, `deadline`, `attempt-timeout`.
+pub const LOCAL_ERROR_METADATA: &str = "x-switchyard-local";
+
+/// What a status means to the caller (the gRPC side of [`crate::Error::kind`]).
+pub fn status_kind(status: &tonic::Status) -> ErrorKind {
+    if status
+        .metadata()
+        .get(LOCAL_ERROR_METADATA)
+        .is_some_and(|v| v.as_bytes() == b"circuit-open")
+    {
+        return ErrorKind::CircuitOpen;
+    }
+    match status.code() {
+        Code::Unavailable | Code::Cancelled => ErrorKind::Unavailable,
+        Code::DeadlineExceeded => ErrorKind::DeadlineExceeded,
+        Code::NotFound => ErrorKind::NotFound,
+        Code::AlreadyExists | Code::Aborted => ErrorKind::Conflict,
+        Code::ResourceExhausted => ErrorKind::Overloaded,
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Unimplemented => ErrorKind::Rejected,
+        Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorKind::Server,
+    }
+}
+
+/// Encodes `d` as a `grpc-timeout` value, rounded down (the callee never gets more
+/// budget than the caller has): microseconds while they fit in 8 digits, then coarser.
+pub fn encode_timeout(d: Duration) -> String {
+    const MAX: u128 = 99_999_999;
+    let us = d.as_micros();
+    if us <= MAX {
+        return format!("{us}u");
+    }
+    let ms = d.as_millis();
+    if ms <= MAX {
+        return format!("{ms}m");
+    }
+    format!("{}S", d.as_secs().min(MAX as u64))
+}
+
+/// Parses a `grpc-timeout` value; `None` if malformed (more than 8 digits, bad unit).
+pub fn parse_timeout(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = s.split_at(s.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The `grpc-timeout` of a request's headers, if present and well formed.
+pub fn timeout_from_headers(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(GRPC_TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_round_trip_rounds_down() {
+        let d = Duration::from_nanos(1_234_567_891);
+        assert_eq!(encode_timeout(d), "1234567u");
+        assert_eq!(
+            parse_timeout("1234567u"),
+            Some(Duration::from_micros(1_234_567))
+        );
+        assert_eq!(encode_timeout(Duration::from_secs(1000)), "1000000m");
+        assert_eq!(
+            encode_timeout(Duration::from_secs(200_000_000)),
+            "99999999S"
+        );
+        assert_eq!(parse_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_timeout("123456789m"), None);
+        assert_eq!(parse_timeout("12x"), None);
+        assert_eq!(parse_timeout("m"), None);
+    }
+
+    #[test]
+    fn kinds() {
+        let k = |c| status_kind(&tonic::Status::new(c, "x"));
+        assert_eq!(k(Code::Unavailable), ErrorKind::Unavailable);
+        assert_eq!(k(Code::InvalidArgument), ErrorKind::Rejected);
+        assert_eq!(k(Code::ResourceExhausted), ErrorKind::Overloaded);
+        let mut s = tonic::Status::unavailable("open");
+        s.metadata_mut().insert(
+            LOCAL_ERROR_METADATA,
+            tonic::metadata::MetadataValue::from_static("circuit-open"),
+        );
+        assert_eq!(status_kind(&s), ErrorKind::CircuitOpen);
+    }
+}

@@ -83,24 +83,26 @@ impl Balancer {
         now: Instant,
         rand: &mut impl FnMut(usize) -> usize,
     ) -> Option<usize> {
-        let healthy: Vec<usize> = (0..candidates.len())
-            .filter(|&i| !self.is_ejected(candidates[i], now))
-            .collect();
-        match healthy.len() {
+        // No allocation: the healthy candidates are counted, then the two drawn are
+        // found by rank.
+        let healthy = |i: &usize| !self.is_ejected(candidates[*i], now);
+        let n = (0..candidates.len()).filter(healthy).count();
+        let nth = |k: usize| (0..candidates.len()).filter(healthy).nth(k);
+        match n {
             0 => (0..candidates.len()).min_by_key(|&i| {
                 self.hosts
                     .get(candidates[i])
                     .and_then(|h| h.ejected_until)
                     .unwrap_or(now)
             }),
-            1 => Some(healthy[0]),
+            1 => nth(0),
             n => {
                 let a = rand(n);
                 let mut b = rand(n - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (healthy[a], healthy[b]);
+                let (a, b) = (nth(a)?, nth(b)?);
                 if self.in_flight(candidates[b]) < self.in_flight(candidates[a]) {
                     Some(b)
                 } else {
@@ -112,17 +114,31 @@ impl Balancer {
 
     /// A call to `instance` starts.
     pub fn start(&mut self, instance: &str) {
-        self.hosts
-            .entry(instance.to_string())
-            .or_default()
-            .in_flight += 1;
+        // Looked up first: the key is only allocated for a new instance.
+        match self.hosts.get_mut(instance) {
+            Some(h) => h.in_flight += 1,
+            None => {
+                self.hosts.insert(
+                    instance.to_string(),
+                    Host {
+                        in_flight: 1,
+                        ..Host::default()
+                    },
+                );
+            }
+        }
     }
 
     /// A call to `instance` ended; `ok` is false for connect errors, timeouts and 5xx.
     /// Returns true if this failure ejected the instance.
     pub fn finish(&mut self, instance: &str, ok: bool, now: Instant) -> bool {
         let cfg = self.cfg;
-        let h = self.hosts.entry(instance.to_string()).or_default();
+        if !self.hosts.contains_key(instance) {
+            self.hosts.insert(instance.to_string(), Host::default());
+        }
+        let Some(h) = self.hosts.get_mut(instance) else {
+            return false;
+        };
         h.in_flight = h.in_flight.saturating_sub(1);
         if h.ejected_until.is_some_and(|u| now >= u) {
             h.ejected_until = None;

@@ -6,7 +6,7 @@
 //!    deadline of the request being handled, if any). A call whose deadline has passed
 //!    fails fast without sending; the remaining budget travels downstream in
 //!    `x-switchyard-deadline`.
-//! 2. **bulkhead** — `tower::limit::ConcurrencyLimit` per service: at most
+//! 2. **bulkhead** — a semaphore per service: at most
 //!    `max_concurrency` calls (with their retries) in flight; further calls wait for a
 //!    slot, within their deadline.
 //! 3. **retry** — `tower::retry::Retry` with [`RetryPolicy`]: exponential backoff with
@@ -31,22 +31,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode, header};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tower::limit::ConcurrencyLimit;
 use tower::retry::Retry;
 use tracing::Instrument;
 
 use crate::balance::BalanceConfig;
 use crate::breaker::{BreakerConfig, BreakerState};
-use crate::context::CallContext;
+use crate::context::{CallContext, WireContext};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 use crate::problem::{PROBLEM_JSON, Problem};
@@ -157,16 +158,27 @@ pub struct CallResponse {
     pub instance: String,
 }
 
-/// One outgoing request as the layers see it (cheap to clone for retries).
+/// One outgoing request as the layers see it (cheap to clone for retries: the pieces
+/// are shared).
 #[derive(Debug, Clone)]
 pub struct CallRequest {
+    inner: Arc<CallParts>,
+}
+
+#[derive(Debug)]
+struct CallParts {
     method: Method,
-    path: String,
+    path: PathAndQuery,
     body: Option<Bytes>,
-    ctx: CallContext,
+    /// The context's header values, made once per call.
+    wire: WireContext,
     deadline: Instant,
     retryable: bool,
 }
+
+/// Headers of an attempt: reserved up front so that neither ours nor the ones hyper
+/// adds (`host`, `content-length`) make the map grow.
+const ATTEMPT_HEADERS: usize = 12;
 
 type Http = Client<HttpConnector, Full<Bytes>>;
 
@@ -204,40 +216,47 @@ impl tower::Service<CallRequest> for Attempt {
 }
 
 async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
+    let req = &*req.inner;
     let service = || core.name().to_string();
     let now = Instant::now();
     if now >= req.deadline {
         return Err(Error::DeadlineExceeded { service: service() });
     }
     let lease = core.pool.pick()?;
-    let instance = lease.instance().to_string();
-    let mut builder = http::Request::builder()
-        .method(req.method.clone())
-        .uri(format!("{instance}{}", req.path))
-        .header(header::ACCEPT, "application/json");
+    let uri = lease
+        .target()
+        .uri(&req.path)
+        .map_err(Error::InvalidRequest)?;
+    let mut request = http::Request::new(Full::new(req.body.clone().unwrap_or_default()));
+    *request.method_mut() = req.method.clone();
+    *request.uri_mut() = uri;
+    let mut headers = HeaderMap::with_capacity(ATTEMPT_HEADERS.max(4 + req.wire.len()));
+    headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     if req.body.is_some() {
-        builder = builder.header(header::CONTENT_TYPE, "application/json");
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
-    let mut request = builder
-        .body(Full::new(req.body.clone().unwrap_or_default()))
-        .map_err(|e| Error::InvalidRequest(e.to_string()))?;
-    req.ctx.write_headers(request.headers_mut());
+    req.wire.write(&mut headers);
+    *request.headers_mut() = headers;
     let attempt_deadline = match core.cfg.attempt_timeout {
         Some(t) => req.deadline.min(now + t),
         None => req.deadline,
     };
+    let instance = || lease.instance().to_string();
     let fut = async {
         let resp = core.http.request(request).await.map_err(|e| {
             if e.is_connect() {
                 Error::Connect {
                     service: service(),
-                    instance: instance.clone(),
+                    instance: instance(),
                     source: Box::new(e),
                 }
             } else {
                 Error::Transport {
                     service: service(),
-                    instance: instance.clone(),
+                    instance: instance(),
                     source: Box::new(e),
                 }
             }
@@ -248,7 +267,7 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
             .await
             .map_err(|e| Error::Transport {
                 service: service(),
-                instance: instance.clone(),
+                instance: instance(),
                 source: Box::new(e),
             })?
             .to_bytes();
@@ -256,7 +275,7 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
             status: parts.status,
             headers: parts.headers,
             body,
-            instance: instance.clone(),
+            instance: instance(),
         })
     };
     let out = match tokio::time::timeout_at(attempt_deadline, fut).await {
@@ -266,7 +285,7 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
         }
         Err(_) => Err(Error::AttemptTimeout {
             service: service(),
-            instance: instance.clone(),
+            instance: instance(),
         }),
     };
     let ok = match &out {
@@ -319,20 +338,25 @@ impl tower::retry::Policy<CallRequest, CallResponse, Error> for RetryPolicy {
             Err(_) => None,
         };
         self.retrier
-            .next(floor, req.retryable, req.deadline)
+            .next(floor, req.inner.retryable, req.inner.deadline)
             .map(tokio::time::sleep)
     }
 
+    /// A call that may not be retried is not kept for a retry (its budget deposit is
+    /// made when it starts, see `ServiceClient::call`).
     fn clone_request(&mut self, req: &CallRequest) -> Option<CallRequest> {
-        Some(req.clone())
+        req.inner.retryable.then(|| req.clone())
     }
 }
 
-type Stack = ConcurrencyLimit<Retry<RetryPolicy, Attempt>>;
-
 struct Shared {
     core: Arc<Core>,
-    stack: Stack,
+    /// The retry layer over one attempt (cloned per call: a few reference counts).
+    retry: Retry<RetryPolicy, Attempt>,
+    /// The bulkhead: one permit per call in flight, held across its retries.
+    bulkhead: Arc<Semaphore>,
+    /// The per-service retry state (for the budget deposit of non-retryable calls).
+    retrier: Retrier,
 }
 
 struct ClientInner {
@@ -402,14 +426,16 @@ impl HttpClient {
                     http: self.inner.http.clone(),
                     cfg: cfg.clone(),
                 });
+                let retrier = Retrier::new(&cfg, name);
                 let policy = RetryPolicy {
-                    retrier: Retrier::new(&cfg, name),
+                    retrier: retrier.clone(),
                 };
-                let stack = ConcurrencyLimit::new(
-                    Retry::new(policy, Attempt { core: core.clone() }),
-                    cfg.max_concurrency.max(1),
-                );
-                Arc::new(Shared { core, stack })
+                Arc::new(Shared {
+                    retry: Retry::new(policy, Attempt { core: core.clone() }),
+                    bulkhead: Arc::new(Semaphore::new(cfg.max_concurrency.max(1))),
+                    retrier,
+                    core,
+                })
             })
             .clone();
         ServiceClient { shared }
@@ -535,45 +561,65 @@ impl ServiceClient {
                 "path `{path}` must start with `/`"
             )));
         }
-        let mut ctx = opts
-            .context
-            .clone()
-            .or_else(CallContext::current)
-            .map(|c| c.downstream())
-            .unwrap_or_else(|| CallContext::default().downstream());
-        ctx.idempotency_key = opts.idempotency_key.clone();
+        let mut ctx = match &opts.context {
+            Some(c) => c.downstream(),
+            None => CallContext::current_downstream()
+                .unwrap_or_else(|| CallContext::default().downstream()),
+        };
         ctx.tighten(opts.timeout.unwrap_or(core.cfg.default_timeout));
         let remaining = ctx.remaining().unwrap_or_default();
         if remaining.is_zero() {
             return Err(Error::DeadlineExceeded { service: service() });
         }
         let deadline = Instant::now() + remaining;
-        let retryable = is_idempotent(&method) || opts.idempotent || ctx.idempotency_key.is_some();
+        let retryable = is_idempotent(&method) || opts.idempotent || opts.idempotency_key.is_some();
+        let path = PathAndQuery::try_from(path)
+            .map_err(|e| Error::InvalidRequest(format!("path `{path}`: {e}")))?;
         let span = tracing::info_span!(
             "rpc.client",
             service = %core.name(),
             method = %method,
-            path,
+            path = path.as_str(),
             trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
             correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
-            idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
+            idempotency_key = opts.idempotency_key.as_deref().unwrap_or(""),
         );
+        let mut wire = ctx.wire();
+        wire.idempotency_key = opts
+            .idempotency_key
+            .as_deref()
+            .and_then(|k| HeaderValue::from_str(k).ok());
         let req = CallRequest {
-            method,
-            path: path.to_string(),
-            body,
-            ctx,
-            deadline,
-            retryable,
+            inner: Arc::new(CallParts {
+                method,
+                path,
+                body,
+                wire,
+                deadline,
+                retryable,
+            }),
         };
-        let stack = self.shared.stack.clone();
-        let resp = match tokio::time::timeout_at(deadline, stack.oneshot(req))
-            .instrument(span)
-            .await
-        {
-            Ok(r) => r?,
-            Err(_) => return Err(Error::DeadlineExceeded { service: service() }),
+        if !retryable {
+            self.shared.retrier.deposit();
+        }
+        // The deadline bounds the wait for a bulkhead slot; then every attempt is bounded
+        // by it (and a retry that would end past it is not made).
+        let run = async {
+            let _permit = match self.shared.bulkhead.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => match tokio::time::timeout_at(
+                    deadline,
+                    self.shared.bulkhead.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(Error::DeadlineExceeded { service: service() }),
+                },
+            };
+            self.shared.retry.clone().oneshot(req).await
         };
+        let resp = run.instrument(span).await?;
         if resp.status.is_success() {
             return Ok(resp);
         }

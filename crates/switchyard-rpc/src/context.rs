@@ -15,7 +15,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use switchyard::Timestamp;
 
 /// Header carrying the absolute deadline in Unix milliseconds.
@@ -26,6 +26,22 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
 /// Header carrying the idempotency key.
 pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
+
+// The header names as constants: inserting a `&'static str` name parses it on every call.
+const DEADLINE_NAME: HeaderName = HeaderName::from_static(DEADLINE_HEADER);
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
+const CORRELATION_NAME: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
+const IDEMPOTENCY_NAME: HeaderName = HeaderName::from_static(IDEMPOTENCY_HEADER);
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `v` as `buf.len()` lowercase hex digits (zero-padded).
+fn put_hex(buf: &mut [u8], mut v: u128) {
+    for b in buf.iter_mut().rev() {
+        *b = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
 
 tokio::task_local! {
     static CURRENT: CallContext;
@@ -77,6 +93,16 @@ impl TraceParent {
         })
     }
 
+    /// The `traceparent` header value, formatted without intermediate strings.
+    pub fn header_value(&self) -> HeaderValue {
+        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        put_hex(&mut buf[3..35], self.trace_id);
+        put_hex(&mut buf[36..52], u128::from(self.span_id));
+        put_hex(&mut buf[53..55], u128::from(self.flags));
+        // Only hex digits and `-`: always a valid header value.
+        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("00"))
+    }
+
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
         format!("{:032x}", self.trace_id)
@@ -106,7 +132,7 @@ pub struct CallContext {
     pub idempotency_key: Option<String>,
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -124,42 +150,40 @@ impl CallContext {
     /// (a malformed deadline is ignored rather than rejected, as is a bad `traceparent`).
     pub fn from_headers(headers: &HeaderMap) -> Self {
         CallContext {
-            deadline: header_str(headers, DEADLINE_HEADER)
+            deadline: header_str(headers, &DEADLINE_NAME)
                 .and_then(|s| s.parse::<u64>().ok())
                 .map(|ms| Timestamp::from_unix_micros(ms.saturating_mul(1000))),
-            traceparent: header_str(headers, TRACEPARENT_HEADER).and_then(TraceParent::parse),
-            correlation_id: header_str(headers, CORRELATION_HEADER).map(str::to_string),
-            idempotency_key: header_str(headers, IDEMPOTENCY_HEADER).map(str::to_string),
+            traceparent: header_str(headers, &TRACEPARENT_NAME).and_then(TraceParent::parse),
+            correlation_id: header_str(headers, &CORRELATION_NAME).map(str::to_string),
+            idempotency_key: header_str(headers, &IDEMPOTENCY_NAME).map(str::to_string),
         }
     }
 
     /// Writes this context into outgoing headers (values that are not valid header
     /// values are skipped).
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        if let Some(d) = self.deadline
-            && let Ok(v) = HeaderValue::from_str(&deadline_to_millis(d).to_string())
-        {
-            headers.insert(DEADLINE_HEADER, v);
-        }
-        self.write_trace_headers(headers);
+        self.wire().write(headers);
     }
 
     /// Writes everything but the deadline (`traceparent`, correlation id, idempotency
     /// key): gRPC carries the deadline in `grpc-timeout` instead.
     pub fn write_trace_headers(&self, headers: &mut HeaderMap) {
-        let mut put = |name: &'static str, v: String| {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.insert(name, v);
-            }
-        };
-        if let Some(tp) = self.traceparent {
-            put(TRACEPARENT_HEADER, tp.to_string());
-        }
-        if let Some(c) = &self.correlation_id {
-            put(CORRELATION_HEADER, c.clone());
-        }
-        if let Some(k) = &self.idempotency_key {
-            put(IDEMPOTENCY_HEADER, k.clone());
+        let mut w = self.wire();
+        w.deadline = None;
+        w.write(headers);
+    }
+
+    /// The header values of this context, made once per call and written on each
+    /// attempt.
+    pub(crate) fn wire(&self) -> WireContext {
+        let value = |s: &Option<String>| s.as_deref().and_then(|s| HeaderValue::from_str(s).ok());
+        WireContext {
+            deadline: self
+                .deadline
+                .map(|d| HeaderValue::from(deadline_to_millis(d))),
+            traceparent: self.traceparent.map(|t| t.header_value()),
+            correlation_id: value(&self.correlation_id),
+            idempotency_key: value(&self.idempotency_key),
         }
     }
 
@@ -203,9 +227,54 @@ impl CallContext {
         CURRENT.try_with(|c| c.clone()).ok()
     }
 
+    /// The [downstream](Self::downstream) context of the current one, if any (without
+    /// cloning the current context first).
+    pub(crate) fn current_downstream() -> Option<CallContext> {
+        CURRENT.try_with(CallContext::downstream).ok()
+    }
+
     /// Runs `fut` with `self` as the [current](Self::current) context.
     pub async fn scope<F: Future>(self, fut: F) -> F::Output {
         CURRENT.scope(self, fut).await
+    }
+}
+
+/// The context's headers, ready to write (see [`CallContext::wire`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WireContext {
+    pub(crate) deadline: Option<HeaderValue>,
+    pub(crate) traceparent: Option<HeaderValue>,
+    pub(crate) correlation_id: Option<HeaderValue>,
+    pub(crate) idempotency_key: Option<HeaderValue>,
+}
+
+impl WireContext {
+    /// How many headers [`write`](Self::write) adds.
+    pub(crate) fn len(&self) -> usize {
+        [
+            &self.deadline,
+            &self.traceparent,
+            &self.correlation_id,
+            &self.idempotency_key,
+        ]
+        .iter()
+        .filter(|v| v.is_some())
+        .count()
+    }
+
+    /// Inserts the headers into `headers`.
+    pub(crate) fn write(&self, headers: &mut HeaderMap) {
+        let all = [
+            (DEADLINE_NAME, &self.deadline),
+            (TRACEPARENT_NAME, &self.traceparent),
+            (CORRELATION_NAME, &self.correlation_id),
+            (IDEMPOTENCY_NAME, &self.idempotency_key),
+        ];
+        for (name, v) in all {
+            if let Some(v) = v {
+                headers.insert(name, v.clone());
+            }
+        }
     }
 }
 
@@ -225,6 +294,7 @@ mod tests {
         let s = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let tp = TraceParent::parse(s).unwrap();
         assert_eq!(tp.to_string(), s);
+        assert_eq!(tp.header_value().to_str().unwrap(), s);
         let c = tp.child();
         assert_eq!(c.trace_id, tp.trace_id);
         assert!(

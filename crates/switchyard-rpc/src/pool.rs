@@ -4,17 +4,95 @@
 //! [`pick`](Pool::pick)s an instance, gets a [`Lease`], and reports the outcome on it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+
+use http::Uri;
+use http::uri::{Authority, PathAndQuery, Scheme};
 
 use crate::balance::{BalanceConfig, Balancer};
 use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState};
 use crate::error::{Error, Result};
-use crate::registry::Registry;
+use crate::registry::{Instance, Registry};
+
+/// One instance as the pool keeps it: its URL, parsed once, and the transport's
+/// per-instance handle (the gRPC channel), made on first use.
+pub(crate) struct Target {
+    url: Arc<str>,
+    /// Scheme and authority of the URL, when it has no path of its own (the usual
+    /// `http://host:port`): requests are then built without re-parsing the URL.
+    base: Option<(Scheme, Authority)>,
+    grpc: OnceLock<tonic::transport::Channel>,
+}
+
+impl Target {
+    fn new(url: &str) -> Self {
+        let base = url.parse::<Uri>().ok().and_then(|u| {
+            let no_path = matches!(u.path(), "" | "/") && u.query().is_none();
+            match (u.scheme(), u.authority()) {
+                (Some(s), Some(a)) if no_path => Some((s.clone(), a.clone())),
+                _ => None,
+            }
+        });
+        Target {
+            url: Arc::from(url),
+            base,
+            grpc: OnceLock::new(),
+        }
+    }
+
+    /// The URI of `path` (which starts with `/`) on this instance.
+    pub(crate) fn uri(&self, path: &PathAndQuery) -> std::result::Result<Uri, String> {
+        match &self.base {
+            Some((scheme, authority)) => Uri::builder()
+                .scheme(scheme.clone())
+                .authority(authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|e| e.to_string()),
+            None => format!("{}{}", self.url, path.as_str())
+                .parse::<Uri>()
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The gRPC channel slot of this instance (dropped with the instance when it
+    /// leaves the registry).
+    pub(crate) fn grpc_channel(&self) -> &OnceLock<tonic::transport::Channel> {
+        &self.grpc
+    }
+}
 
 struct State {
     balancer: Balancer,
-    breakers: BTreeMap<String, Breaker>,
+    breakers: BTreeMap<Arc<str>, Breaker>,
+    /// The registry snapshot `targets` was derived from.
+    snapshot: Option<Arc<[Instance]>>,
+    targets: Vec<Arc<Target>>,
 }
+
+impl State {
+    /// Re-derives the targets after the registry's snapshot changed (keeping the
+    /// targets, and so the connections, of instances still listed).
+    fn refresh(&mut self, instances: Arc<[Instance]>) {
+        let old = std::mem::take(&mut self.targets);
+        self.targets = instances
+            .iter()
+            .map(|i| {
+                old.iter()
+                    .find(|t| *t.url == *i.url)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Target::new(&i.url)))
+            })
+            .collect();
+        let urls: Vec<&str> = instances.iter().map(|i| i.url.as_str()).collect();
+        self.balancer.retain(&urls);
+        self.breakers.retain(|k, _| urls.contains(&&**k));
+        self.snapshot = Some(instances);
+    }
+}
+
+/// Candidates kept on the stack up to this many instances.
+const STACK_CANDIDATES: usize = 16;
 
 /// The balancer and breakers of one service.
 pub(crate) struct Pool {
@@ -38,6 +116,8 @@ impl Pool {
             state: Mutex::new(State {
                 balancer: Balancer::new(balance),
                 breakers: BTreeMap::new(),
+                snapshot: None,
+                targets: Vec::new(),
             }),
         }
     }
@@ -66,16 +146,37 @@ impl Pool {
             return Err(Error::NoInstances { service: service() });
         }
         let now = std::time::Instant::now();
-        let mut s = self.lock();
-        let urls: Vec<&str> = instances.iter().map(|i| i.url.as_str()).collect();
-        s.balancer.retain(&urls);
-        s.breakers.retain(|k, _| urls.contains(&k.as_str()));
-        let admitted: Vec<&str> = urls
-            .iter()
-            .copied()
-            .filter(|u| s.breakers.get(*u).is_none_or(|b| b.would_admit(now)))
-            .collect();
-        if admitted.is_empty() {
+        let mut guard = self.lock();
+        if !guard
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &instances))
+        {
+            guard.refresh(instances);
+        }
+        let s = &mut *guard;
+        // The admitted candidates (name, index into `targets`), on the stack for the
+        // usual handful of instances.
+        let admits = |t: &Arc<Target>| s.breakers.get(&*t.url).is_none_or(|b| b.would_admit(now));
+        let mut stack_names = [""; STACK_CANDIDATES];
+        let mut stack_idx = [0usize; STACK_CANDIDATES];
+        let (mut heap_names, mut heap_idx) = (Vec::new(), Vec::new());
+        let (names, idx): (&[&str], &[usize]) = if s.targets.len() <= STACK_CANDIDATES {
+            let mut n = 0;
+            for (i, t) in s.targets.iter().enumerate().filter(|(_, t)| admits(t)) {
+                stack_names[n] = &t.url;
+                stack_idx[n] = i;
+                n += 1;
+            }
+            (&stack_names[..n], &stack_idx[..n])
+        } else {
+            for (i, t) in s.targets.iter().enumerate().filter(|(_, t)| admits(t)) {
+                heap_names.push(&*t.url);
+                heap_idx.push(i);
+            }
+            (&heap_names, &heap_idx)
+        };
+        if names.is_empty() {
             let retry_in = s
                 .breakers
                 .values_mut()
@@ -90,51 +191,58 @@ impl Pool {
                 retry_in,
             });
         }
-        let idx = s
+        let pick = s
             .balancer
-            .pick(&admitted, now, &mut |n| fastrand::usize(..n))
+            .pick(names, now, &mut |n| fastrand::usize(..n))
             .unwrap_or(0);
-        let url = admitted[idx].to_string();
+        let target = s.targets[idx[pick]].clone();
         let cfg = self.breaker;
-        let created = !s.breakers.contains_key(&url);
-        let (before, after) = {
-            let b = s
-                .breakers
-                .entry(url.clone())
-                .or_insert_with(|| Breaker::new(cfg));
-            let before = b.state(now);
-            b.admit(now);
-            (before, b.state(now))
+        let created = !s.breakers.contains_key(&*target.url);
+        if created {
+            s.breakers.insert(target.url.clone(), Breaker::new(cfg));
+        }
+        let (before, after) = match s.breakers.get_mut(&*target.url) {
+            Some(b) => {
+                let before = b.state(now);
+                b.admit(now);
+                (before, b.state(now))
+            }
+            None => (BreakerState::Closed, BreakerState::Closed),
         };
-        s.balancer.start(&url);
-        drop(s);
+        s.balancer.start(&target.url);
+        drop(guard);
         if created || before != after {
-            self.publish_state(&url, after);
+            self.publish_state(&target.url, after);
         }
         Ok(Lease {
             pool: self.clone(),
-            instance: url,
+            target,
             done: false,
         })
     }
 
-    fn record(&self, instance: &str, ok: bool) {
+    fn record(&self, target: &Target, ok: bool) {
         let now = std::time::Instant::now();
+        let instance: &str = &target.url;
         let (ejected, before, after) = {
             let mut s = self.lock();
             let ejected = s.balancer.finish(instance, ok, now);
             let cfg = self.breaker;
-            let b = s
-                .breakers
-                .entry(instance.to_string())
-                .or_insert_with(|| Breaker::new(cfg));
-            let before = b.state(now);
-            if ok {
-                b.on_success(now);
-            } else {
-                b.on_failure(now);
+            if !s.breakers.contains_key(instance) {
+                s.breakers.insert(target.url.clone(), Breaker::new(cfg));
             }
-            (ejected, before, b.state(now))
+            match s.breakers.get_mut(instance) {
+                Some(b) => {
+                    let before = b.state(now);
+                    if ok {
+                        b.on_success(now);
+                    } else {
+                        b.on_failure(now);
+                    }
+                    (ejected, before, b.state(now))
+                }
+                None => (ejected, BreakerState::Closed, BreakerState::Closed),
+            }
         };
         if before != after {
             self.publish_state(instance, after);
@@ -151,7 +259,7 @@ impl Pool {
         let s = self.lock();
         s.breakers
             .iter()
-            .map(|(k, b)| (k.clone(), b.state(now)))
+            .map(|(k, b)| (k.to_string(), b.state(now)))
             .collect()
     }
 }
@@ -160,27 +268,32 @@ impl Pool {
 /// dropped unfinished (the caller went away), it only releases the in-flight count.
 pub(crate) struct Lease {
     pool: Arc<Pool>,
-    instance: String,
+    target: Arc<Target>,
     done: bool,
 }
 
 impl Lease {
     /// The chosen instance's base URL.
     pub(crate) fn instance(&self) -> &str {
-        &self.instance
+        &self.target.url
+    }
+
+    /// The chosen instance.
+    pub(crate) fn target(&self) -> &Target {
+        &self.target
     }
 
     /// Records the outcome: `ok` is false for connect errors, timeouts and server failures.
     pub(crate) fn finish(mut self, ok: bool) {
         self.done = true;
-        self.pool.record(&self.instance, ok);
+        self.pool.record(&self.target, ok);
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.done {
-            self.pool.lock().balancer.cancel(&self.instance);
+            self.pool.lock().balancer.cancel(&self.target.url);
         }
     }
 }

@@ -34,7 +34,11 @@ impl Instance {
 /// Where the instances of a service are.
 pub trait Registry: Send + Sync + 'static {
     /// The instances currently serving `service` (possibly none), in a stable order.
-    fn instances(&self, service: &str) -> Vec<Instance>;
+    ///
+    /// Called on every attempt: return a shared snapshot (cloning the `Arc` is enough)
+    /// and a new one only when the set changes — callers compare snapshots by pointer
+    /// to skip re-deriving their per-instance state.
+    fn instances(&self, service: &str) -> Arc<[Instance]>;
 }
 
 /// A registry configuration error.
@@ -52,7 +56,7 @@ pub struct RegistryConfigError {
 /// A fixed map of service names to instances.
 #[derive(Debug, Clone, Default)]
 pub struct StaticRegistry {
-    services: BTreeMap<String, Vec<Instance>>,
+    services: BTreeMap<String, Arc<[Instance]>>,
 }
 
 impl StaticRegistry {
@@ -83,7 +87,12 @@ impl StaticRegistry {
                 return Err(err("no instance URLs"));
             }
         }
-        Ok(StaticRegistry { services })
+        Ok(StaticRegistry {
+            services: services
+                .into_iter()
+                .map(|(k, v)| (k, Arc::from(v)))
+                .collect(),
+        })
     }
 
     /// Parses the `SWITCHYARD_SERVICES` environment variable (empty registry if unset).
@@ -96,21 +105,35 @@ impl StaticRegistry {
 
     /// Adds an instance of `service`.
     pub fn with(mut self, service: &str, url: &str) -> Self {
-        self.services
-            .entry(service.to_string())
-            .or_default()
-            .push(Instance::new(url));
+        let mut list: Vec<Instance> = self
+            .services
+            .get(service)
+            .map(|l| l.to_vec())
+            .unwrap_or_default();
+        list.push(Instance::new(url));
+        self.services.insert(service.to_string(), Arc::from(list));
         self
     }
 }
 
 impl Registry for StaticRegistry {
-    fn instances(&self, service: &str) -> Vec<Instance> {
-        self.services.get(service).cloned().unwrap_or_default()
+    fn instances(&self, service: &str) -> Arc<[Instance]> {
+        self.services
+            .get(service)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Vec::new()))
     }
 }
 
-type Map = BTreeMap<String, BTreeMap<u64, Instance>>;
+/// The instances of one service by registration id, and the snapshot handed out
+/// (rebuilt only after a change).
+#[derive(Debug, Default)]
+struct Entry {
+    by_id: BTreeMap<u64, Instance>,
+    snapshot: Option<Arc<[Instance]>>,
+}
+
+type Map = BTreeMap<String, Entry>;
 
 /// A registry that services of one process register in as they start.
 #[derive(Debug, Clone, Default)]
@@ -130,9 +153,9 @@ impl InProcessRegistry {
         let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         g.0 += 1;
         let id = g.0;
-        g.1.entry(service.to_string())
-            .or_default()
-            .insert(id, Instance::new(url));
+        let e = g.1.entry(service.to_string()).or_default();
+        e.by_id.insert(id, Instance::new(url));
+        e.snapshot = None;
         Registration {
             registry: self.clone(),
             service: service.to_string(),
@@ -143,8 +166,9 @@ impl InProcessRegistry {
     fn deregister(&self, service: &str, id: u64) {
         let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(m) = g.1.get_mut(service) {
-            m.remove(&id);
-            if m.is_empty() {
+            m.by_id.remove(&id);
+            m.snapshot = None;
+            if m.by_id.is_empty() {
                 g.1.remove(service);
             }
         }
@@ -152,11 +176,15 @@ impl InProcessRegistry {
 }
 
 impl Registry for InProcessRegistry {
-    fn instances(&self, service: &str) -> Vec<Instance> {
-        let g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        g.1.get(service)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+    fn instances(&self, service: &str) -> Arc<[Instance]> {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match g.1.get_mut(service) {
+            Some(e) => e
+                .snapshot
+                .get_or_insert_with(|| e.by_id.values().cloned().collect())
+                .clone(),
+            None => Arc::from(Vec::new()),
+        }
     }
 }
 
@@ -190,8 +218,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            r.instances("payment"),
-            vec![
+            *r.instances("payment"),
+            [
                 Instance::new("http://127.0.0.1:7003"),
                 Instance::new("http://127.0.0.1:7013")
             ]
@@ -211,8 +239,8 @@ mod tests {
         assert_eq!(r.instances("payment").len(), 2);
         drop(a);
         assert_eq!(
-            r.instances("payment"),
-            vec![Instance::new("http://127.0.0.1:2")]
+            *r.instances("payment"),
+            [Instance::new("http://127.0.0.1:2")]
         );
         b.stop();
         assert!(r.instances("payment").is_empty());

@@ -53,6 +53,12 @@ impl Retrier {
         Duration::from_nanos(fastrand::u64(0..=nanos))
     }
 
+    /// Counts a call that will not consult [`next`](Self::next) (not retryable) in the
+    /// budget's base rate, as `next` does for the others.
+    pub(crate) fn deposit(&self) {
+        self.budget.deposit();
+    }
+
     /// Called after each attempt. `floor`: `None` if the outcome is not retryable, else
     /// the least delay before a retry (e.g. `Retry-After`). `retryable`: whether the
     /// call may be repeated at all. Returns the sleep before the next attempt, or `None`

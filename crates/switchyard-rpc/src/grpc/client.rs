@@ -7,7 +7,8 @@
 //!    [`ClientConfig::default_timeout`]; never later than the deadline of the request
 //!    being handled ([`CallContext::current`]). Each attempt sends its remaining budget
 //!    as `grpc-timeout`, with `traceparent`, `x-correlation-id` and `idempotency-key`.
-//! 2. **bulkhead** — `tower::limit::ConcurrencyLimit` per service.
+//! 2. **bulkhead** — a semaphore per service (the wait for a slot is bounded by the
+//!    deadline).
 //! 3. **retry** — `tower::retry::Retry`, the same backoff, jitter and budget as HTTP,
 //!    only for calls marked idempotent ([`CallOptions::idempotent`], or a method listed
 //!    with [`GrpcClient::idempotent_methods`]) or carrying an idempotency key, on
@@ -34,21 +35,28 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Full};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tower::ServiceExt;
-use tower::limit::ConcurrencyLimit;
 use tower::retry::Retry;
 use tracing::Instrument;
 
 use super::{GRPC_TIMEOUT_HEADER, LOCAL_ERROR_METADATA, encode_timeout, timeout_from_headers};
+
+const GRPC_TIMEOUT_NAME: http::HeaderName = http::HeaderName::from_static(GRPC_TIMEOUT_HEADER);
+
+/// `d` as a `grpc-timeout` header value (see [`encode_timeout`]).
+fn timeout_value(d: Duration) -> HeaderValue {
+    HeaderValue::from_str(&encode_timeout(d)).unwrap_or_else(|_| HeaderValue::from_static("0u"))
+}
 use crate::breaker::BreakerState;
 use crate::client::{CallOptions, ClientConfig};
 use crate::context::{CallContext, IDEMPOTENCY_HEADER};
 use crate::error::Error;
-use crate::pool::Pool;
+use crate::pool::{Lease, Pool};
 use crate::registry::Registry;
 use crate::retry::Retrier;
 
@@ -82,9 +90,14 @@ fn error_status(e: &Error) -> Status {
     }
 }
 
-/// One request as the layers see it (cheap to clone for retries).
+/// One request as the layers see it (cheap to clone for retries: the pieces are
+/// shared).
 #[derive(Clone)]
 pub struct GrpcCall {
+    inner: Arc<CallParts>,
+}
+
+struct CallParts {
     uri: http::Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -95,31 +108,22 @@ pub struct GrpcCall {
 struct Core {
     pool: Arc<Pool>,
     cfg: ClientConfig,
-    channels: Mutex<HashMap<String, Channel>>,
 }
 
-impl Core {
-    fn channel(&self, instance: &str) -> Result<Channel, Status> {
-        let mut m = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = m.get(instance) {
-            return Ok(c.clone());
-        }
-        let endpoint = Endpoint::from_shared(instance.to_string())
-            .map_err(|e| Status::invalid_argument(format!("instance URL `{instance}`: {e}")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2));
-        let c = endpoint.connect_lazy();
-        m.retain(|k, _| self.pool_has(k));
-        m.insert(instance.to_string(), c.clone());
-        Ok(c)
+/// The channel (one lazily connected HTTP/2 connection) of the chosen instance, made
+/// on first use and kept with the instance in the pool (dropped when it leaves the
+/// registry).
+fn channel(lease: &Lease) -> Result<Channel, Status> {
+    let slot = lease.target().grpc_channel();
+    if let Some(c) = slot.get() {
+        return Ok(c.clone());
     }
-
-    fn pool_has(&self, instance: &str) -> bool {
-        self.pool
-            .breaker_states()
-            .iter()
-            .any(|(k, _)| k == instance)
-    }
+    let instance = lease.instance();
+    let endpoint = Endpoint::from_shared(instance.to_string())
+        .map_err(|e| Status::invalid_argument(format!("instance URL `{instance}`: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2));
+    Ok(slot.get_or_init(|| endpoint.connect_lazy()).clone())
 }
 
 /// The outcome class of a status: (a failure of the instance, retryable).
@@ -172,7 +176,8 @@ impl tower::Service<GrpcCall> for Attempt {
 
 async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, Status> {
     let now = Instant::now();
-    if now >= call.deadline {
+    let deadline = call.inner.deadline;
+    if now >= deadline {
         return Err(local_status(
             Code::DeadlineExceeded,
             format!("deadline exceeded calling `{}`", core.pool.name()),
@@ -180,7 +185,7 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
         ));
     }
     let lease = core.pool.pick().map_err(|e| error_status(&e))?;
-    let channel = match core.channel(lease.instance()) {
+    let channel = match channel(&lease) {
         Ok(c) => c,
         Err(s) => {
             lease.finish(false);
@@ -188,19 +193,29 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
         }
     };
     let attempt_deadline = match core.cfg.attempt_timeout {
-        Some(t) => call.deadline.min(now + t),
-        None => call.deadline,
+        Some(t) => deadline.min(now + t),
+        None => deadline,
     };
-    let mut request = http::Request::new(Body::new(Full::new(call.body)));
-    *request.uri_mut() = call.uri;
-    *request.headers_mut() = call.headers;
-    if let Ok(v) = HeaderValue::from_str(&encode_timeout(attempt_deadline - now)) {
-        request.headers_mut().insert(GRPC_TIMEOUT_HEADER, v);
-    }
+    // A call kept for no retry is ours alone: its pieces move instead of being copied.
+    let (uri, mut headers, body) = match Arc::try_unwrap(call.inner) {
+        Ok(p) => (p.uri, p.headers, p.body),
+        Err(shared) => (
+            shared.uri.clone(),
+            shared.headers.clone(),
+            shared.body.clone(),
+        ),
+    };
+    headers.insert(
+        GRPC_TIMEOUT_NAME,
+        timeout_value(attempt_deadline.saturating_duration_since(now)),
+    );
+    let mut request = http::Request::new(Body::new(Full::new(body)));
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
     let out = match tokio::time::timeout_at(attempt_deadline, channel.oneshot(request)).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(_)) | Err(_) if Instant::now() >= attempt_deadline => {
-            Err(if attempt_deadline >= call.deadline {
+            Err(if attempt_deadline >= deadline {
                 local_status(
                     Code::DeadlineExceeded,
                     format!("deadline exceeded calling `{}`", core.pool.name()),
@@ -266,22 +281,27 @@ impl tower::retry::Policy<GrpcCall, http::Response<Body>, Status> for GrpcRetryP
         self.retrier
             .next(
                 retryable_outcome.then_some(Duration::ZERO),
-                req.retryable,
-                req.deadline,
+                req.inner.retryable,
+                req.inner.deadline,
             )
             .map(tokio::time::sleep)
     }
 
+    /// A call that may not be retried is not kept for a retry (its budget deposit is
+    /// made when it starts).
     fn clone_request(&mut self, req: &GrpcCall) -> Option<GrpcCall> {
-        Some(req.clone())
+        req.inner.retryable.then(|| req.clone())
     }
 }
 
-type Stack = ConcurrencyLimit<Retry<GrpcRetryPolicy, Attempt>>;
-
 struct Shared {
     core: Arc<Core>,
-    stack: Stack,
+    /// The retry layer over one attempt (cloned per call: a few reference counts).
+    retry: Retry<GrpcRetryPolicy, Attempt>,
+    /// The bulkhead: one permit per call in flight, held across its retries.
+    bulkhead: Arc<Semaphore>,
+    /// The per-service retry state (for the budget deposit of non-retryable calls).
+    retrier: Retrier,
     idempotent: Arc<HashSet<String>>,
 }
 
@@ -363,19 +383,17 @@ impl GrpcClient {
                         cfg.balance,
                     )),
                     cfg: cfg.clone(),
-                    channels: Mutex::new(HashMap::new()),
                 });
+                let retrier = Retrier::new(&cfg, name);
                 let policy = GrpcRetryPolicy {
-                    retrier: Retrier::new(&cfg, name),
+                    retrier: retrier.clone(),
                 };
-                let stack = ConcurrencyLimit::new(
-                    Retry::new(policy, Attempt { core: core.clone() }),
-                    cfg.max_concurrency.max(1),
-                );
                 GrpcChannel {
                     shared: Arc::new(Shared {
+                        retry: Retry::new(policy, Attempt { core: core.clone() }),
+                        bulkhead: Arc::new(Semaphore::new(cfg.max_concurrency.max(1))),
+                        retrier,
                         core,
-                        stack,
                         idempotent: self.inner.idempotent.clone(),
                     }),
                 }
@@ -434,12 +452,11 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
         let shared = self.shared.clone();
         let (mut parts, body) = req.into_parts();
         let opts = parts.extensions.remove::<CallOptions>().unwrap_or_default();
-        let mut ctx = opts
-            .context
-            .clone()
-            .or_else(CallContext::current)
-            .map(|c| c.downstream())
-            .unwrap_or_else(|| CallContext::default().downstream());
+        let mut ctx = match &opts.context {
+            Some(c) => c.downstream(),
+            None => CallContext::current_downstream()
+                .unwrap_or_else(|| CallContext::default().downstream()),
+        };
         ctx.idempotency_key = opts.idempotency_key.clone().or_else(|| {
             parts
                 .headers
@@ -457,6 +474,9 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
         let retryable = opts.idempotent
             || ctx.idempotency_key.is_some()
             || shared.idempotent.contains(parts.uri.path());
+        // Room for the context headers and each attempt's `grpc-timeout`, so that
+        // neither these inserts nor the per-attempt copy make the map grow.
+        parts.headers.reserve(4);
         ctx.write_trace_headers(&mut parts.headers);
         let span = tracing::info_span!(
             "rpc.client",
@@ -479,26 +499,43 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
                 if remaining.is_zero() {
                     return Ok(status_response(deadline_status()));
                 }
+                // Buffered once, so that a retry can resend it (a unary request's body
+                // is ready at once: no timer is armed then).
                 let body = match tokio::time::timeout_at(deadline, body.collect()).await {
                     Ok(Ok(c)) => c.to_bytes(),
                     Ok(Err(s)) => return Ok(status_response(s)),
                     Err(_) => return Ok(status_response(deadline_status())),
                 };
                 let call = GrpcCall {
-                    uri: parts.uri,
-                    headers: parts.headers,
-                    body,
-                    deadline,
-                    retryable,
+                    inner: Arc::new(CallParts {
+                        uri: parts.uri,
+                        headers: parts.headers,
+                        body,
+                        deadline,
+                        retryable,
+                    }),
                 };
-                let stack = shared.stack.clone();
-                Ok(
-                    match tokio::time::timeout_at(deadline, stack.oneshot(call)).await {
-                        Ok(Ok(resp)) => resp,
-                        Ok(Err(s)) => status_response(s),
-                        Err(_) => status_response(deadline_status()),
+                if !retryable {
+                    shared.retrier.deposit();
+                }
+                // The deadline bounds the wait for a bulkhead slot; then every attempt
+                // is bounded by it (and a retry that would end past it is not made).
+                let _permit = match shared.bulkhead.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => match tokio::time::timeout_at(
+                        deadline,
+                        shared.bulkhead.clone().acquire_owned(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(p)) => p,
+                        _ => return Ok(status_response(deadline_status())),
                     },
-                )
+                };
+                Ok(match shared.retry.clone().oneshot(call).await {
+                    Ok(resp) => resp,
+                    Err(s) => status_response(s),
+                })
             }
             .instrument(span),
         )

@@ -117,20 +117,18 @@ pub fn context_from_request<B>(req: &http::Request<B>) -> CallContext {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Polls a boxed future, turning a panic into `Err(payload)`.
-struct CatchUnwind<F>(Pin<Box<F>>);
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let fut = self.0.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+/// Awaits `fut`, turning a panic while polling it into `Err(payload)` (no allocation:
+/// the future is pinned in place).
+async fn catch_unwind<F: Future>(fut: F) -> Result<F::Output, Box<dyn Any + Send>> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Err(p) => Poll::Ready(Err(p)),
         }
-    }
+    })
+    .await
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for ContextService<S>
@@ -169,7 +167,7 @@ where
             span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
             return Box::pin(async { Ok(deadline_exceeded()) });
         }
-        let fut = CatchUnwind(Box::pin(ctx.scope(self.inner.call(req))));
+        let fut = catch_unwind(ctx.scope(self.inner.call(req)));
         let run = async move {
             let res = match deadline {
                 None => fut.await,

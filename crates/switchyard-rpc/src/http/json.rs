@@ -5,7 +5,7 @@
 use axum::extract::{FromRequest, Request};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{StatusCode, header};
+use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -52,6 +52,11 @@ pub fn body_problem(err: serde_path_to_error::Error<serde_json::Error>) -> Probl
 
 /// Deserializes `bytes` as `T`, or the problem to answer with.
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    // The common case, a valid body, without tracking the path; a failure is parsed
+    // again with the path tracked, to name the field in the problem.
+    if let Ok(v) = serde_json::from_slice(bytes) {
+        return Ok(v);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v: T = serde_path_to_error::deserialize(&mut de).map_err(body_problem)?;
     de.end().map_err(|e| {
@@ -104,7 +109,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 impl<T: Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         match serde_json::to_vec(&self.0) {
-            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Ok(body) => (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response(),
             Err(e) => {
                 tracing::error!(error = %e, "response does not serialize");
                 Problem::internal().into_response()

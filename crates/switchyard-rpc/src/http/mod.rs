@@ -20,13 +20,15 @@ mod json;
 pub(crate) use json::too_large as json_too_large;
 pub use json::{Json, parse_body};
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::request::Parts;
@@ -105,47 +107,99 @@ fn deadline_exceeded() -> Response {
     .into_response()
 }
 
-async fn context_middleware(
-    State(service): State<Arc<str>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let mut ctx = CallContext::from_headers(req.headers());
-    if ctx.traceparent.is_none() {
-        ctx.traceparent = Some(TraceParent::new_root());
-    }
-    req.extensions_mut().insert(ctx.clone());
-    let span = tracing::info_span!(
-        "rpc.server",
-        service = %service,
-        method = %req.method(),
-        path = %req.uri().path(),
-        trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
-        correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
-        idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
-        deadline_ms = ctx.deadline.map(deadline_to_millis).unwrap_or(0),
-    );
-    let remaining = ctx.remaining();
-    let fut = ctx.scope(next.run(req)).instrument(span.clone());
-    match remaining {
-        None => fut.await,
-        Some(r) if r.is_zero() => {
-            span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
-            deadline_exceeded()
+/// The layer [`router`] wraps the app in: the call context and deadline middleware and
+/// the problem+json rewrite of the framework's plain-text 413/405 answers, in one
+/// service (one boxed future per request).
+#[derive(Debug, Clone)]
+struct ServerLayer {
+    service: Arc<str>,
+}
+
+impl<S> tower::Layer<S> for ServerLayer {
+    type Service = ServerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ServerService {
+            inner,
+            service: self.service.clone(),
         }
-        Some(r) => match tokio::time::timeout(r, fut).await {
-            Ok(res) => res,
-            Err(_) => {
-                span.in_scope(|| tracing::warn!("deadline passed; handler cancelled"));
-                deadline_exceeded()
+    }
+}
+
+/// The service of [`ServerLayer`].
+#[derive(Debug, Clone)]
+struct ServerService<S> {
+    inner: S,
+    service: Arc<str>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> tower::Service<Request> for ServerService<S>
+where
+    S: tower::Service<Request, Error = Infallible>,
+    S::Response: IntoResponse,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let mut ctx = CallContext::from_headers(req.headers());
+        if ctx.traceparent.is_none() {
+            ctx.traceparent = Some(TraceParent::new_root());
+        }
+        let span = tracing::info_span!(
+            "rpc.server",
+            service = %self.service,
+            method = %req.method(),
+            path = %req.uri().path(),
+            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
+            idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
+            deadline_ms = ctx.deadline.map(deadline_to_millis).unwrap_or(0),
+        );
+        let remaining = ctx.remaining();
+        if remaining.is_some_and(|r| r.is_zero()) {
+            span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
+            return Box::pin(std::future::ready(Ok(deadline_exceeded())));
+        }
+        req.extensions_mut().insert(ctx.clone());
+        let fut = ctx.scope(self.inner.call(req));
+        Box::pin(
+            async move {
+                let res = match remaining {
+                    None => fut.await,
+                    Some(r) => match tokio::time::timeout(r, fut).await {
+                        Ok(res) => res,
+                        Err(_) => {
+                            tracing::warn!("deadline passed; handler cancelled");
+                            return Ok(deadline_exceeded());
+                        }
+                    },
+                };
+                let res = match res {
+                    Ok(r) => r.into_response(),
+                    Err(never) => match never {},
+                };
+                Ok(problem_errors(res))
             }
-        },
+            .instrument(span),
+        )
     }
 }
 
 /// Rewrites the plain-text 413/405 answers of the layers below into problem+json.
-async fn problem_errors(req: Request, next: Next) -> Response {
-    let res = next.run(req).await;
+fn problem_errors(res: Response) -> Response {
+    match res.status() {
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::METHOD_NOT_ALLOWED => {}
+        _ => return res,
+    }
     let is_problem = res
         .headers()
         .get(header::CONTENT_TYPE)
@@ -155,13 +209,12 @@ async fn problem_errors(req: Request, next: Next) -> Response {
     }
     match res.status() {
         StatusCode::PAYLOAD_TOO_LARGE => json::too_large().into_response(),
-        StatusCode::METHOD_NOT_ALLOWED => Problem::new(
+        _ => Problem::new(
             "https://switchyard.dev/problems/method-not-allowed",
             StatusCode::METHOD_NOT_ALLOWED,
             "Method not allowed",
         )
         .into_response(),
-        _ => res,
     }
 }
 
@@ -197,10 +250,9 @@ pub fn router(app: Router, opts: &ServerOptions) -> Router {
         }),
     )
     .fallback(not_found)
-    .layer(middleware::from_fn_with_state(service, context_middleware))
     .layer(DefaultBodyLimit::disable())
     .layer(RequestBodyLimitLayer::new(opts.body_limit))
-    .layer(middleware::from_fn(problem_errors))
+    .layer(ServerLayer { service })
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and waits

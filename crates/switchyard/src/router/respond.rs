@@ -37,6 +37,7 @@ impl RouteWorker {
         };
         let key = reply_key(&self.consumer, &env);
         let mut conflicts = 0;
+        let mut rechecked = false;
         loop {
             let txn = Txn::new(self.store.clone());
             // Read in the transaction: a concurrent duplicate that stores its reply first
@@ -54,6 +55,12 @@ impl RouteWorker {
                 }
             }
             match self.store.inbox_contains(&self.consumer, env.id) {
+                Ok(true) if !rechecked => {
+                    // A concurrent duplicate may have committed between the read of the
+                    // stored reply above and this check: look for its reply once more.
+                    rechecked = true;
+                    continue;
+                }
                 Ok(true) => {
                     // Processed, but its reply is no longer stored (expired): nothing to
                     // repeat.

@@ -42,6 +42,7 @@
 
 mod cases;
 mod child;
+pub mod memory;
 mod reply_cases;
 mod router_cases;
 mod router_child;
@@ -417,27 +418,26 @@ pub const ROUTER_CASES: &[(&str, Option<Capability>)] = &[
 ];
 
 /// What the bus of `factory` declares, read from a bus opened (and closed) under `dir`.
-async fn bus_capabilities<F: BusFactory>(factory: &F, dir: &Path) -> Capabilities {
-    let bus = factory.open(dir, &Settings::default()).unwrap();
-    let caps = bus.capabilities();
-    bus.close().await.unwrap();
-    caps
-}
-
-/// Runs the router case `name` against a bus from `bus` and a store from `store` (on its
-/// own Tokio runtime, in a fresh temp dir: the bus under `bus/`, the store under
-/// `store/`). `child_entry` is the libtest name of the `router_conformance_child` test
-/// ([`router_child_test_name`]).
-pub fn run_router<B: BusFactory, S: StoreFactory>(
-    bus: &B,
-    store: &S,
+/// Runs a case of a suite that needs a bus and a store: on its own Tokio runtime, in a
+/// fresh temp dir (the bus under `bus/`, the store under `store/`), after checking that
+/// both sides declare the capability the case needs.
+fn run_paired<'a, B, S, C, Fut>(
+    cases: &[(&str, Option<Capability>)],
+    suite: &str,
+    bus: &'a B,
+    store: &'a S,
     name: &str,
-    child_entry: &str,
-) {
-    let (_, needs) = ROUTER_CASES
+    case: C,
+) where
+    B: BusFactory,
+    S: StoreFactory,
+    C: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (_, needs) = cases
         .iter()
         .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no router conformance case `{name}`"));
+        .unwrap_or_else(|| panic!("no {suite} conformance case `{name}`"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -461,12 +461,31 @@ pub fn run_router<B: BusFactory, S: StoreFactory>(
             }
         }
         let limit = Duration::from_secs(300);
-        tokio::time::timeout(
-            limit,
-            router_cases::dispatch(bus, store, name, dir.path(), child_entry),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("router case `{name}` did not finish within {limit:?}"));
+        tokio::time::timeout(limit, case(dir.path().to_path_buf()))
+            .await
+            .unwrap_or_else(|_| panic!("{suite} case `{name}` did not finish within {limit:?}"));
+    });
+}
+
+async fn bus_capabilities<F: BusFactory>(factory: &F, dir: &Path) -> Capabilities {
+    let bus = factory.open(dir, &Settings::default()).unwrap();
+    let caps = bus.capabilities();
+    bus.close().await.unwrap();
+    caps
+}
+
+/// Runs the router case `name` against a bus from `bus` and a store from `store` (on its
+/// own Tokio runtime, in a fresh temp dir: the bus under `bus/`, the store under
+/// `store/`). `child_entry` is the libtest name of the `router_conformance_child` test
+/// ([`router_child_test_name`]).
+pub fn run_router<B: BusFactory, S: StoreFactory>(
+    bus: &B,
+    store: &S,
+    name: &str,
+    child_entry: &str,
+) {
+    run_paired(ROUTER_CASES, "router", bus, store, name, |dir| async move {
+        router_cases::dispatch(bus, store, name, &dir, child_entry).await
     });
 }
 
@@ -586,36 +605,8 @@ pub const REPLY_CASES: &[(&str, Option<Capability>)] = &[
 /// (on its own Tokio runtime, in a fresh temp dir: the bus under `bus/`, the store under
 /// `store/`).
 pub fn run_reply<B: BusFactory, S: StoreFactory>(bus: &B, store: &S, name: &str) {
-    let (_, needs) = REPLY_CASES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no reply conformance case `{name}`"));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    rt.block_on(async {
-        if let Some(cap) = needs {
-            let bus_caps = bus_capabilities(bus, &dir.path().join("bus")).await;
-            let gaps: Vec<_> = [("bus", bus_caps), ("store", store.capabilities())]
-                .into_iter()
-                .filter_map(|(side, caps)| caps.check(*cap).err().map(|why| (side, why)))
-                .collect();
-            if !gaps.is_empty() {
-                for (side, reason) in gaps {
-                    println!(
-                        "case `{name}`: NOT SUPPORTED by this backend ({cap:?} of the {side}): {reason}"
-                    );
-                }
-                return;
-            }
-        }
-        let limit = Duration::from_secs(300);
-        tokio::time::timeout(limit, reply_cases::dispatch(bus, store, name, dir.path()))
-            .await
-            .unwrap_or_else(|_| panic!("reply case `{name}` did not finish within {limit:?}"));
+    run_paired(REPLY_CASES, "reply", bus, store, name, |dir| async move {
+        reply_cases::dispatch(bus, store, name, &dir).await
     });
 }
 

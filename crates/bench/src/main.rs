@@ -5,6 +5,7 @@
 //! Figures are documented in `crates/bench/README.md`.
 
 mod bus;
+mod reply;
 mod report;
 mod rpc;
 mod rpc_grpc;
@@ -30,6 +31,8 @@ enum Suite {
     Store(Args),
     /// Sync calls: the switchyard HTTP stack against raw axum + hyper-util.
     Rpc(Args),
+    /// Request/reply over the embedded bus: round trip and throughput.
+    Reply(Args),
     /// Internal: consume a backlog in a fresh process and print its peak RSS.
     #[command(hide = true)]
     BacklogChild {
@@ -149,6 +152,18 @@ fn main() -> std::process::ExitCode {
                     rpc::IN_FLIGHT
                 );
                 let figures = rpc::run(&settings).await?;
+                print(&args, &figures);
+                Ok(())
+            }
+            Suite::Reply(args) => {
+                let settings = settings(&args);
+                eprintln!(
+                    "bench reply: {} runs per figure, {} s each, {} in flight for c64; medians with ranges",
+                    settings.runs,
+                    settings.secs,
+                    reply::IN_FLIGHT
+                );
+                let figures = reply::run(&settings).await?;
                 print(&args, &figures);
                 Ok(())
             }

@@ -178,7 +178,7 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
 }
 
 /// The disk's floor: one writer appending 200 bytes and calling fdatasync each time.
-fn fdatasync_floor(secs: f64) -> Result<f64, BoxError> {
+pub fn fdatasync_floor(secs: f64) -> Result<f64, BoxError> {
     let dir = tempfile::tempdir()?;
     let mut f = std::fs::File::create(dir.path().join("floor"))?;
     let buf = [7u8; 200];

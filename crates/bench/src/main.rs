@@ -9,6 +9,7 @@ mod reply;
 mod report;
 mod rpc;
 mod rpc_grpc;
+mod saga;
 mod store;
 
 use std::path::PathBuf;
@@ -33,6 +34,16 @@ enum Suite {
     Rpc(Args),
     /// Request/reply over the embedded bus: round trip and throughput.
     Reply(Args),
+    /// Durable 3-step sagas: latency, throughput, fsyncs per saga, memory in flight.
+    Saga(Args),
+    /// Internal: hold sagas in flight in a fresh process and print its peak RSS.
+    #[command(hide = true)]
+    SagaInflightChild {
+        /// Data directory of the store.
+        dir: PathBuf,
+        /// Sagas to hold in flight.
+        n: u64,
+    },
     /// Internal: consume a backlog in a fresh process and print its peak RSS.
     #[command(hide = true)]
     BacklogChild {
@@ -167,6 +178,17 @@ fn main() -> std::process::ExitCode {
                 print(&args, &figures);
                 Ok(())
             }
+            Suite::Saga(args) => {
+                let settings = settings(&args);
+                eprintln!(
+                    "bench saga: {} runs per figure, {} s each, 3 local steps, fsync; medians with ranges",
+                    settings.runs, settings.secs
+                );
+                let figures = saga::run(&settings).await?;
+                print(&args, &figures);
+                Ok(())
+            }
+            Suite::SagaInflightChild { dir, n } => saga::inflight_child(&dir, n).await,
             Suite::BacklogChild { dir, n } => bus::backlog_child(&dir, n).await,
         }
     });

@@ -18,6 +18,9 @@
 //!
 //! // Request/reply (a Requester against a responder and its outbox relay) over both.
 //! switchyard_conformance::reply_suite!(Factory, Stores);
+//!
+//! // Saga orchestration over the store (the orchestrator's and its target's).
+//! switchyard_conformance::saga_suite!(Stores);
 //! ```
 //!
 //! Each case becomes its own `#[test]`. A case needs a [`Capability`] the backend
@@ -36,6 +39,8 @@
 //! | `store_child` | the child process of the store crash case ([`store_child_entry`]) |
 //! | `router_cases` | the router and relay cases over a bus and a store ([`ROUTER_CASES`], run by [`run_router`]) |
 //! | `router_child` | the child process of the router crash cases ([`router_child_entry`]) |
+//! | `saga_cases` | the saga cases over a store ([`SAGA_CASES`], run by [`run_saga`]) |
+//! | `saga_child` | the child process of the saga crash case ([`saga_child_entry`]) |
 //! | `reply_cases` | the request/reply cases over a bus and a store ([`REPLY_CASES`], run by [`run_reply`]) |
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -46,6 +51,8 @@ pub mod memory;
 mod reply_cases;
 mod router_cases;
 mod router_child;
+mod saga_cases;
+mod saga_child;
 mod store_cases;
 mod store_child;
 
@@ -57,6 +64,7 @@ use switchyard::{Bus, Capabilities, Capability};
 
 pub use child::child_entry;
 pub use router_child::router_child_entry;
+pub use saga_child::saga_child_entry;
 pub use store_child::store_child_entry;
 
 /// Settings a case asks the backend for.
@@ -650,6 +658,141 @@ macro_rules! reply_suite {
         #[test]
         fn reply_declared_gaps() {
             $crate::assert_reply_cases_generated(&[$(stringify!($case)),*]);
+        }
+    };
+}
+
+/// Every case of the saga suite with the capability it needs.
+pub const SAGA_CASES: &[(&str, Option<Capability>)] = &[
+    ("a_saga_runs_every_step_in_order_and_completes", None),
+    (
+        "a_failure_at_each_step_compensates_exactly_the_completed_steps_in_reverse",
+        None,
+    ),
+    ("retries_timeouts_and_panics_follow_the_step_policy", None),
+    ("a_compensation_that_fails_three_times_then_succeeds", None),
+    (
+        "a_compensation_that_never_succeeds_needs_attention_until_an_operator_retries_it",
+        None,
+    ),
+    (
+        "starting_twice_with_one_id_starts_once_and_bad_starts_are_refused",
+        None,
+    ),
+    (
+        "thousands_of_sagas_run_concurrently_within_max_active",
+        None,
+    ),
+    (
+        "unfinished_sagas_resume_after_a_restart",
+        Some(Capability::Reopen),
+    ),
+    (
+        "a_crash_at_every_transition_point_ends_each_saga_once",
+        Some(Capability::CrashSafe),
+    ),
+];
+
+/// Runs the saga case `name` against `factory` (on its own Tokio runtime, in a fresh
+/// temp dir); crash cases re-run the test binary as `child_entry`.
+pub fn run_saga<F: StoreFactory>(factory: &F, name: &str, child_entry: &str) {
+    let (_, needs) = SAGA_CASES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no saga conformance case `{name}`"));
+    if let Some(cap) = needs
+        && let Err(reason) = factory.capabilities().check(*cap)
+    {
+        println!("case `{name}`: NOT SUPPORTED by this backend ({cap:?}): {reason}");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let limit = Duration::from_secs(300);
+        tokio::time::timeout(
+            limit,
+            saga_cases::dispatch(factory, name, dir.path(), child_entry),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("saga case `{name}` did not finish within {limit:?}"));
+    });
+}
+
+/// The libtest name of the `saga_conformance_child` test generated in `module`.
+pub fn saga_child_test_name(module: &str) -> String {
+    entry_test_name(module, "saga_conformance_child")
+}
+
+/// Checks that [`saga_suite!`] generated a test for every case of [`SAGA_CASES`] and
+/// prints the store's gaps that keep saga cases from running.
+#[doc(hidden)]
+pub fn assert_saga_cases_generated<F: StoreFactory>(factory: &F, generated: &[&str]) {
+    let listed: Vec<&str> = SAGA_CASES.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        generated, listed,
+        "saga_suite! must generate one test per entry of SAGA_CASES, in the same order"
+    );
+    let caps = factory.capabilities();
+    let mut none = true;
+    for (cap, reason) in &caps.missing {
+        let cases: Vec<_> = SAGA_CASES
+            .iter()
+            .filter(|(_, c)| *c == Some(*cap))
+            .map(|(n, _)| *n)
+            .collect();
+        if !cases.is_empty() {
+            none = false;
+            println!(
+                "gap {cap:?}: {reason} (saga cases not run: {})",
+                cases.join(", ")
+            );
+        }
+    }
+    if none {
+        println!("this store declares no gap a saga case needs: every saga case runs");
+    }
+}
+
+/// Generates one `#[test]` per saga conformance case for a [`StoreFactory`] expression,
+/// plus `saga_declared_gaps` and the `saga_conformance_child` entry of the crash case.
+#[macro_export]
+macro_rules! saga_suite {
+    ($store:expr) => {
+        $crate::saga_suite!(@cases $store;
+            a_saga_runs_every_step_in_order_and_completes,
+            a_failure_at_each_step_compensates_exactly_the_completed_steps_in_reverse,
+            retries_timeouts_and_panics_follow_the_step_policy,
+            a_compensation_that_fails_three_times_then_succeeds,
+            a_compensation_that_never_succeeds_needs_attention_until_an_operator_retries_it,
+            starting_twice_with_one_id_starts_once_and_bad_starts_are_refused,
+            thousands_of_sagas_run_concurrently_within_max_active,
+            unfinished_sagas_resume_after_a_restart,
+            a_crash_at_every_transition_point_ends_each_saga_once
+        );
+    };
+    (@cases $store:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::run_saga(
+                    &$store,
+                    stringify!($case),
+                    &$crate::saga_child_test_name(module_path!()),
+                );
+            }
+        )*
+        #[test]
+        fn saga_declared_gaps() {
+            $crate::assert_saga_cases_generated(&$store, &[$(stringify!($case)),*]);
+        }
+        #[test]
+        fn saga_conformance_child() {
+            $crate::saga_child_entry(&$store);
         }
     };
 }

@@ -31,6 +31,7 @@
 //! | [`router`] | typed handlers with inbox dedup and one atomic commit per message |
 //! | [`relay`] | the outbox relay: committed outbox entries to the bus, in order |
 //! | [`reply`] | request/reply over the bus: the per-instance `Requester`, correlation, timeouts, late replies; responders are router handlers |
+//! | [`saga`] | saga orchestration: steps with compensations, every transition committed, resume after a crash, visibility |
 //! | [`store`] | the store contract: typed tables, optimistic transactions, outbox, inbox; the in-memory store |
 //! | [`error`] | the error type and its kinds |
 
@@ -46,6 +47,7 @@ pub mod memory;
 pub mod relay;
 pub mod reply;
 pub mod router;
+pub mod saga;
 pub mod store;
 
 pub use bus::{

@@ -120,6 +120,12 @@ pub const CASES: &[(&str, Option<Capability>)] = &[
         "backlog_of_1m_with_bounded_memory",
         Some(Capability::BoundedBacklogMemory),
     ),
+    ("transient_one_member_of_each_group_gets_each_message", None),
+    ("transient_unsubscribes_on_drop_and_close", None),
+    (
+        "transient_messages_are_not_persisted",
+        Some(Capability::Reopen),
+    ),
 ];
 
 /// Runs the case `name` against `factory` (on its own Tokio runtime, in a fresh temp dir).
@@ -223,7 +229,10 @@ macro_rules! bus_suite {
             positions_and_dead_letters_survive_reopen,
             publish_survives_sigkill,
             consumer_killed_mid_message_is_redelivered,
-            backlog_of_1m_with_bounded_memory
+            backlog_of_1m_with_bounded_memory,
+            transient_one_member_of_each_group_gets_each_message,
+            transient_unsubscribes_on_drop_and_close,
+            transient_messages_are_not_persisted
         );
         #[test]
         fn declared_gaps() {

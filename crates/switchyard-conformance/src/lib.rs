@@ -16,7 +16,7 @@
 //! // under `<dir>/store`.
 //! switchyard_conformance::router_suite!(Factory, Stores);
 //!
-//! // Request/reply (a Requester against a responder and its outbox relay) over both.
+//! // Request/reply (a Requester against a responder, on the transient channel) over both.
 //! switchyard_conformance::reply_suite!(Factory, Stores);
 //! ```
 //!
@@ -608,6 +608,15 @@ pub const REPLY_CASES: &[(&str, Option<Capability>)] = &[
     ),
     ("an_expired_request_is_not_processed", None),
     ("a_responder_error_arrives_as_a_typed_remote_error", None),
+    (
+        "a_request_without_a_responder_fails_fast_with_no_responders",
+        None,
+    ),
+    (
+        "a_restarted_responder_answers_again_and_a_keyed_retry_applies_once",
+        None,
+    ),
+    ("a_responder_without_effects_answers_without_a_commit", None),
 ];
 
 /// Runs the request/reply case `name` against a bus from `bus` and a store from `store`
@@ -646,7 +655,10 @@ macro_rules! reply_suite {
             a_repeated_request_id_applies_once_and_gets_the_same_reply,
             a_retry_with_the_same_idempotency_key_gets_the_stored_reply,
             an_expired_request_is_not_processed,
-            a_responder_error_arrives_as_a_typed_remote_error
+            a_responder_error_arrives_as_a_typed_remote_error,
+            a_request_without_a_responder_fails_fast_with_no_responders,
+            a_restarted_responder_answers_again_and_a_keyed_retry_applies_once,
+            a_responder_without_effects_answers_without_a_commit
         );
     };
     (@cases $bus:expr, $store:expr; $($case:ident),* $(,)?) => {

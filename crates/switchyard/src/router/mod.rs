@@ -142,11 +142,12 @@ pub type CommitObserver = Arc<dyn Fn(&str, &Envelope) + Send + Sync>;
 /// Counters of a router (all routes).
 #[derive(Debug, Default)]
 pub struct RouterStats {
-    /// Messages whose effect was committed and acknowledged.
+    /// Messages whose effect was committed (or that had nothing to commit) and were
+    /// acknowledged; requests answered successfully by a responder the same way.
     pub processed: AtomicU64,
     /// Deliveries skipped because the inbox had them (duplicates).
     pub duplicates: AtomicU64,
-    /// Retryable failures (nacked for redelivery).
+    /// Retryable failures (nacked for redelivery, or retried in place by a responder).
     pub retried: AtomicU64,
     /// Messages sent to the DLQ by the router (terminal, undecodable, unknown type).
     pub dead_lettered: AtomicU64,

@@ -617,6 +617,7 @@ pub const REPLY_CASES: &[(&str, Option<Capability>)] = &[
         None,
     ),
     ("a_responder_without_effects_answers_without_a_commit", None),
+    ("concurrent_requests_with_the_same_key_apply_once", None),
 ];
 
 /// Runs the request/reply case `name` against a bus from `bus` and a store from `store`
@@ -658,7 +659,8 @@ macro_rules! reply_suite {
             a_responder_error_arrives_as_a_typed_remote_error,
             a_request_without_a_responder_fails_fast_with_no_responders,
             a_restarted_responder_answers_again_and_a_keyed_retry_applies_once,
-            a_responder_without_effects_answers_without_a_commit
+            a_responder_without_effects_answers_without_a_commit,
+            concurrent_requests_with_the_same_key_apply_once
         );
     };
     (@cases $bus:expr, $store:expr; $($case:ident),* $(,)?) => {

@@ -59,6 +59,9 @@ pub(crate) async fn dispatch<B: BusFactory, S: StoreFactory>(
         "a_responder_without_effects_answers_without_a_commit" => {
             without_effects(bf, sf, dir).await
         }
+        "concurrent_requests_with_the_same_key_apply_once" => {
+            concurrent_same_key(bf, sf, dir).await
+        }
         other => panic!("no reply conformance case `{other}`"),
     }
 }
@@ -793,6 +796,48 @@ async fn without_effects<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
         );
         assert_eq!(load(&calc.stats.replies_resent), 0);
         reaches("router stat `replies`", &calc.stats.replies, 3).await;
+    })
+    .await;
+}
+
+async fn concurrent_same_key<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        // The effect row exists, so both handler runs read (and would overwrite) it.
+        let seed = Txn::new(calc.store.clone());
+        seed.put(&EFFECTS, "race", &10).unwrap();
+        seed.commit().await.unwrap();
+        let requester = Arc::new(Requester::new("shop", calc.bus.clone()).await.unwrap());
+        // Two requests (two ids, two exchanges) with one key, both in the handler at once:
+        // one commits, the other's commit conflicts and it answers with the stored reply.
+        let slow = Ask {
+            sleep_ms: 200,
+            ..ask(7, "race")
+        };
+        let send = |requester: Arc<Requester>, slow: Ask| async move {
+            requester
+                .request_with::<Ask, Answer>(
+                    REQUESTS,
+                    &slow,
+                    RequestOptions::new(ANSWERED).idempotency_key("race-1"),
+                )
+                .await
+                .unwrap()
+        };
+        let (a, b) = tokio::join!(
+            send(requester.clone(), slow.clone()),
+            send(requester.clone(), slow)
+        );
+        assert_eq!(a, b, "the same reply to both");
+        assert_eq!(calc.effects("race"), 11, "applied once");
+        reaches("router stat `replies`", &calc.stats.replies, 1).await;
+        reaches(
+            "router stat `replies_resent`",
+            &calc.stats.replies_resent,
+            1,
+        )
+        .await;
+        let s = requester.stats();
+        assert_eq!((s.replies, s.duplicate_replies), (2, 0), "{s:?}");
     })
     .await;
 }

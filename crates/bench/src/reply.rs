@@ -1,5 +1,7 @@
-//! The `reply` suite: request/reply round trips over the embedded bus, answered by a
-//! `Router::respond` handler whose reply leaves through its store's outbox.
+//! The `reply` suite: request/reply round trips over the embedded bus's transient
+//! channel, answered by a `Router::respond` handler — one that changes nothing (the
+//! reply is sent without a commit) and one that writes a row per request (effect, inbox
+//! mark and stored reply in one durable commit before the reply).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use switchyard::relay::OutboxRelay;
 use switchyard::reply::Requester;
 use switchyard::router::{Context, HandlerError, Router};
-use switchyard::store::Store;
+use switchyard::store::{Store, Table};
 use switchyard::{Bus, Event};
 use switchyard_embedded::{EmbeddedBus, EmbeddedStore, StoreConfig};
 
@@ -18,6 +19,9 @@ use crate::Settings;
 use crate::report::Figure;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Rows the effectful responder writes, one per request.
+const DOUBLED: Table<u64> = Table::new("doubled");
 
 /// Requests in flight for `reply.c64`.
 pub const IN_FLIGHT: usize = 64;
@@ -46,7 +50,7 @@ fn progress(label: &str) {
     let _ = std::io::stderr().flush();
 }
 
-/// A responder (router + relay) and a requester over a fresh embedded bus and store.
+/// A responder (router) and a requester over a fresh embedded bus and store.
 struct Rig {
     _dir: tempfile::TempDir,
     bus: EmbeddedBus,
@@ -57,7 +61,8 @@ struct Rig {
 }
 
 impl Rig {
-    async fn start() -> Result<Rig, BoxError> {
+    /// With `effect`, the responder writes one row per request (a durable commit).
+    async fn start(effect: bool) -> Result<Rig, BoxError> {
         let dir = tempfile::tempdir()?;
         let bus = EmbeddedBus::open(dir.path().join("bus"))?;
         let store = EmbeddedStore::open(dir.path().join("store"), StoreConfig::default())?;
@@ -65,27 +70,29 @@ impl Rig {
         let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
         let mut router = Router::new("doubler", dyn_bus.clone(), dyn_store.clone());
         router.concurrency(REQUESTS, "doubler", 256);
-        router.respond(REQUESTS, "doubler", |_ctx: Context, d: Double| async move {
-            Ok::<_, HandlerError>(Doubled { n: d.n * 2 })
-        });
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let mut tasks = Vec::new();
-        let mut r = rx.clone();
-        tasks.push(tokio::spawn(async move {
+        router.respond(
+            REQUESTS,
+            "doubler",
+            move |ctx: Context, d: Double| async move {
+                if effect {
+                    ctx.txn.put(&DOUBLED, &d.n.to_string(), &(d.n * 2))?;
+                }
+                Ok::<_, HandlerError>(Doubled { n: d.n * 2 })
+            },
+        );
+        // Subscribed before the first request (no "no responders" race).
+        let router = router.bind().await?;
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let tasks = vec![tokio::spawn(async move {
             if let Err(e) = router
                 .run(async move {
-                    let _ = r.changed().await;
+                    let _ = rx.changed().await;
                 })
                 .await
             {
                 eprintln!("bench reply: responder stopped: {e}");
             }
-        }));
-        let mut r = rx;
-        let relay = OutboxRelay::new(dyn_store, dyn_bus.clone());
-        tasks.push(tokio::spawn(relay.run(async move {
-            let _ = r.changed().await;
-        })));
+        })];
         let requester = Arc::new(Requester::new("bench", dyn_bus).await?);
         Ok(Rig {
             _dir: dir,
@@ -121,8 +128,8 @@ impl Rig {
 }
 
 /// Sequential round trips for `secs`; returns (p50 µs, p99 µs).
-async fn sequential(secs: f64) -> Result<(f64, f64), BoxError> {
-    let rig = Rig::start().await?;
+async fn sequential(secs: f64, effect: bool) -> Result<(f64, f64), BoxError> {
+    let rig = Rig::start(effect).await?;
     for i in 0..200 {
         rig.ask(i).await?;
     }
@@ -143,8 +150,8 @@ async fn sequential(secs: f64) -> Result<(f64, f64), BoxError> {
 }
 
 /// `IN_FLIGHT` closed-loop requesters for `secs`; returns requests/s.
-async fn concurrent(secs: f64) -> Result<f64, BoxError> {
-    let rig = Arc::new(Rig::start().await?);
+async fn concurrent(secs: f64, effect: bool) -> Result<f64, BoxError> {
+    let rig = Arc::new(Rig::start(effect).await?);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     let start = Instant::now();
@@ -175,30 +182,41 @@ async fn concurrent(secs: f64) -> Result<f64, BoxError> {
 /// Runs the `reply` suite.
 pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     let mut figures = Vec::new();
-    if s.selected("reply.rtt") {
-        let (mut p50, mut p99) = (Vec::new(), Vec::new());
-        for i in 0..s.runs {
-            progress(&format!("reply.rtt run {}/{}", i + 1, s.runs));
-            let (a, b) = sequential(s.secs).await?;
-            p50.push(a);
-            p99.push(b);
+    for (prefix, effect, what) in [
+        ("reply", false, "responder without effects (no commit)"),
+        (
+            "reply.effect",
+            true,
+            "responder writes one row per request (durable commit, fsync)",
+        ),
+    ] {
+        let rtt = format!("{prefix}.rtt");
+        if s.selected(&rtt) {
+            let (mut p50, mut p99) = (Vec::new(), Vec::new());
+            for i in 0..s.runs {
+                progress(&format!("{rtt} run {}/{}", i + 1, s.runs));
+                let (a, b) = sequential(s.secs, effect).await?;
+                p50.push(a);
+                p99.push(b);
+            }
+            figures.push(
+                Figure::from_runs(&format!("{rtt}.p50"), "µs", p50)
+                    .with_note(format!("sequential, one requester, embedded bus; {what}")),
+            );
+            figures.push(Figure::from_runs(&format!("{rtt}.p99"), "µs", p99));
         }
-        figures.push(
-            Figure::from_runs("reply.rtt.p50", "µs", p50)
-                .with_note("sequential, one requester, embedded bus and store (fsync)"),
-        );
-        figures.push(Figure::from_runs("reply.rtt.p99", "µs", p99));
-    }
-    if s.selected("reply.c64") {
-        let mut v = Vec::new();
-        for i in 0..s.runs {
-            progress(&format!("reply.c64 run {}/{}", i + 1, s.runs));
-            v.push(concurrent(s.secs).await?);
+        let c64 = format!("{prefix}.c64");
+        if s.selected(&c64) {
+            let mut v = Vec::new();
+            for i in 0..s.runs {
+                progress(&format!("{c64} run {}/{}", i + 1, s.runs));
+                v.push(concurrent(s.secs, effect).await?);
+            }
+            figures.push(
+                Figure::from_runs(&c64, "req/s", v)
+                    .with_note(format!("64 requests in flight from one requester; {what}")),
+            );
         }
-        figures.push(
-            Figure::from_runs("reply.c64", "req/s", v)
-                .with_note("64 requests in flight from one requester"),
-        );
     }
     eprint!("\r\x1b[2K");
     Ok(figures)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use switchyard::{
     Bus, Delivery, Envelope, ErrorKind, MessageId, RedeliveryPolicy, ReplayFilter, StartPosition,
-    SubscribeOptions, Subscription,
+    SubscribeOptions, Subscription, TransientSubscription,
 };
 use switchyard_testkit::{Child, Ledger};
 
@@ -44,6 +44,9 @@ pub(crate) async fn dispatch<F: BusFactory>(f: &F, name: &str, dir: &Path, entry
         "publish_survives_sigkill" => publish_survives_sigkill(f, dir, entry).await,
         "consumer_killed_mid_message_is_redelivered" => consumer_killed(f, dir, entry).await,
         "backlog_of_1m_with_bounded_memory" => backlog(f, dir, entry).await,
+        "transient_one_member_of_each_group_gets_each_message" => transient_groups(f, dir).await,
+        "transient_unsubscribes_on_drop_and_close" => transient_unsubscribe(f, dir).await,
+        "transient_messages_are_not_persisted" => transient_not_persisted(f, dir).await,
         other => panic!("no conformance case `{other}`"),
     }
 }
@@ -821,4 +824,168 @@ async fn backlog<F: BusFactory>(f: &F, dir: &Path, entry: &str) {
         "peak RSS {} MiB while consuming the backlog; the bound is 200 MiB",
         rss_kb / 1024
     );
+}
+
+async fn recv_transient(sub: &mut TransientSubscription) -> Arc<Envelope> {
+    tokio::time::timeout(ARRIVES, sub.next())
+        .await
+        .expect("a transient message should have arrived")
+        .expect("next() failed")
+}
+
+async fn quiet_transient(sub: &mut TransientSubscription) {
+    if let Ok(m) = tokio::time::timeout(QUIET, sub.next()).await {
+        panic!("expected no transient message, got {:?}", m.map(|e| e.id));
+    }
+}
+
+fn index_of(e: &Envelope) -> u64 {
+    let v: serde_json::Value = serde_json::from_slice(&e.data).unwrap();
+    v["i"].as_u64().unwrap()
+}
+
+/// Drains whatever `sub` holds (waiting up to `QUIET` for more each time).
+async fn drain_transient(sub: &mut TransientSubscription) -> Vec<u64> {
+    let mut out = Vec::new();
+    while let Ok(batch) = tokio::time::timeout(QUIET, sub.next_batch(1024)).await {
+        out.extend(batch.unwrap().iter().map(|e| index_of(e)));
+    }
+    out
+}
+
+async fn transient_groups<F: BusFactory>(f: &F, dir: &Path) {
+    let bus = open(f, dir).await;
+    const N: u64 = 300;
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(bus.subscribe_transient("calls", "workers").await.unwrap());
+    }
+    let mut audit = bus.subscribe_transient("calls", "audit").await.unwrap();
+    // A durable group on the same topic name is another channel: it sees nothing.
+    let mut durable = bus
+        .subscribe("calls", "workers", SubscribeOptions::default())
+        .await
+        .unwrap();
+    for i in 0..N {
+        bus.publish_transient("calls", msg(i, None)).await.unwrap();
+    }
+    let mut seen = HashMap::<u64, usize>::new();
+    let mut per_member = Vec::new();
+    for w in &mut workers {
+        let got = drain_transient(w).await;
+        per_member.push(got.len());
+        for i in got {
+            *seen.entry(i).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len() as u64, N, "every message reached the group");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "each message went to exactly one member of the group"
+    );
+    assert!(
+        per_member.iter().all(|n| *n > 0),
+        "the members share the messages: {per_member:?}"
+    );
+    let mut audited = drain_transient(&mut audit).await;
+    audited.sort();
+    assert_eq!(
+        audited,
+        (0..N).collect::<Vec<_>>(),
+        "another group gets its own copy of each"
+    );
+    quiet(&mut durable).await;
+    // No member on a topic: a typed error, at once.
+    let err = bus
+        .publish_transient("nobody", msg(0, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSubscribers, "{err}");
+    assert!(
+        matches!(&err, switchyard::Error::NoSubscribers { topic } if topic == "nobody"),
+        "{err}"
+    );
+    // A durable message does not reach transient members.
+    bus.publish("calls", msg(999, None)).await.unwrap();
+    quiet_transient(&mut audit).await;
+    // The size limit holds here too.
+    let mut big = msg(1, None);
+    big.data = vec![b'x'; switchyard::bus::DEFAULT_MAX_MESSAGE_BYTES + 1].into();
+    big.datacontenttype = "application/octet-stream".into();
+    let err = bus.publish_transient("calls", big).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    bus.close().await.unwrap();
+}
+
+async fn transient_unsubscribe<F: BusFactory>(f: &F, dir: &Path) {
+    let bus = open(f, dir).await;
+    let mut stays = bus.subscribe_transient("t", "g").await.unwrap();
+    let leaves = bus.subscribe_transient("t", "g").await.unwrap();
+    drop(leaves);
+    for i in 0..20 {
+        bus.publish_transient("t", msg(i, None)).await.unwrap();
+    }
+    let mut got = drain_transient(&mut stays).await;
+    got.sort();
+    assert_eq!(
+        got,
+        (0..20).collect::<Vec<_>>(),
+        "a dropped member gets nothing: everything goes to the one left"
+    );
+    drop(stays);
+    let err = bus.publish_transient("t", msg(21, None)).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ErrorKind::NoSubscribers,
+        "the last member left: {err}"
+    );
+    // Closing the bus ends the subscriptions; a waiting member wakes with Closed.
+    let mut waiting = bus.subscribe_transient("t", "g").await.unwrap();
+    let waiter = tokio::spawn(async move { waiting.next().await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    bus.close().await.unwrap();
+    let r = tokio::time::timeout(ARRIVES, waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Closed);
+    assert_eq!(
+        bus.publish_transient("t", msg(22, None))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Closed
+    );
+}
+
+async fn transient_not_persisted<F: BusFactory>(f: &F, dir: &Path) {
+    {
+        let bus = open(f, dir).await;
+        let mut sub = bus.subscribe_transient("t", "g").await.unwrap();
+        bus.publish_transient("t", msg(1, None)).await.unwrap();
+        assert_eq!(index_of(&*recv_transient(&mut sub).await), 1);
+        // Queued but never received before the close.
+        bus.publish_transient("t", msg(2, None)).await.unwrap();
+        bus.close().await.unwrap();
+    }
+    let bus = open(f, dir).await;
+    // Membership did not survive: nobody is subscribed after the reopen.
+    assert_eq!(
+        bus.publish_transient("t", msg(3, None))
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NoSubscribers
+    );
+    // Nothing was stored: neither a new member nor a durable group sees the old messages.
+    let mut sub = bus.subscribe_transient("t", "g").await.unwrap();
+    quiet_transient(&mut sub).await;
+    let mut durable = bus
+        .subscribe("t", "g", SubscribeOptions::default())
+        .await
+        .unwrap();
+    quiet(&mut durable).await;
+    bus.publish_transient("t", msg(4, None)).await.unwrap();
+    assert_eq!(index_of(&*recv_transient(&mut sub).await), 4);
+    bus.close().await.unwrap();
 }

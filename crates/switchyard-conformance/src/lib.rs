@@ -16,7 +16,7 @@
 //! // under `<dir>/store`.
 //! switchyard_conformance::router_suite!(Factory, Stores);
 //!
-//! // Request/reply (a Requester against a responder and its outbox relay) over both.
+//! // Request/reply (a Requester against a responder, on the transient channel) over both.
 //! switchyard_conformance::reply_suite!(Factory, Stores);
 //!
 //! // Saga orchestration over the store (the orchestrator's and its target's).
@@ -128,6 +128,12 @@ pub const CASES: &[(&str, Option<Capability>)] = &[
         "backlog_of_1m_with_bounded_memory",
         Some(Capability::BoundedBacklogMemory),
     ),
+    ("transient_one_member_of_each_group_gets_each_message", None),
+    ("transient_unsubscribes_on_drop_and_close", None),
+    (
+        "transient_messages_are_not_persisted",
+        Some(Capability::Reopen),
+    ),
 ];
 
 /// Runs the case `name` against `factory` (on its own Tokio runtime, in a fresh temp dir).
@@ -231,7 +237,10 @@ macro_rules! bus_suite {
             positions_and_dead_letters_survive_reopen,
             publish_survives_sigkill,
             consumer_killed_mid_message_is_redelivered,
-            backlog_of_1m_with_bounded_memory
+            backlog_of_1m_with_bounded_memory,
+            transient_one_member_of_each_group_gets_each_message,
+            transient_unsubscribes_on_drop_and_close,
+            transient_messages_are_not_persisted
         );
         #[test]
         fn declared_gaps() {
@@ -607,6 +616,16 @@ pub const REPLY_CASES: &[(&str, Option<Capability>)] = &[
     ),
     ("an_expired_request_is_not_processed", None),
     ("a_responder_error_arrives_as_a_typed_remote_error", None),
+    (
+        "a_request_without_a_responder_fails_fast_with_no_responders",
+        None,
+    ),
+    (
+        "a_restarted_responder_answers_again_and_a_keyed_retry_applies_once",
+        None,
+    ),
+    ("a_responder_without_effects_answers_without_a_commit", None),
+    ("concurrent_requests_with_the_same_key_apply_once", None),
 ];
 
 /// Runs the request/reply case `name` against a bus from `bus` and a store from `store`
@@ -645,7 +664,11 @@ macro_rules! reply_suite {
             a_repeated_request_id_applies_once_and_gets_the_same_reply,
             a_retry_with_the_same_idempotency_key_gets_the_stored_reply,
             an_expired_request_is_not_processed,
-            a_responder_error_arrives_as_a_typed_remote_error
+            a_responder_error_arrives_as_a_typed_remote_error,
+            a_request_without_a_responder_fails_fast_with_no_responders,
+            a_restarted_responder_answers_again_and_a_keyed_retry_applies_once,
+            a_responder_without_effects_answers_without_a_commit,
+            concurrent_requests_with_the_same_key_apply_once
         );
     };
     (@cases $bus:expr, $store:expr; $($case:ident),* $(,)?) => {

@@ -1,10 +1,11 @@
-//! The request/reply cases: a `Requester` against a responder (`Router::respond`) with
-//! its outbox relay, over a bus and a store from the backend under test (the bus under
+//! The request/reply cases: a `Requester` against a responder (`Router::respond`) over
+//! the bus's transient channel and a store from the backend under test (the bus under
 //! `<dir>/bus`, the store under `<dir>/store`). Typed replies, no cross-talk between
 //! requesters, timeouts with late replies dropped and counted, repeated requests
 //! answered from the store without repeating the effect, expired requests skipped,
-//! responder errors as typed remote errors. None asserts on speed: every wait is a
-//! generous upper bound.
+//! responder errors as typed remote errors, retryable errors retried in place, no
+//! responders failing fast, a responder restart, a responder without effects answering
+//! without a commit. None asserts on speed: every wait is a generous upper bound.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,12 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use switchyard::relay::OutboxRelay;
-use switchyard::reply::{RemoteErrorKind, RequestError, RequestOptions, Requester};
+use switchyard::reply::{REPLIES, RemoteErrorKind, RequestError, RequestOptions, Requester};
 use switchyard::router::{Context, HandlerError, Router, RouterStats};
 use switchyard::store::{Store, Table, Txn};
 use switchyard::{
-    Bus, Envelope, Event, RedeliveryPolicy, StartPosition, SubscribeOptions, Timestamp, codec,
+    Bus, Envelope, ErrorKind, Event, RedeliveryPolicy, SubscribeOptions, Timestamp, codec,
 };
 
 use crate::router_child::{close_both, open_bus, open_store};
@@ -50,6 +50,18 @@ pub(crate) async fn dispatch<B: BusFactory, S: StoreFactory>(
         }
         "an_expired_request_is_not_processed" => expired_request(bf, sf, dir).await,
         "a_responder_error_arrives_as_a_typed_remote_error" => remote_errors(bf, sf, dir).await,
+        "a_request_without_a_responder_fails_fast_with_no_responders" => {
+            no_responders(bf, sf, dir).await
+        }
+        "a_restarted_responder_answers_again_and_a_keyed_retry_applies_once" => {
+            responder_restart(bf, sf, dir).await
+        }
+        "a_responder_without_effects_answers_without_a_commit" => {
+            without_effects(bf, sf, dir).await
+        }
+        "concurrent_requests_with_the_same_key_apply_once" => {
+            concurrent_same_key(bf, sf, dir).await
+        }
         other => panic!("no reply conformance case `{other}`"),
     }
 }
@@ -88,7 +100,25 @@ fn ask(n: u64, tag: &str) -> Ask {
     }
 }
 
-/// A responder service ("calc") with its outbox relay, over one bus and one store.
+/// A read-only request: how many times `tag`'s effect was committed (no effects).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct Peek {
+    tag: String,
+}
+impl Event for Peek {
+    const TYPE: &'static str = "test.peek.v1";
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+struct Peeked {
+    effects: u64,
+}
+impl Event for Peeked {
+    const TYPE: &'static str = "test.peeked.v1";
+}
+
+/// A responder service ("calc") over one bus and one store. No outbox relay runs:
+/// replies do not go through the outbox.
 struct Calc {
     bus: Arc<dyn Bus>,
     store: Arc<dyn Store>,
@@ -96,11 +126,11 @@ struct Calc {
     calls: Arc<Mutex<HashMap<String, u32>>>,
     stop: tokio::sync::watch::Sender<bool>,
     router: tokio::task::JoinHandle<switchyard::Result<()>>,
-    relay: tokio::task::JoinHandle<()>,
 }
 
 impl Calc {
-    fn start(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Calc {
+    /// Starts the responder; returns once it is subscribed (requests are received).
+    async fn start(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Calc {
         let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
         let mut router = Router::new("calc", bus.clone(), store.clone());
         router.options(
@@ -139,18 +169,25 @@ impl Calc {
                 })
             }
         });
+        let c = calls.clone();
+        router.respond(REQUESTS, "calc", move |ctx: Context, peek: Peek| {
+            let calls = c.clone();
+            async move {
+                *calls
+                    .lock()
+                    .unwrap()
+                    .entry(format!("peek:{}", peek.tag))
+                    .or_default() += 1;
+                let effects = ctx.txn.get(&EFFECTS, &peek.tag)?.unwrap_or(0);
+                Ok::<_, HandlerError>(Peeked { effects })
+            }
+        });
         let stats = router.stats();
-        let (stop, rx) = tokio::sync::watch::channel(false);
-        let mut router_rx = rx.clone();
-        let router = tokio::spawn(router.run(async move {
-            let _ = router_rx.changed().await;
+        let bound = router.bind().await.expect("the responder subscribes");
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let router = tokio::spawn(bound.run(async move {
+            let _ = rx.changed().await;
         }));
-        let mut relay_rx = rx;
-        let relay = tokio::spawn(
-            OutboxRelay::new(store.clone(), bus.clone()).run(async move {
-                let _ = relay_rx.changed().await;
-            }),
-        );
         Calc {
             bus,
             store,
@@ -158,7 +195,6 @@ impl Calc {
             calls,
             stop,
             router,
-            relay,
         }
     }
 
@@ -176,7 +212,6 @@ impl Calc {
     async fn stop(self) {
         self.stop.send(true).unwrap();
         self.router.await.unwrap().unwrap();
-        self.relay.await.unwrap();
     }
 }
 
@@ -190,10 +225,13 @@ where
 {
     let raw_bus = open_bus(bf, dir, &settings);
     let raw_store = open_store(sf, dir);
-    let calc = Arc::new(Calc::start(
-        Arc::new(raw_bus.clone()),
-        raw_store.clone() as Arc<dyn Store>,
-    ));
+    let calc = Arc::new(
+        Calc::start(
+            Arc::new(raw_bus.clone()),
+            raw_store.clone() as Arc<dyn Store>,
+        )
+        .await,
+    );
     case(calc.clone()).await;
     let calc = Arc::into_inner(calc).expect("the case let go of the responder");
     calc.stop().await;
@@ -246,6 +284,11 @@ async fn typed_reply<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path)
         let s = requester.stats();
         assert_eq!((s.requests, s.replies, s.timeouts), (1, 1, 0), "{s:?}");
         assert_eq!(calc.effects("typed"), 1);
+        assert_eq!(
+            calc.store.outbox_len().unwrap(),
+            0,
+            "the reply did not go through the outbox"
+        );
         reaches("router stat `replies`", &calc.stats.replies, 1).await;
         // A flow id travels as the flow, not as the exchange's correlation id.
         let again: Answer = requester
@@ -372,74 +415,61 @@ fn manual_request(req: &Ask, replyto: &str, correlation: &str, deadline: Timesta
 }
 
 async fn repeated_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
-    // Dedup window 0: the bus stores the same request id twice; the responder must
-    // apply it once and answer both.
-    let settings = Settings {
-        dedup_window: Duration::ZERO,
-        ..Default::default()
-    };
-    with_calc(bf, sf, dir, settings, |calc| async move {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
         let bus = calc.bus.clone();
         let mut replies = bus
-            .subscribe("test.replies", "test", SubscribeOptions::default())
+            .subscribe_transient("test.replies", "test")
             .await
             .unwrap();
         let deadline = Timestamp::now().saturating_add(Duration::from_secs(120));
         let req = manual_request(&ask(4, "dup"), "test.replies", "exchange-1", deadline);
-        let first = bus.publish(REQUESTS, req.clone()).await.unwrap();
-        let again = bus.publish(REQUESTS, req.clone()).await.unwrap();
-        assert!(
-            !first.duplicate && !again.duplicate && first.offset != again.offset,
-            "with a dedup window of 0 the bus stores the same id twice (does the factory honour `Settings::dedup_window`?)"
-        );
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            let d = tokio::time::timeout(EVENTUALLY, replies.next())
-                .await
-                .expect("two replies arrive")
-                .unwrap();
-            got.push(d.envelope().clone());
-            d.ack().await.unwrap();
-        }
-        for r in &got {
+        // The same request (same id) sent twice: applied once, answered twice.
+        bus.publish_transient(REQUESTS, req.clone()).await.unwrap();
+        let first = tokio::time::timeout(EVENTUALLY, replies.next())
+            .await
+            .expect("the first reply arrives")
+            .unwrap();
+        bus.publish_transient(REQUESTS, req.clone()).await.unwrap();
+        let second = tokio::time::timeout(EVENTUALLY, replies.next())
+            .await
+            .expect("the second reply arrives")
+            .unwrap();
+        for r in [&first, &second] {
             let answer: Answer = codec::decode(r).unwrap();
             assert_eq!(answer.doubled, 8);
             assert_eq!(r.correlationid.as_deref(), Some("exchange-1"));
             assert_eq!(r.causationid, Some(req.id.to_string()));
         }
-        assert_eq!(got[0].event_type, got[1].event_type);
-        assert_eq!(got[0].data, got[1].data, "the same reply");
-        assert_ne!(got[0].id, got[1].id, "re-sent under a fresh id");
-        assert_eq!(calc.effects("dup"), 1, "one effect for two deliveries");
+        assert_eq!(first.event_type, second.event_type);
+        assert_eq!(first.data, second.data, "the same reply");
+        assert_ne!(first.id, second.id, "re-sent under a fresh id");
+        assert_eq!(calc.effects("dup"), 1, "one effect for two requests");
+        assert_eq!(calc.calls("dup"), 1, "the handler ran once");
         reaches("router stat `replies`", &calc.stats.replies, 1).await;
-        reaches("router stat `replies_resent`", &calc.stats.replies_resent, 1).await;
+        reaches(
+            "router stat `replies_resent`",
+            &calc.stats.replies_resent,
+            1,
+        )
+        .await;
 
-        // Through a requester: the repeated request's reply reaches an exchange that was
-        // already answered, and is dropped and counted.
+        // Through a requester: a copy of its request (seen by a second group on the
+        // request topic) sent again reaches an exchange that was already answered; its
+        // reply is dropped and counted.
         let requester = Requester::new("shop", bus.clone()).await.unwrap();
-        let mut tap = bus
-            .subscribe(
-                REQUESTS,
-                "tap",
-                SubscribeOptions {
-                    start: StartPosition::Latest,
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
+        let mut tap = bus.subscribe_transient(REQUESTS, "tap").await.unwrap();
         let answer: Answer = requester
             .request(REQUESTS, &ask(6, "dup2"), ANSWERED)
             .await
             .unwrap();
         assert_eq!(answer.doubled, 12);
-        let sent = tokio::time::timeout(EVENTUALLY, tap.next())
+        let copy = tokio::time::timeout(EVENTUALLY, tap.next())
             .await
             .expect("the tap sees the request")
             .unwrap();
-        let copy = sent.envelope().clone();
-        sent.ack().await.unwrap();
-        bus.publish(REQUESTS, copy).await.unwrap();
+        bus.publish_transient(REQUESTS, (*copy).clone())
+            .await
+            .unwrap();
         eventually("the second reply is dropped as a duplicate", || {
             requester.stats().duplicate_replies == 1
         })
@@ -447,7 +477,11 @@ async fn repeated_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &
         assert_eq!(calc.effects("dup2"), 1);
         assert_eq!(calc.calls("dup2"), 1, "the handler did not run again");
         let s = requester.stats();
-        assert_eq!((s.replies, s.late_replies, s.unknown_replies), (1, 0, 0), "{s:?}");
+        assert_eq!(
+            (s.replies, s.late_replies, s.unknown_replies),
+            (1, 0, 0),
+            "{s:?}"
+        );
     })
     .await;
 }
@@ -483,18 +517,18 @@ async fn expired_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
     with_calc(bf, sf, dir, Settings::default(), |calc| async move {
         let bus = calc.bus.clone();
         let mut replies = bus
-            .subscribe("test.replies", "test", SubscribeOptions::default())
+            .subscribe_transient("test.replies", "test")
             .await
             .unwrap();
         let past = Timestamp::from_unix_micros(Timestamp::now().unix_micros() - 1_000_000);
-        bus.publish(
+        bus.publish_transient(
             REQUESTS,
             manual_request(&ask(1, "expired"), "test.replies", "exchange-x", past),
         )
         .await
         .unwrap();
         let stats = calc.stats.clone();
-        eventually("the expired request is acked and counted", || {
+        eventually("the expired request is dropped and counted", || {
             load(&stats.expired) == 1
         })
         .await;
@@ -555,8 +589,8 @@ async fn remote_errors<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Pat
             "a refusal is an answer, not a dead letter"
         );
 
-        // Retryable: retried per the route's policy (2 attempts), then answered as a
-        // retryable remote error, and dead-lettered.
+        // Retryable: retried in place per the route's policy (2 attempts), then answered
+        // as a retryable remote error.
         let flaky = Ask {
             fail: Some("retryable:bank down".into()),
             ..ask(1, "flaky")
@@ -574,19 +608,236 @@ async fn remote_errors<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Pat
         }
         assert!(err.is_retryable());
         assert_eq!(calc.calls("flaky"), 2, "every attempt ran");
-        assert_eq!(calc.effects("flaky"), 0);
-        let bus = calc.bus.clone();
-        let deadline = Instant::now() + EVENTUALLY;
-        let mut dead = Vec::new();
-        while Instant::now() < deadline {
-            dead = bus.dead_letters(REQUESTS, 10).await.unwrap();
-            if !dead.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(dead.len(), 1, "{dead:?}");
-        assert_eq!(dead[0].reason, "bank down");
+        assert_eq!(calc.effects("flaky"), 0, "a failed attempt's effects are discarded");
+        reaches("router stat `retried`", &calc.stats.retried, 1).await;
+        assert!(
+            calc.bus.dead_letters(REQUESTS, 10).await.unwrap().is_empty(),
+            "the caller has its answer: nothing is dead-lettered"
+        );
+        // Not stored: the same key asked again runs the handler again.
+        let again = requester
+            .request_with::<Ask, Answer>(
+                REQUESTS,
+                &flaky,
+                RequestOptions::new(ANSWERED).idempotency_key("flaky-1"),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&again, RequestError::Remote { kind: RemoteErrorKind::Retryable, .. }),
+            "{again:?}"
+        );
+        assert_eq!(calc.calls("flaky"), 4, "a retryable failure is not stored");
+
+        // A request no responder of the route knows is refused at once.
+        let err = requester
+            .request::<Answer, Answer>(
+                REQUESTS,
+                &Answer {
+                    n: 1,
+                    doubled: 2,
+                    tag: "x".into(),
+                },
+                ANSWERED,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RequestError::Remote { kind: RemoteErrorKind::Terminal, reason } if reason.contains("unknown request type")),
+            "{err:?}"
+        );
+    })
+    .await;
+}
+
+async fn no_responders<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let requester = Requester::new("shop", calc.bus.clone()).await.unwrap();
+        let started = Instant::now();
+        let err = requester
+            .request::<Ask, Answer>("nobody.listens", &ask(1, "void"), ANSWERED)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RequestError::NoResponders { topic } if topic == "nobody.listens"),
+            "{err:?}"
+        );
+        assert!(err.is_retryable(), "a responder may start later");
+        assert!(
+            started.elapsed() < ANSWERED,
+            "failed without waiting for the timeout: {:?}",
+            started.elapsed()
+        );
+        let s = requester.stats();
+        assert_eq!(
+            (s.no_responders, s.requests, s.timeouts),
+            (1, 0, 0),
+            "{s:?}"
+        );
+        // The bus says the same to a plain transient publish.
+        let e = calc
+            .bus
+            .publish_transient(
+                "nobody.listens",
+                codec::encode(&ask(1, "void"), "/t").unwrap(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NoSubscribers);
+        // A durable subscriber of the same topic name is not a responder.
+        let _durable = calc
+            .bus
+            .subscribe("nobody.listens", "g", SubscribeOptions::default())
+            .await
+            .unwrap();
+        let err = requester
+            .request::<Ask, Answer>("nobody.listens", &ask(1, "void"), ANSWERED)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RequestError::NoResponders { .. }), "{err:?}");
+        assert_eq!(calc.calls("void"), 0);
+    })
+    .await;
+}
+
+async fn responder_restart<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    let raw_bus = open_bus(bf, dir, &Settings::default());
+    let raw_store = open_store(sf, dir);
+    let bus: Arc<dyn Bus> = Arc::new(raw_bus.clone());
+    let store: Arc<dyn Store> = raw_store.clone();
+    let requester = Requester::new("shop", bus.clone()).await.unwrap();
+    let calc = Calc::start(bus.clone(), store.clone()).await;
+    let before: Answer = requester
+        .request(REQUESTS, &ask(1, "before"), ANSWERED)
+        .await
+        .unwrap();
+    assert_eq!(before.doubled, 2);
+    calc.stop().await;
+
+    // Down: the request fails fast (no responder) or times out; nothing is applied.
+    let keyed = || RequestOptions::new(Duration::from_secs(2)).idempotency_key("restart-1");
+    let err = requester
+        .request_with::<Ask, Answer>(REQUESTS, &ask(5, "restart"), keyed())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RequestError::NoResponders { .. } | RequestError::Timeout { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+
+    // Up again (the same store): the retry with the same key applies the effect once,
+    // and another retry gets the stored reply.
+    let calc = Calc::start(bus.clone(), store.clone()).await;
+    assert_eq!(calc.effects("restart"), 0, "nothing applied while down");
+    let retry = || RequestOptions::new(ANSWERED).idempotency_key("restart-1");
+    let first: Answer = requester
+        .request_with(REQUESTS, &ask(5, "restart"), retry())
+        .await
+        .unwrap();
+    let second: Answer = requester
+        .request_with(REQUESTS, &ask(5, "restart"), retry())
+        .await
+        .unwrap();
+    assert_eq!(first.doubled, 10);
+    assert_eq!(first, second);
+    assert_eq!(calc.effects("restart"), 1, "applied once");
+    assert_eq!(
+        calc.calls("restart"),
+        1,
+        "the second retry was answered from the store"
+    );
+    let s = requester.stats();
+    assert_eq!(s.replies, 3, "{s:?}");
+    assert_eq!(s.no_responders + s.timeouts, 1, "{s:?}");
+    calc.stop().await;
+    drop(requester);
+    close_both(&raw_bus, sf, &raw_store).await;
+}
+
+async fn without_effects<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        let requester = Requester::new("shop", calc.bus.clone()).await.unwrap();
+        let _: Answer = requester
+            .request(REQUESTS, &ask(1, "seen"), ANSWERED)
+            .await
+            .unwrap();
+        let stored_before = Txn::new(calc.store.clone())
+            .scan(&REPLIES, "", 1000)
+            .unwrap()
+            .len();
+        assert_eq!(stored_before, 1, "the effectful request stored its reply");
+        let keyed = || RequestOptions::new(ANSWERED).idempotency_key("peek-1");
+        let peek = Peek { tag: "seen".into() };
+        let a: Peeked = requester
+            .request_with(REQUESTS, &peek, keyed())
+            .await
+            .unwrap();
+        let b: Peeked = requester
+            .request_with(REQUESTS, &peek, keyed())
+            .await
+            .unwrap();
+        assert_eq!((a.effects, b.effects), (1, 1));
+        assert_eq!(
+            calc.calls("peek:seen"),
+            2,
+            "nothing was stored, so the repeat ran the handler again"
+        );
+        let stored_after = Txn::new(calc.store.clone())
+            .scan(&REPLIES, "", 1000)
+            .unwrap()
+            .len();
+        assert_eq!(
+            stored_after, stored_before,
+            "no reply stored without effects"
+        );
+        assert_eq!(load(&calc.stats.replies_resent), 0);
+        reaches("router stat `replies`", &calc.stats.replies, 3).await;
+    })
+    .await;
+}
+
+async fn concurrent_same_key<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    with_calc(bf, sf, dir, Settings::default(), |calc| async move {
+        // The effect row exists, so both handler runs read (and would overwrite) it.
+        let seed = Txn::new(calc.store.clone());
+        seed.put(&EFFECTS, "race", &10).unwrap();
+        seed.commit().await.unwrap();
+        let requester = Arc::new(Requester::new("shop", calc.bus.clone()).await.unwrap());
+        // Two requests (two ids, two exchanges) with one key, both in the handler at once:
+        // one commits, the other's commit conflicts and it answers with the stored reply.
+        let slow = Ask {
+            sleep_ms: 200,
+            ..ask(7, "race")
+        };
+        let send = |requester: Arc<Requester>, slow: Ask| async move {
+            requester
+                .request_with::<Ask, Answer>(
+                    REQUESTS,
+                    &slow,
+                    RequestOptions::new(ANSWERED).idempotency_key("race-1"),
+                )
+                .await
+                .unwrap()
+        };
+        let (a, b) = tokio::join!(
+            send(requester.clone(), slow.clone()),
+            send(requester.clone(), slow)
+        );
+        assert_eq!(a, b, "the same reply to both");
+        assert_eq!(calc.effects("race"), 11, "applied once");
+        reaches("router stat `replies`", &calc.stats.replies, 1).await;
+        reaches(
+            "router stat `replies_resent`",
+            &calc.stats.replies_resent,
+            1,
+        )
+        .await;
+        let s = requester.stats();
+        assert_eq!((s.replies, s.duplicate_replies), (2, 0), "{s:?}");
     })
     .await;
 }

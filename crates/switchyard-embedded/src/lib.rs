@@ -30,6 +30,9 @@
 //! Consumer-group positions are written every 100 ms and fsynced on close; a crash
 //! replays at most the last moments of acknowledgements (redelivery, never loss).
 //!
+//! The transient channel ([`Bus::publish_transient`], used by request/reply) never
+//! touches the disk: it is the in-process hub shared with the in-memory bus.
+//!
 //! # Layout
 //!
 //! | module | what |
@@ -55,7 +58,7 @@ use async_trait::async_trait;
 use switchyard::logbus::{LogBus, LogBusConfig};
 use switchyard::{
     Bus, Capabilities, DeadLetter, Envelope, Published, ReplayFilter, Result, SubscribeOptions,
-    Subscription,
+    Subscription, TransientSubscription,
 };
 
 pub use storage::EmbeddedStorage;
@@ -166,6 +169,12 @@ impl Bus for EmbeddedBus {
     }
     async fn replay_dead_letters(&self, topic: &str, filter: ReplayFilter) -> Result<usize> {
         self.inner.replay_dead_letters(topic, filter).await
+    }
+    async fn publish_transient(&self, topic: &str, envelope: Envelope) -> Result<()> {
+        self.inner.publish_transient(topic, envelope).await
+    }
+    async fn subscribe_transient(&self, topic: &str, group: &str) -> Result<TransientSubscription> {
+        self.inner.subscribe_transient(topic, group).await
     }
     async fn close(&self) -> Result<()> {
         self.inner.close().await

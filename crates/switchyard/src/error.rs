@@ -31,6 +31,8 @@ pub enum ErrorKind {
     Conflict,
     /// The message was already processed by this consumer (inbox); skip it.
     AlreadyProcessed,
+    /// A transient publish found no subscriber on its topic; nobody would receive it.
+    NoSubscribers,
 }
 
 /// An error from a bus or its machinery. Each message says what to do about it.
@@ -109,6 +111,25 @@ pub enum Error {
         /// Key of the changed row.
         key: String,
     },
+    /// A transient publish found no member subscribed to the topic (nothing is stored, so
+    /// the message would reach nobody).
+    #[error(
+        "no subscriber on transient topic `{topic}`; start its consumer (for requests: a responder on that topic) or check the topic name"
+    )]
+    NoSubscribers {
+        /// The topic.
+        topic: String,
+    },
+    /// A transient publish found every member of every group with a full queue.
+    #[error(
+        "every subscriber of transient topic `{topic}` has a full queue ({capacity} messages); the consumers are too slow, retry later or add members"
+    )]
+    SubscribersFull {
+        /// The topic.
+        topic: String,
+        /// Capacity of one member's queue.
+        capacity: usize,
+    },
     /// The inbox already holds this message for this consumer: its effect was applied.
     #[error("message {id} was already processed by `{consumer}`; nothing was written")]
     AlreadyProcessed {
@@ -132,7 +153,8 @@ impl Error {
             Error::Storage { .. } => ErrorKind::Storage,
             Error::Decode(_) => ErrorKind::Decode,
             Error::NotFound(_) => ErrorKind::NotFound,
-            Error::Unavailable(_) => ErrorKind::Unavailable,
+            Error::Unavailable(_) | Error::SubscribersFull { .. } => ErrorKind::Unavailable,
+            Error::NoSubscribers { .. } => ErrorKind::NoSubscribers,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::AlreadyProcessed { .. } => ErrorKind::AlreadyProcessed,
         }

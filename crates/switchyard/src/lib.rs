@@ -52,7 +52,7 @@ pub mod store;
 
 pub use bus::{
     Bus, Capabilities, Capability, DeadLetter, Delivery, Published, RedeliveryPolicy, ReplayFilter,
-    StartPosition, SubscribeOptions, Subscription,
+    StartPosition, SubscribeOptions, Subscription, TransientSubscription,
 };
 pub use codec::{DecodeError, Event};
 pub use envelope::{Envelope, MessageId, Timestamp};

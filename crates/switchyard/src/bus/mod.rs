@@ -25,10 +25,42 @@
 //!   that failed them ([`Bus::replay_dead_letters`]).
 //! - **At least once.** A message may be delivered more than once (crash before the ack
 //!   was stored); exactly-once *effects* come from the store's inbox.
+//!
+//! # The transient channel
+//!
+//! Besides its durable topics, every bus has a **transient** channel for conversations
+//! with a waiting party (request/reply, [`crate::reply`]): [`Bus::publish_transient`] and
+//! [`Bus::subscribe_transient`]. Its topics are separate from the durable ones even when
+//! the names match. Semantics:
+//!
+//! - **Not persisted.** Nothing is written; a message reaches the members subscribed at
+//!   the moment of the publish, or nobody. A restart loses what was queued.
+//! - **At most once, one member per group.** Each message goes to one current member of
+//!   each group subscribed to the topic (round robin within the group). There is no ack,
+//!   no redelivery, no dead-letter queue, no dedup and no ordering promise across members.
+//! - **No subscriber is an error.** Publishing to a topic with no member fails at once
+//!   with [`Error::NoSubscribers`](crate::Error::NoSubscribers), so a requester learns
+//!   "no responders" without waiting for its timeout.
+//! - **The publisher never waits for a consumer.** A member's queue is bounded; a full
+//!   member is skipped for another member of its group, a group whose every member is
+//!   full misses the message, and a publish no group could take fails with
+//!   [`Error::SubscribersFull`](crate::Error::SubscribersFull) (see [`transient`]).
+//! - **Membership ends with the subscription**: dropping a [`TransientSubscription`]
+//!   unsubscribes it; closing the bus ends every subscription with `Closed`.
+//!
+//! Why a second channel: a request whose caller timed out or died is useless, and a retry
+//! with the same idempotency key recovers whatever was lost in transit, so persisting
+//! requests and replies buys nothing and costs a durable write each. The effect's
+//! exactly-once comes from the responder's store commit. Core NATS pub/sub with queue
+//! groups has exactly these semantics (NATS maps request/reply onto it, not onto
+//! JetStream), so a NATS backend maps the channel one to one; the log backends share the
+//! in-process [`TransientHub`].
 
 mod policy;
+pub mod transient;
 
 pub use policy::RedeliveryPolicy;
+pub use transient::{DEFAULT_TRANSIENT_QUEUE, TransientHub, TransientStats, TransientSubscription};
 
 use std::fmt;
 use std::sync::Arc;
@@ -362,6 +394,19 @@ pub trait Bus: Send + Sync + 'static {
     /// Re-publishes matching dead letters to `topic` for the group that failed them;
     /// returns how many were replayed. Replayed entries leave the DLQ listing.
     async fn replay_dead_letters(&self, topic: &str, filter: ReplayFilter) -> Result<usize>;
+
+    /// Hands `envelope` to one current member of each group subscribed to `topic` on the
+    /// transient channel, storing nothing (see [the transient channel](self#the-transient-channel)).
+    /// Returns once handed over, never waiting for a consumer. Fails with
+    /// [`Error::NoSubscribers`](crate::Error::NoSubscribers) when no member is subscribed,
+    /// [`Error::SubscribersFull`](crate::Error::SubscribersFull) when no group had room, and
+    /// with a size error like [`publish`](Self::publish).
+    async fn publish_transient(&self, topic: &str, envelope: Envelope) -> Result<()>;
+
+    /// Joins group `group` of the transient topic `topic` as a new member, until the
+    /// returned subscription is dropped. Messages published before this returns are not
+    /// seen.
+    async fn subscribe_transient(&self, topic: &str, group: &str) -> Result<TransientSubscription>;
 
     /// Flushes state and stops background work; later calls fail with `Closed`.
     async fn close(&self) -> Result<()>;

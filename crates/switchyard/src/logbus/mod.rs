@@ -4,7 +4,9 @@
 //! A backend provides storage ([`LogStorage`]: topic logs that append durably and read
 //! by offset, and per-group change logs); [`LogBus`] adds everything else — consumer
 //! groups with leases, per-subject ordering, redelivery with backoff, the DLQ and its
-//! replay, size limits and retention — so every log backend behaves the same way.
+//! replay, size limits and retention — so every log backend behaves the same way. The
+//! transient channel ([`Bus::publish_transient`]) is the shared in-process
+//! [`TransientHub`]: nothing of it reaches the storage.
 
 mod dedup;
 mod group;
@@ -26,7 +28,7 @@ use tokio::sync::{Notify, watch};
 use crate::bus::{
     Bus, Capabilities, DeadLetter, Delivery, DeliveryInfo, DeliverySource, Published,
     REPLAY_GROUP_EXTENSION, ReplayFilter, Settle, Settler, StartPosition, SubscribeOptions,
-    Subscription, dlq_topic,
+    Subscription, TransientHub, TransientSubscription, dlq_topic,
 };
 use crate::envelope::{Envelope, Timestamp};
 use crate::error::{Error, Result, validate_name};
@@ -93,6 +95,8 @@ pub struct LogBusConfig {
     pub max_message_bytes: usize,
     /// How often group positions are handed to storage.
     pub group_flush_interval: Duration,
+    /// Capacity of one transient member's queue (see [`crate::bus::transient`]).
+    pub transient_queue: usize,
 }
 
 impl Default for LogBusConfig {
@@ -100,6 +104,7 @@ impl Default for LogBusConfig {
         LogBusConfig {
             max_message_bytes: crate::bus::DEFAULT_MAX_MESSAGE_BYTES,
             group_flush_interval: Duration::from_millis(100),
+            transient_queue: crate::bus::DEFAULT_TRANSIENT_QUEUE,
         }
     }
 }
@@ -123,6 +128,7 @@ struct Inner<S: LogStorage> {
     topics: Mutex<HashMap<String, Arc<TopicState<S::Topic>>>>,
     closed: AtomicBool,
     shutdown: Notify,
+    transient: TransientHub,
 }
 
 struct TopicState<T: TopicLog> {
@@ -160,6 +166,7 @@ impl<S: LogStorage> LogBus<S> {
     pub fn new(storage: S, config: LogBusConfig) -> Self {
         let inner = Arc::new(Inner {
             storage,
+            transient: TransientHub::new(config.transient_queue),
             config,
             topics: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -704,10 +711,22 @@ impl<S: LogStorage> Bus for LogBus<S> {
         Ok(replayed)
     }
 
+    async fn publish_transient(&self, topic: &str, envelope: Envelope) -> Result<()> {
+        self.inner.check_open()?;
+        self.inner.check_size(&envelope)?;
+        self.inner.transient.publish(topic, envelope)
+    }
+
+    async fn subscribe_transient(&self, topic: &str, group: &str) -> Result<TransientSubscription> {
+        self.inner.check_open()?;
+        self.inner.transient.subscribe(topic, group)
+    }
+
     async fn close(&self) -> Result<()> {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        self.inner.transient.close();
         self.inner.flush_groups(true);
         self.inner.shutdown.notify_waiters();
         let topics: Vec<_> = lock(&self.inner.topics).values().cloned().collect();
@@ -732,6 +751,11 @@ impl<S: LogStorage> LogBus<S> {
             .collect();
         v.sort();
         Ok(v)
+    }
+
+    /// The counters of the transient channel.
+    pub fn transient_stats(&self) -> crate::bus::TransientStats {
+        self.inner.transient.stats()
     }
 
     /// How many dead letters of `topic` are open (not replayed).

@@ -2,7 +2,10 @@
 //!
 //! The calling side is a [`Requester`], one per service instance; the answering side is
 //! a router handler registered with [`Router::respond`](crate::router::Router::respond),
-//! whose return value becomes the reply.
+//! whose return value becomes the reply. Requests and replies travel on the bus's
+//! [transient channel](crate::bus#the-transient-channel): nothing about the conversation
+//! is persisted; the responder's store commit is what makes its effect durable and
+//! exactly once.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -14,13 +17,12 @@
 //! # #[derive(serde::Serialize, serde::Deserialize)] struct Reserved { left: u32 }
 //! # impl switchyard::Event for Reserved { const TYPE: &'static str = "stock.reserved.v1"; }
 //! # async fn demo(bus: Arc<dyn switchyard::Bus>, store: Arc<dyn switchyard::store::Store>) -> Result<(), Box<dyn std::error::Error>> {
-//! // Responder (the inventory service); its outbox relay must run for replies to leave.
+//! // Responder (the inventory service).
 //! let mut router = Router::new("inventory", bus.clone(), store.clone());
 //! router.respond("inventory.requests", "inventory", |ctx: Context, r: Reserve| async move {
 //!     Ok::<_, HandlerError>(Reserved { left: 41 })
 //! });
 //! tokio::spawn(router.run(std::future::pending()));
-//! tokio::spawn(switchyard::relay::OutboxRelay::new(store, bus.clone()).run(std::future::pending()));
 //!
 //! // Caller (one requester per process of the order service).
 //! let requester = Requester::new("order", bus).await?;
@@ -32,31 +34,34 @@
 //!
 //! # The exchange
 //!
-//! 1. The requester publishes the request to the responder's topic with `replyto` = its
-//!    own reply topic, `correlationid` = a fresh id naming this exchange, `deadline` =
-//!    now + timeout, and the request's own `id` (the responder's dedup key).
-//! 2. The responder's router checks the deadline (expired: acked, not processed,
-//!    counted in [`RouterStats::expired`](crate::router::RouterStats::expired)), then the
-//!    stored replies (already answered: the same reply again), then runs the handler in a
-//!    transaction and commits, atomically, the handler's effects, the inbox mark, the
-//!    reply stored under the request's key ([`REPLIES`]) and the reply itself as an
-//!    outbox entry addressed to `replyto`. Then it acks the request.
-//! 3. The outbox relay publishes the reply; the requester's consumer matches its
-//!    `correlationid` to the waiting call, hands it over and acks it.
+//! 1. The requester publishes the request transiently to the responder's topic with
+//!    `replyto` = its own reply topic, `correlationid` = a fresh id naming this exchange,
+//!    `deadline` = now + timeout, and the request's own `id`. With no responder
+//!    subscribed, the publish fails at once: [`RequestError::NoResponders`].
+//! 2. One member of the responder's group gets it. It checks the deadline (expired:
+//!    dropped, counted in [`RouterStats::expired`](crate::router::RouterStats::expired)),
+//!    then the stored replies (answered before: the same reply again, the handler does
+//!    not run), then runs the handler in a transaction. If the handler changed the store,
+//!    its effects, the inbox mark of the request and the reply stored under the request's
+//!    key ([`REPLIES`]) are committed atomically, *then* the reply is sent. If it changed
+//!    nothing, the reply is sent without a commit.
+//! 3. The requester's consumer matches the reply's `correlationid` to the waiting call
+//!    and hands it over.
 //!
 //! # Decisions
 //!
+//! - **Transient, not durable** (decision 0006 in `docs/decisions`). A request whose
+//!   caller timed out or died is useless, and a retry with the same idempotency key
+//!   recovers anything lost in transit; durability and exactly-once of the *effect* come
+//!   from the responder's commit (inbox mark + stored reply), not from persisting the
+//!   messages. Persisting them cost three sequential fsyncs per round trip. A lost
+//!   request or reply (a responder or requester restart) shows up as a timeout.
 //! - **One reply topic per instance** (`_reply.<service>.<instance-uuid>`, group
-//!   `requester`, starting at the latest message). Replies must reach the one process
-//!   whose call is waiting. A shared reply topic with one group would hand a reply to
-//!   whichever instance competes for it first (whose waiter map does not know it); a
-//!   shared topic with a group per instance would make every instance read every other
-//!   instance's replies. A topic of its own makes the bus route each reply to exactly
-//!   its requester, and `Latest` means a new instance never reads replies meant for an
-//!   earlier process (whose waiters died with it). Cost: every start of a process makes
-//!   a topic; the bus contract has no topic deletion yet, so durable backends keep the
-//!   (empty, consumed) topic until one is added. One `Requester` per process suffices:
-//!   it is `Send + Sync` and serves any number of concurrent calls.
+//!   `requester`). Replies must reach the one process whose call is waiting; a topic of
+//!   its own makes the bus route each reply to exactly its requester, and a new process
+//!   never sees replies meant for an earlier one (its subscription did not exist then).
+//!   One `Requester` per process suffices: it is `Send + Sync` and serves any number of
+//!   concurrent calls.
 //! - **`correlationid` names the exchange, not the business flow.** It must be unique
 //!   per call to match replies safely. The caller's business correlation (given as
 //!   [`RequestOptions::flow`], or already on an envelope passed to
@@ -71,34 +76,36 @@
 //!   are never reused). Further replies to an answered call (a repeated request) count
 //!   as [`RequesterStats::duplicate_replies`], replies with an id this instance never
 //!   issued (or issued more than 10 minutes ago) as [`RequesterStats::unknown_replies`].
-//!   Every reply is acked once matched or dropped. A call whose future is dropped counts
-//!   as given up, like a timeout.
-//! - **Idempotent responders.** The reply is stored in the responder's store under the
-//!   request's key (its [`IDEMPOTENCY_KEY_EXTENSION`] if it has one, else its id) in the
-//!   same commit as the effect. A repeated request (a redelivery, or a retry with the
-//!   same id or key) gets the stored reply again — re-addressed to *its* `replyto` and
-//!   `correlationid`, under a fresh message id so bus dedup does not swallow it — and the
-//!   handler does not run. Note that the bus's publisher dedup drops a re-published
-//!   request with the same id within its window (2 minutes by default), so a caller that
-//!   retries after a timeout should send a new request with the same idempotency key
-//!   ([`RequestOptions::idempotency_key`]). Stored replies are forgotten after the
-//!   router's inbox window.
+//!   A call whose future is dropped counts as given up, like a timeout.
+//! - **No responders fail fast.** A request to a topic without a responder fails with
+//!   [`RequestError::NoResponders`] at once (like NATS's no-responders status) instead
+//!   of waiting out its timeout; it is retryable (a responder may start).
+//! - **Idempotent responders.** A reply whose handler made effects is stored in the
+//!   responder's store under the request's key (its [`IDEMPOTENCY_KEY_EXTENSION`] if it
+//!   has one, else its id) in the same commit as the effect. A repeated request (a retry
+//!   with the same key, or the same envelope sent again) gets the stored reply again —
+//!   re-addressed to *its* `replyto` and `correlationid`, under a fresh message id — and
+//!   the handler does not run. A handler without effects has nothing to duplicate: a
+//!   repeat runs it again. A caller that retries after a timeout sends a new request
+//!   with the same idempotency key ([`RequestOptions::idempotency_key`]). Stored replies
+//!   are forgotten after the router's inbox window.
 //! - **Responder errors are answers.** A terminal [`HandlerError`](crate::router::HandlerError)
-//!   is replied as [`RequestError::Remote`] with [`RemoteErrorKind::Terminal`] and the
-//!   request is acked — not dead-lettered: the caller has its answer, and the error is
-//!   stored like a success, so a retry gets the same refusal. The handler's effects are
-//!   discarded. A retryable error follows the route's redelivery policy; if the request
-//!   expires meanwhile it is dropped (the caller has timed out). When the last attempt
-//!   fails, the caller gets [`RemoteErrorKind::Retryable`] (not stored: a later request
-//!   may succeed) and the request goes to the DLQ as usual. A request that cannot be
-//!   decoded is answered with a terminal error; one of a type no handler of the route
-//!   knows, or without `replyto`, goes to the DLQ.
+//!   is replied as [`RequestError::Remote`] with [`RemoteErrorKind::Terminal`]; the
+//!   refusal is stored like a success (so a retry gets the same refusal) and the
+//!   handler's effects are discarded. A retryable error (a panic counts as one) is
+//!   retried in place with the route's redelivery policy (backoff, max attempts) but
+//!   never past the request's deadline; then the caller gets
+//!   [`RemoteErrorKind::Retryable`] (not stored: a later request may succeed). Nothing
+//!   goes to a dead-letter queue: the caller has its answer. A request that cannot be
+//!   decoded, or of a type no responder of the route knows, is answered with a terminal
+//!   error; one without `replyto` is dropped and counted.
 //! - **The deadline is checked before the handler runs**, not after: a handler that
-//!   started in time commits its effect and reply even if the caller gave up meanwhile
+//!   started in time commits its effect and replies even if the caller gave up meanwhile
 //!   (that reply is then late, and counted).
-//! - **The outbox relay must run** ([`OutboxRelay`](crate::relay::OutboxRelay)) on the
-//!   responder's store: replies leave through the outbox, so a crash after the commit
-//!   never loses a reply whose effect committed.
+//! - **Backpressure.** A responder runs at most its route's `concurrency` requests at
+//!   once; requests beyond that wait in its bounded transient queue, and a request that
+//!   waited past its deadline is skipped. A publisher never blocks on a full queue (see
+//!   [`crate::bus::transient`]).
 
 mod requester;
 mod wire;
@@ -121,13 +128,22 @@ pub enum RequestError {
     /// No reply within the timeout (the request may still be processed; its reply will
     /// be dropped and counted as late).
     #[error(
-        "no reply from `{topic}` within {timeout:?}; is a responder running for that topic, and its outbox relay?"
+        "no reply from `{topic}` within {timeout:?}; the responder is slow or stopped meanwhile: retry with the same idempotency key, or raise the timeout"
     )]
     Timeout {
         /// Where the request went.
         topic: String,
         /// The timeout that passed.
         timeout: Duration,
+    },
+    /// No responder is subscribed to the topic: nothing was sent, and asking again
+    /// before one starts gets the same answer at once.
+    #[error(
+        "no responder for `{topic}`: no Router::respond is running on that topic; start the responder or check the topic name"
+    )]
+    NoResponders {
+        /// Where the request was to go.
+        topic: String,
     },
     /// The responder's handler failed and said so.
     #[error("the responder failed ({kind}): {reason}")]
@@ -155,7 +171,7 @@ impl RequestError {
     /// Whether asking again (with the same idempotency key) may give another outcome.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RequestError::Timeout { .. } => true,
+            RequestError::Timeout { .. } | RequestError::NoResponders { .. } => true,
             RequestError::Remote { kind, .. } => *kind == RemoteErrorKind::Retryable,
             RequestError::Bus(e) => !matches!(
                 e.kind(),

@@ -1,4 +1,4 @@
-//! The calling side: one reply topic and one consumer per instance, waiters by
+//! The calling side: one transient reply topic and one consumer per instance, waiters by
 //! correlation id.
 
 use std::collections::{HashMap, VecDeque};
@@ -14,7 +14,7 @@ use super::wire::{
     REQUESTER_GROUP,
 };
 use super::{RequestError, RequestOptions};
-use crate::bus::{Bus, Delivery, StartPosition, SubscribeOptions, Subscription};
+use crate::bus::{Bus, TransientSubscription};
 use crate::codec::{self, Event};
 use crate::envelope::{Envelope, MessageId, Timestamp};
 use crate::error::{Error, ErrorKind, Result};
@@ -34,6 +34,8 @@ pub struct RequesterStats {
     pub replies: u64,
     /// Requests that ended in [`RequestError::Timeout`].
     pub timeouts: u64,
+    /// Requests that ended in [`RequestError::NoResponders`] (nothing was sent).
+    pub no_responders: u64,
     /// Replies that arrived after their request timed out (or its caller gave up): dropped.
     pub late_replies: u64,
     /// Further replies to a request that was already answered (a repeated request): dropped.
@@ -48,6 +50,7 @@ struct Counters {
     requests: AtomicU64,
     replies: AtomicU64,
     timeouts: AtomicU64,
+    no_responders: AtomicU64,
     late: AtomicU64,
     duplicate: AtomicU64,
     unknown: AtomicU64,
@@ -61,7 +64,7 @@ enum Ended {
 
 #[derive(Default)]
 struct Waiters {
-    open: HashMap<String, oneshot::Sender<Envelope>>,
+    open: HashMap<String, oneshot::Sender<Arc<Envelope>>>,
     ended: HashMap<String, Ended>,
     ended_order: VecDeque<(Instant, String)>,
     closed: bool,
@@ -142,19 +145,15 @@ impl Drop for Requester {
 }
 
 impl Requester {
-    /// A requester for one instance of `service`: creates its reply topic
-    /// `_reply.<service>.<instance-uuid>` (group `requester`, starting at the latest
-    /// message) and starts consuming it. Fails if `service` makes an invalid topic name.
+    /// A requester for one instance of `service`: subscribes its transient reply topic
+    /// `_reply.<service>.<instance-uuid>` (group `requester`) and starts consuming it.
+    /// Fails if `service` makes an invalid topic name, or the bus is closed.
     pub async fn new(service: &str, bus: Arc<dyn Bus>) -> Result<Requester> {
         let reply_topic = format!("{REPLY_TOPIC_PREFIX}.{service}.{}", MessageId::new());
-        let options = SubscribeOptions {
-            start: StartPosition::Latest,
-            ..Default::default()
-        };
-        // Subscribe before the first request goes out: with `Latest`, a reply stored
-        // before the group exists would be skipped.
+        // Subscribed before the first request goes out: a transient reply published
+        // before the subscription exists would reach nobody.
         let sub = bus
-            .subscribe(&reply_topic, REQUESTER_GROUP, options)
+            .subscribe_transient(&reply_topic, REQUESTER_GROUP)
             .await?;
         let shared = Arc::new(Shared {
             bus,
@@ -179,6 +178,7 @@ impl Requester {
             requests: c.requests.load(Ordering::Relaxed),
             replies: c.replies.load(Ordering::Relaxed),
             timeouts: c.timeouts.load(Ordering::Relaxed),
+            no_responders: c.no_responders.load(Ordering::Relaxed),
             late_replies: c.late.load(Ordering::Relaxed),
             duplicate_replies: c.duplicate.load(Ordering::Relaxed),
             unknown_replies: c.unknown.load(Ordering::Relaxed),
@@ -260,10 +260,20 @@ impl Requester {
             armed: true,
         };
         let until = started + timeout;
-        let published = tokio::time::timeout_at(until, shared.bus.publish(topic, request)).await;
+        let published =
+            tokio::time::timeout_at(until, shared.bus.publish_transient(topic, request)).await;
         match published {
-            Ok(Ok(_)) => {
+            Ok(Ok(())) => {
                 shared.counters.requests.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(Error::NoSubscribers { .. })) => {
+                shared
+                    .counters
+                    .no_responders
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(RequestError::NoResponders {
+                    topic: topic.to_string(),
+                });
             }
             Ok(Err(e)) => return Err(RequestError::Bus(e)),
             Err(_) => {
@@ -294,6 +304,7 @@ impl Requester {
             }
         };
         guard.armed = false;
+        let reply = Arc::unwrap_or_clone(reply);
         if reply.event_type == ERROR_REPLY_TYPE {
             let body: ErrorReply = codec::decode_payload(&reply).map_err(RequestError::Decode)?;
             return Err(RequestError::Remote {
@@ -309,8 +320,8 @@ fn decode_reply<Resp: Event>(reply: &Envelope) -> std::result::Result<Resp, Requ
     codec::decode(reply).map_err(RequestError::Decode)
 }
 
-/// The reply consumer: matches each reply to its waiter, counts the rest, acks all.
-async fn consume(shared: Arc<Shared>, mut sub: Subscription) {
+/// The reply consumer: matches each reply to its waiter and counts the rest.
+async fn consume(shared: Arc<Shared>, mut sub: TransientSubscription) {
     loop {
         let batch = match sub.next_batch(256).await {
             Ok(b) => b,
@@ -321,9 +332,8 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscription) {
                 continue;
             }
         };
-        for delivery in batch {
-            deliver(&shared, &delivery);
-            settle(&shared, delivery.ack().await);
+        for reply in batch {
+            deliver(&shared, reply);
         }
     }
     // Nobody will answer the waiters any more: fail them now rather than at their timeout.
@@ -332,45 +342,34 @@ async fn consume(shared: Arc<Shared>, mut sub: Subscription) {
     w.open.clear();
 }
 
-fn deliver(shared: &Shared, delivery: &Delivery) {
-    let env = delivery.envelope();
-    let Some(correlation) = env.correlationid.as_deref() else {
+fn deliver(shared: &Shared, env: Arc<Envelope>) {
+    let Some(correlation) = env.correlationid.clone() else {
         shared.counters.unknown.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(topic = %shared.reply_topic, id = %env.id, "reply without a correlation id dropped");
         return;
     };
     let mut w = shared.waiters();
-    if let Some(tx) = w.open.remove(correlation) {
+    if let Some(tx) = w.open.remove(&correlation) {
         // Sent under the lock: a waiter that timed out and finds itself gone from `open`
         // finds the reply in its channel.
         // Counted before the send, so a caller that reads the stats after its reply
         // sees it counted.
         shared.counters.replies.fetch_add(1, Ordering::Relaxed);
-        if tx.send(env.clone()).is_ok() {
-            w.end(correlation.to_string(), Ended::Answered);
+        if tx.send(env).is_ok() {
+            w.end(correlation, Ended::Answered);
         } else {
             // The caller went away (its future was dropped) before its guard ran.
             shared.counters.replies.fetch_sub(1, Ordering::Relaxed);
-            w.end(correlation.to_string(), Ended::GaveUp);
+            w.end(correlation, Ended::GaveUp);
             shared.counters.late.fetch_add(1, Ordering::Relaxed);
         }
         return;
     }
-    let counter = match w.ended.get(correlation) {
+    let counter = match w.ended.get(&correlation) {
         Some(Ended::GaveUp) => &shared.counters.late,
         Some(Ended::Answered) => &shared.counters.duplicate,
         None => &shared.counters.unknown,
     };
     counter.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(topic = %shared.reply_topic, %correlation, id = %env.id, "reply without a waiter dropped");
-}
-
-fn settle(shared: &Shared, r: Result<()>) {
-    match r {
-        Ok(()) => {}
-        Err(Error::StaleDelivery { .. }) => {}
-        Err(e) => {
-            tracing::warn!(topic = %shared.reply_topic, error = %e, "acking a reply failed")
-        }
-    }
 }

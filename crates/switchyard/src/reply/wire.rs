@@ -99,8 +99,8 @@ impl StoredReply {
         StoredReply::new(ERROR_REPLY_TYPE, data, request)
     }
 
-    /// The reply envelope answering `request` (a fresh id, so bus dedup never swallows a
-    /// re-sent reply): `correlationid` is the request's exchange id, `causationid` the
+    /// The reply envelope answering `request` (a fresh id: every reply sent, a re-sent
+    /// one too, is its own message): `correlationid` is the request's exchange id, `causationid` the
     /// request's id, trace context and flow carried over.
     pub(crate) fn envelope(&self, request: &Envelope, source: &str) -> Envelope {
         let mut env = Envelope::new(

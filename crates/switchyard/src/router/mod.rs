@@ -12,9 +12,11 @@
 //! message keeps only its own subject waiting; other subjects keep flowing.
 //!
 //! A responder ([`Router::respond`]) is a handler whose return value becomes the reply
-//! to a request: the reply is committed with the effects (stored, and in the outbox), a
-//! repeated request gets the stored reply again, and an expired request is not
-//! processed. See [`crate::reply`] for the whole exchange and its decisions.
+//! to a request. Requests arrive on the bus's transient channel (a subscription separate
+//! from the durable routes, even on the same topic name): an expired request is skipped,
+//! a repeated one gets its stored reply again, effects are committed with the inbox mark
+//! and the stored reply before the reply is sent, and a handler without effects answers
+//! without a commit. See [`crate::reply`] for the whole exchange and its decisions.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -133,13 +135,6 @@ type BoxFuture =
     Pin<Box<dyn Future<Output = std::result::Result<Option<ReplyBody>, HandlerError>> + Send>>;
 type Handler = Arc<dyn Fn(Context, Arc<Envelope>) -> BoxFuture + Send + Sync>;
 
-/// A handler and whether it answers requests.
-#[derive(Clone)]
-struct Registered {
-    handler: Handler,
-    responds: bool,
-}
-
 /// Called after a message's effect is committed and before it is acknowledged, with the
 /// consumer (`topic/group`) and the message (for flow records, metrics — and crash tests).
 pub type CommitObserver = Arc<dyn Fn(&str, &Envelope) + Send + Sync>;
@@ -147,26 +142,34 @@ pub type CommitObserver = Arc<dyn Fn(&str, &Envelope) + Send + Sync>;
 /// Counters of a router (all routes).
 #[derive(Debug, Default)]
 pub struct RouterStats {
-    /// Messages whose effect was committed and acknowledged.
+    /// Messages whose effect was committed (or that had nothing to commit) and were
+    /// acknowledged; requests answered successfully by a responder the same way.
     pub processed: AtomicU64,
     /// Deliveries skipped because the inbox had them (duplicates).
     pub duplicates: AtomicU64,
-    /// Retryable failures (nacked for redelivery).
+    /// Retryable failures (nacked for redelivery, or retried in place by a responder).
     pub retried: AtomicU64,
     /// Messages sent to the DLQ by the router (terminal, undecodable, unknown type).
     pub dead_lettered: AtomicU64,
-    /// Replies committed by responders (answers and error replies, first time).
+    /// Replies sent by responders for the first time (answers and error replies).
     pub replies: AtomicU64,
     /// Stored replies sent again to a repeated request (same id or idempotency key).
     pub replies_resent: AtomicU64,
-    /// Requests acked without processing because their deadline had passed.
+    /// Replies that found no requester subscribed to their `replyto` (it stopped).
+    pub replies_undeliverable: AtomicU64,
+    /// Requests dropped without processing because their deadline had passed.
     pub expired: AtomicU64,
+    /// Requests dropped because they had no `replyto` (nowhere to answer).
+    pub requests_without_replyto: AtomicU64,
 }
 
 struct Route {
     topic: String,
     group: String,
-    handlers: HashMap<&'static str, Registered>,
+    /// Durable event handlers by type.
+    handlers: HashMap<&'static str, Handler>,
+    /// Responders by request type (a transient subscription of their own).
+    responders: HashMap<&'static str, Handler>,
     options: SubscribeOptions,
     concurrency: usize,
 }
@@ -229,6 +232,7 @@ impl Router {
             topic: topic.to_string(),
             group: group.to_string(),
             handlers: HashMap::new(),
+            responders: HashMap::new(),
             options: SubscribeOptions::default(),
             concurrency: 64,
         });
@@ -253,25 +257,23 @@ impl Router {
                 handler(ctx, event).await.map(|()| None)
             }) as BoxFuture
         });
-        self.route_mut(topic, group).handlers.insert(
-            E::TYPE,
-            Registered {
-                handler: erased,
-                responds: false,
-            },
-        );
+        self.route_mut(topic, group)
+            .handlers
+            .insert(E::TYPE, erased);
         self
     }
 
-    /// Answers requests of type `Req` arriving on `topic` for group `group` (see
-    /// [`crate::reply`]): the handler gets the same [`Context`] as [`on`](Self::on) and
-    /// returns the reply, which is committed with its effects — stored under the
-    /// request's key and appended to the outbox, addressed to the request's `replyto` —
-    /// so the [outbox relay](crate::relay::OutboxRelay) must run for replies to leave.
-    /// A repeated request gets the stored reply without the handler running again; an
-    /// expired one is acked unprocessed; a terminal error is replied as an error (and
-    /// acked); a retryable one is retried per the route's policy, and replied as an
-    /// error when the last attempt fails.
+    /// Answers requests of type `Req` arriving on the transient topic `topic` for group
+    /// `group` (see [`crate::reply`]; the members of a group share the requests). The
+    /// handler gets the same [`Context`] as [`on`](Self::on) and returns the reply. When
+    /// it changed the store, its effects, the inbox mark and the reply (stored under the
+    /// request's key) are committed together before the reply is sent; when it changed
+    /// nothing, the reply is sent without a commit. A repeated request gets the stored
+    /// reply without the handler running again; an expired one is dropped unprocessed; a
+    /// terminal error is replied (and stored) as an error; a retryable one is retried in
+    /// place per the route's redelivery policy but never past the request's deadline,
+    /// then replied as a retryable error. At most the route's
+    /// [`concurrency`](Self::concurrency) requests run at once.
     pub fn respond<Req, Resp, F, Fut>(&mut self, topic: &str, group: &str, handler: F) -> &mut Self
     where
         Req: Event,
@@ -295,23 +297,21 @@ impl Router {
                 }))
             }) as BoxFuture
         });
-        self.route_mut(topic, group).handlers.insert(
-            Req::TYPE,
-            Registered {
-                handler: erased,
-                responds: true,
-            },
-        );
+        self.route_mut(topic, group)
+            .responders
+            .insert(Req::TYPE, erased);
         self
     }
 
-    /// Sets the subscription options (ack wait, redelivery policy) of (topic, group).
+    /// Sets the subscription options (ack wait, redelivery policy) of (topic, group); a
+    /// responder of (topic, group) uses the redelivery policy for its in-place retries.
     pub fn options(&mut self, topic: &str, group: &str, options: SubscribeOptions) -> &mut Self {
         self.route_mut(topic, group).options = options;
         self
     }
 
-    /// Sets how many messages of (topic, group) are handled at once (default 64).
+    /// Sets how many messages of (topic, group) are handled at once (default 64); the
+    /// durable handlers and the responders of (topic, group) each get this many.
     pub fn concurrency(&mut self, topic: &str, group: &str, n: usize) -> &mut Self {
         self.route_mut(topic, group).concurrency = n.max(1);
         self
@@ -319,9 +319,17 @@ impl Router {
 
     /// Runs every route until `shutdown` completes; then stops taking messages and waits
     /// for in-flight handlers to finish (their messages are acked or redelivered later —
-    /// nothing is lost).
+    /// nothing is lost). Same as [`bind`](Self::bind) then [`BoundRouter::run`].
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        for r in &self.routes {
+        self.bind().await?.run(shutdown).await
+    }
+
+    /// Checks the settings and subscribes every route (durable and transient) without
+    /// handling anything yet. Once it returns, requests to the router's responders are
+    /// received (queued until [`BoundRouter::run`]) rather than refused with "no
+    /// responders": bind before announcing that a responder is up.
+    pub async fn bind(self) -> Result<BoundRouter> {
+        for r in self.routes.iter().filter(|r| !r.handlers.is_empty()) {
             let p = &r.options.redelivery;
             let horizon =
                 r.options.ack_wait * p.max_attempts.max(1) + p.max_backoff * p.max_attempts.max(1);
@@ -332,24 +340,88 @@ impl Router {
                 )));
             }
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut tasks = JoinSet::new();
+        let mut workers = Vec::new();
         for route in self.routes {
+            let consumer: Arc<str> = Arc::from(format!("{}/{}", route.topic, route.group));
+            if !route.responders.is_empty() {
+                let sub = self
+                    .bus
+                    .subscribe_transient(&route.topic, &route.group)
+                    .await?;
+                let worker = respond::RespondWorker {
+                    consumer: consumer.clone(),
+                    handlers: Arc::new(route.responders),
+                    store: self.store.clone(),
+                    bus: self.bus.clone(),
+                    service: self.service.clone(),
+                    stats: self.stats.clone(),
+                    concurrency: route.concurrency,
+                    observer: self.observer.clone(),
+                    policy: route.options.redelivery.clone(),
+                };
+                workers.push(Worker::Transient(worker, sub));
+            }
+            if route.handlers.is_empty() {
+                continue;
+            }
             let sub = self
                 .bus
                 .subscribe(&route.topic, &route.group, route.options.clone())
                 .await?;
             let worker = RouteWorker {
-                consumer: Arc::from(format!("{}/{}", route.topic, route.group)),
+                consumer,
                 handlers: Arc::new(route.handlers),
                 store: self.store.clone(),
                 service: self.service.clone(),
                 stats: self.stats.clone(),
                 concurrency: route.concurrency,
                 observer: self.observer.clone(),
-                max_attempts: route.options.redelivery.max_attempts.max(1),
             };
-            tasks.spawn(worker.run(sub, stop_rx.clone()));
+            workers.push(Worker::Durable(worker, sub));
+        }
+        Ok(BoundRouter {
+            workers,
+            store: self.store,
+            inbox_window: self.inbox_window,
+        })
+    }
+}
+
+/// A route's worker with its subscription, ready to run.
+enum Worker {
+    Durable(RouteWorker, crate::bus::Subscription),
+    Transient(respond::RespondWorker, crate::bus::TransientSubscription),
+}
+
+/// A [`Router`] whose routes are subscribed ([`Router::bind`]); [`run`](Self::run) handles
+/// messages. Dropping it unsubscribes everything (durable messages are redelivered
+/// later, queued transient requests are lost and time out at their requesters).
+pub struct BoundRouter {
+    workers: Vec<Worker>,
+    store: Arc<dyn Store>,
+    inbox_window: Duration,
+}
+
+impl std::fmt::Debug for BoundRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundRouter")
+            .field("workers", &self.workers.len())
+            .finish()
+    }
+}
+
+impl BoundRouter {
+    /// Handles messages until `shutdown` completes; then stops taking messages and waits
+    /// for in-flight handlers to finish (durable messages are acked or redelivered later —
+    /// nothing is lost; requests in flight still get their replies).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = JoinSet::new();
+        for worker in self.workers {
+            match worker {
+                Worker::Durable(w, sub) => tasks.spawn(w.run(sub, stop_rx.clone())),
+                Worker::Transient(w, sub) => tasks.spawn(w.run(sub, stop_rx.clone())),
+            };
         }
         let store = self.store.clone();
         let window = self.inbox_window;
@@ -401,13 +473,12 @@ impl Router {
 
 struct RouteWorker {
     consumer: Arc<str>,
-    handlers: Arc<HashMap<&'static str, Registered>>,
+    handlers: Arc<HashMap<&'static str, Handler>>,
     store: Arc<dyn Store>,
     service: Arc<str>,
     stats: Arc<RouterStats>,
     concurrency: usize,
     observer: Option<CommitObserver>,
-    max_attempts: u32,
 }
 
 impl RouteWorker {
@@ -462,7 +533,7 @@ impl RouteWorker {
 
     async fn process(&self, delivery: Delivery) {
         let env = delivery.envelope_arc();
-        let Some(registered) = self.handlers.get(env.event_type.as_str()).cloned() else {
+        let Some(handler) = self.handlers.get(env.event_type.as_str()).cloned() else {
             let mut known: Vec<_> = self.handlers.keys().copied().collect();
             known.sort();
             let reason = format!(
@@ -474,11 +545,6 @@ impl RouteWorker {
             self.dead_letter(delivery, reason).await;
             return;
         };
-        if registered.responds {
-            self.respond(delivery, registered.handler).await;
-            return;
-        }
-        let handler = registered.handler;
         match self.store.inbox_contains(&self.consumer, env.id) {
             Ok(true) => {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);

@@ -1,211 +1,324 @@
-//! The responder path of the router: deadline check, stored-reply lookup, the handler,
-//! and one commit of effects + inbox mark + stored reply + the reply in the outbox.
-//! See [`crate::reply`] for the decisions.
+//! The responder path of the router: requests from a transient subscription; per
+//! request the deadline check, the stored-reply lookup, the handler with in-place
+//! retries, one commit of effects + inbox mark + stored reply when there are effects,
+//! then the reply on the transient channel. See [`crate::reply`] for the decisions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::{CONFLICT_RETRIES, Context, Handler, HandlerError, RouteWorker, run_handler};
-use crate::bus::Delivery;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::{
+    CONFLICT_RETRIES, CommitObserver, Context, Handler, HandlerError, RouterStats, run_handler,
+};
+use crate::bus::{Bus, RedeliveryPolicy, TransientSubscription};
 use crate::envelope::{Envelope, Timestamp};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::reply::{REPLIES, REPLIES_BY_TIME, RemoteErrorKind, StoredReply, reply_key, time_key};
 use crate::store::{Store, Txn};
 
 /// Stored replies removed per commit while expiring.
 const EXPIRE_BATCH: usize = 512;
 
-impl RouteWorker {
-    /// Handles one request for a responder handler.
-    pub(super) async fn respond(&self, delivery: Delivery, handler: Handler) {
-        let env = delivery.envelope_arc();
-        if let Some(deadline) = env.deadline
-            && deadline <= Timestamp::now()
-        {
-            self.stats.expired.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(consumer = %self.consumer, id = %env.id, %deadline, "request expired before processing; dropped");
-            self.settle(delivery.ack().await);
-            return;
+/// The responders of one (topic, group), over one transient subscription.
+pub(super) struct RespondWorker {
+    /// `topic/group`: the inbox consumer name and the prefix of reply keys.
+    pub(super) consumer: Arc<str>,
+    pub(super) handlers: Arc<HashMap<&'static str, Handler>>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) bus: Arc<dyn Bus>,
+    pub(super) service: Arc<str>,
+    pub(super) stats: Arc<RouterStats>,
+    pub(super) concurrency: usize,
+    pub(super) observer: Option<CommitObserver>,
+    /// In-place retries of retryable failures (bounded by each request's deadline).
+    pub(super) policy: RedeliveryPolicy,
+}
+
+/// How a reply came about.
+#[derive(Clone, Copy)]
+enum Sent {
+    /// Produced now (by the handler, or an error reply).
+    First,
+    /// Read from the store: the request was answered before.
+    Again,
+}
+
+/// The outcome of one attempt at a request.
+enum Step {
+    /// Send this reply.
+    Reply(StoredReply, Sent),
+    /// A commit conflicted: run the attempt again.
+    Conflict,
+    /// A retryable failure (handler, store): retry after a backoff, or give up.
+    Failed(String),
+    /// Already processed and its reply is no longer stored: nothing to send.
+    Forgotten,
+}
+
+impl RespondWorker {
+    /// Takes requests until `stop` changes or the bus closes; then waits for the requests
+    /// in flight (their replies still go out).
+    pub(super) async fn run(
+        self,
+        mut sub: TransientSubscription,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<()> {
+        let limit = Arc::new(Semaphore::new(self.concurrency));
+        let me = Arc::new(self);
+        let mut inflight = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => p,
+                _ = stop.changed() => break,
+            };
+            let Ok(first_permit) = permit else { break };
+            let available = limit.available_permits() + 1;
+            let batch = tokio::select! {
+                b = sub.next_batch(available) => b,
+                _ = stop.changed() => break,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) if e.kind() == ErrorKind::Closed => break,
+                Err(e) => {
+                    tracing::warn!(consumer = %me.consumer, error = %e, "receiving requests failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut first_permit = Some(first_permit);
+            for request in batch {
+                let permit = match first_permit.take() {
+                    Some(p) => p,
+                    None => match limit.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                };
+                let me = me.clone();
+                inflight.spawn(async move {
+                    me.handle(request).await;
+                    drop(permit);
+                });
+            }
+            while inflight.try_join_next().is_some() {}
         }
+        // Leave the group first, so new requests go to another member (or fail fast).
+        drop(sub);
+        while inflight.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Answers one request.
+    async fn handle(&self, env: Arc<Envelope>) {
         let Some(replyto) = env.replyto.clone() else {
-            let reason = format!(
-                "request `{}` on {} has no `replyto`: there is nowhere to send the reply (send requests with a Requester)",
-                env.event_type, self.consumer
-            );
-            self.dead_letter(delivery, reason).await;
+            self.stats
+                .requests_without_replyto
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(consumer = %self.consumer, id = %env.id, r#type = %env.event_type,
+                "request without `replyto` dropped: there is nowhere to send the reply (send requests with a Requester)");
             return;
         };
-        let key = reply_key(&self.consumer, &env);
-        let mut conflicts = 0;
-        let mut rechecked = false;
-        loop {
-            let txn = Txn::new(self.store.clone());
-            // Read in the transaction: a concurrent duplicate that stores its reply first
-            // makes this commit conflict, and the next round finds that reply.
-            match txn.get(&REPLIES, &key) {
-                Ok(Some(stored)) => {
-                    self.resend(delivery, &env, &stored, &replyto).await;
-                    return;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.retry(delivery, format!("reading stored replies failed: {e}"))
-                        .await;
-                    return;
-                }
-            }
-            match self.store.inbox_contains(&self.consumer, env.id) {
-                Ok(true) if !rechecked => {
-                    // A concurrent duplicate may have committed between the read of the
-                    // stored reply above and this check: look for its reply once more.
-                    rechecked = true;
-                    continue;
-                }
-                Ok(true) => {
-                    // Processed, but its reply is no longer stored (expired): nothing to
-                    // repeat.
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    self.settle(delivery.ack().await);
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    self.retry(delivery, format!("inbox check failed: {e}"))
-                        .await;
-                    return;
-                }
-            }
-            let ctx = Context {
-                txn: txn.clone(),
-                envelope: env.clone(),
-                attempt: delivery.attempt(),
-                service: self.service.clone(),
-            };
-            let (txn, stored) = match run_handler(&handler, ctx, env.clone()).await {
-                Ok(Some(body)) => (txn, StoredReply::new(body.event_type, body.data, env.id)),
-                Ok(None) => (
-                    txn,
-                    StoredReply::error(
-                        RemoteErrorKind::Terminal,
-                        "the responder produced no reply",
-                        env.id,
-                    ),
-                ),
-                Err(HandlerError::Terminal(reason)) => {
-                    // The caller gets the refusal; the handler's effects are discarded.
-                    let fresh = Txn::new(self.store.clone());
-                    if let Err(e) = fresh.get(&REPLIES, &key) {
-                        self.retry(delivery, format!("reading stored replies failed: {e}"))
-                            .await;
-                        return;
-                    }
-                    (
-                        fresh,
-                        StoredReply::error(RemoteErrorKind::Terminal, &reason, env.id),
-                    )
-                }
-                Err(HandlerError::Retryable(reason)) => {
-                    if delivery.attempt() >= self.max_attempts {
-                        self.reply_last_failure(&env, &replyto, &reason).await;
-                    }
-                    self.retry(delivery, reason).await;
-                    return;
-                }
-            };
-            if let Err(e) = stage_reply(&txn, &key, &stored, &env, &replyto, &self.service) {
-                self.retry(delivery, format!("storing the reply failed: {e}"))
-                    .await;
-                return;
-            }
-            txn.mark_processed(&self.consumer, env.id);
-            match txn.commit().await {
-                Ok(()) => {
-                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
-                    self.stats.replies.fetch_add(1, Ordering::Relaxed);
-                    if let Some(observe) = &self.observer {
-                        observe(&self.consumer, &env);
-                    }
-                    self.settle(delivery.ack().await);
-                }
-                Err(Error::Conflict { .. }) if conflicts < CONFLICT_RETRIES => {
-                    conflicts += 1;
-                    continue;
-                }
-                Err(Error::AlreadyProcessed { .. }) => {
-                    // A duplicate committed first; the next round sends its stored reply.
-                    if conflicts < CONFLICT_RETRIES {
-                        conflicts += 1;
-                        continue;
-                    }
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    self.settle(delivery.ack().await);
-                }
-                Err(e) => self.retry(delivery, format!("commit failed: {e}")).await,
-            }
+        let Some(handler) = self.handlers.get(env.event_type.as_str()).cloned() else {
+            let mut known: Vec<_> = self.handlers.keys().copied().collect();
+            known.sort();
+            let reason = format!(
+                "unknown request type `{}` for {} (answers {})",
+                env.event_type,
+                self.consumer,
+                known.join(", ")
+            );
+            let reply = StoredReply::error(RemoteErrorKind::Terminal, &reason, env.id);
+            self.send(&env, &replyto, &reply, Sent::First).await;
+            return;
+        };
+        if expired(&env, std::time::Duration::ZERO) {
+            self.stats.expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(consumer = %self.consumer, id = %env.id, deadline = ?env.deadline, "request expired before processing; dropped");
             return;
         }
+        let key = reply_key(&self.consumer, &env);
+        let mut attempt = 1;
+        let mut conflicts = 0;
+        loop {
+            match self.attempt(&handler, &env, &key, attempt).await {
+                Step::Reply(reply, how) => {
+                    self.send(&env, &replyto, &reply, how).await;
+                    return;
+                }
+                Step::Conflict if conflicts < CONFLICT_RETRIES => conflicts += 1,
+                Step::Conflict => {
+                    // Counts as a failed attempt: back off, then run it again.
+                    conflicts = 0;
+                    if !self
+                        .retry_or_give_up(&env, &replyto, attempt, "the commit kept conflicting")
+                        .await
+                    {
+                        return;
+                    }
+                    attempt += 1;
+                }
+                Step::Failed(reason) => {
+                    if !self
+                        .retry_or_give_up(&env, &replyto, attempt, &reason)
+                        .await
+                    {
+                        return;
+                    }
+                    attempt += 1;
+                }
+                Step::Forgotten => {
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(consumer = %self.consumer, id = %env.id, "request already processed and its reply expired; not answered");
+                    return;
+                }
+            }
+        }
     }
 
-    /// Sends a stored reply again, addressed to this request.
-    async fn resend(
+    /// After failed attempt `attempt`: waits the policy's backoff and returns true (try
+    /// again), or — attempts exhausted, or the backoff would pass the request's deadline
+    /// — replies a retryable error and returns false.
+    async fn retry_or_give_up(
         &self,
-        delivery: Delivery,
-        request: &Envelope,
-        stored: &StoredReply,
+        env: &Envelope,
         replyto: &str,
-    ) {
+        attempt: u32,
+        reason: &str,
+    ) -> bool {
+        let delay = self.policy.backoff(attempt);
+        if self.policy.exhausted(attempt) || expired(env, delay) {
+            // Not stored: a later request may succeed.
+            let reply = StoredReply::error(RemoteErrorKind::Retryable, reason, env.id);
+            self.send(env, replyto, &reply, Sent::First).await;
+            return false;
+        }
+        self.stats.retried.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(consumer = %self.consumer, id = %env.id, attempt, %reason, ?delay, "responder failed; retrying in place");
+        tokio::time::sleep(delay).await;
+        true
+    }
+
+    /// One attempt: the stored reply if there is one, else the handler and, when it made
+    /// effects (or refused), the commit.
+    async fn attempt(
+        &self,
+        handler: &Handler,
+        env: &Arc<Envelope>,
+        key: &str,
+        attempt: u32,
+    ) -> Step {
         let txn = Txn::new(self.store.clone());
-        txn.publish_envelope(replyto, stored.envelope(request, &self.source()));
+        // Read in the transaction: a concurrent duplicate (same key) that stores its reply
+        // first makes this commit conflict, and the next attempt finds that reply.
+        match txn.get(&REPLIES, key) {
+            Ok(Some(stored)) => return Step::Reply(stored, Sent::Again),
+            Ok(None) => {}
+            Err(e) => return Step::Failed(format!("reading stored replies failed: {e}")),
+        }
+        let ctx = Context {
+            txn: txn.clone(),
+            envelope: env.clone(),
+            attempt,
+            service: self.service.clone(),
+        };
+        let (txn, reply) = match run_handler(handler, ctx, env.clone()).await {
+            Ok(Some(body)) => {
+                let reply = StoredReply::new(body.event_type, body.data, env.id);
+                if !txn.has_effects() {
+                    // Nothing to make exactly-once: a repeat just computes it again.
+                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                    return Step::Reply(reply, Sent::First);
+                }
+                (txn, reply)
+            }
+            Ok(None) => (
+                txn,
+                StoredReply::error(
+                    RemoteErrorKind::Terminal,
+                    "the responder produced no reply",
+                    env.id,
+                ),
+            ),
+            Err(HandlerError::Terminal(reason)) => {
+                // The caller gets the refusal, stored so a retry gets it again; the
+                // handler's effects are discarded.
+                let fresh = Txn::new(self.store.clone());
+                if let Err(e) = fresh.get(&REPLIES, key) {
+                    return Step::Failed(format!("reading stored replies failed: {e}"));
+                }
+                (
+                    fresh,
+                    StoredReply::error(RemoteErrorKind::Terminal, &reason, env.id),
+                )
+            }
+            Err(HandlerError::Retryable(reason)) => return Step::Failed(reason),
+        };
+        if let Err(e) = stage_reply(&txn, key, &reply) {
+            return Step::Failed(format!("storing the reply failed: {e}"));
+        }
+        txn.mark_processed(&self.consumer, env.id);
         match txn.commit().await {
             Ok(()) => {
-                self.stats.replies_resent.fetch_add(1, Ordering::Relaxed);
+                self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                if let Some(observe) = &self.observer {
+                    observe(&self.consumer, env);
+                }
+                Step::Reply(reply, Sent::First)
+            }
+            Err(Error::Conflict { .. }) => Step::Conflict,
+            Err(Error::AlreadyProcessed { .. }) => {
+                // A duplicate of this request id committed first: answer with its reply.
+                match Txn::new(self.store.clone()).get(&REPLIES, key) {
+                    Ok(Some(stored)) => Step::Reply(stored, Sent::Again),
+                    Ok(None) => Step::Forgotten,
+                    Err(e) => Step::Failed(format!("reading stored replies failed: {e}")),
+                }
+            }
+            Err(e) => Step::Failed(format!("commit failed: {e}")),
+        }
+    }
+
+    /// Sends `reply`, addressed to `request`, on the transient channel.
+    async fn send(&self, request: &Envelope, replyto: &str, reply: &StoredReply, how: Sent) {
+        match how {
+            Sent::First => self.stats.replies.fetch_add(1, Ordering::Relaxed),
+            Sent::Again => {
                 tracing::debug!(consumer = %self.consumer, id = %request.id, "repeated request answered with its stored reply");
-                self.settle(delivery.ack().await);
+                self.stats.replies_resent.fetch_add(1, Ordering::Relaxed)
             }
+        };
+        let env = reply.envelope(request, &format!("/{}", self.service));
+        match self.bus.publish_transient(replyto, env).await {
+            Ok(()) => {}
             Err(e) => {
-                self.retry(delivery, format!("re-sending the stored reply failed: {e}"))
-                    .await
+                self.stats
+                    .replies_undeliverable
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(consumer = %self.consumer, id = %request.id, %replyto, error = %e,
+                    "reply not delivered (the requester stopped?); a retry with the same key gets the stored reply if there is one");
             }
         }
-    }
-
-    /// Tells the caller that the last attempt failed (not stored: a later request may
-    /// succeed). The request itself goes on to the DLQ.
-    async fn reply_last_failure(&self, request: &Envelope, replyto: &str, reason: &str) {
-        let stored = StoredReply::error(RemoteErrorKind::Retryable, reason, request.id);
-        let txn = Txn::new(self.store.clone());
-        txn.publish_envelope(replyto, stored.envelope(request, &self.source()));
-        match txn.commit().await {
-            Ok(()) => {
-                self.stats.replies.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                tracing::warn!(consumer = %self.consumer, id = %request.id, error = %e, "replying the last failure failed; the caller will time out")
-            }
-        }
-    }
-
-    fn source(&self) -> String {
-        format!("/{}", self.service)
     }
 }
 
-/// Adds the stored reply, its time index and the reply envelope to `txn`.
-fn stage_reply(
-    txn: &Txn,
-    key: &str,
-    stored: &StoredReply,
-    request: &Envelope,
-    replyto: &str,
-    service: &str,
-) -> Result<()> {
+/// True when `env` has a deadline that passes within `margin` from now.
+fn expired(env: &Envelope, margin: std::time::Duration) -> bool {
+    env.deadline
+        .is_some_and(|d| d <= Timestamp::now().saturating_add(margin))
+}
+
+/// Adds the stored reply and its time index to `txn`.
+fn stage_reply(txn: &Txn, key: &str, stored: &StoredReply) -> Result<()> {
     txn.put(&REPLIES, key, stored)?;
     txn.put(
         &REPLIES_BY_TIME,
         &time_key(stored.at, key),
         &key.to_string(),
     )?;
-    txn.publish_envelope(replyto, stored.envelope(request, &format!("/{service}")));
     Ok(())
 }
 

@@ -99,6 +99,11 @@ pub struct StoreConfig {
     /// Most commits written as one group (one fjall batch, one sync); bounds the latency
     /// one group adds to the commits queued behind it.
     pub max_group: usize,
+    /// Largest in-memory write buffer (memtable) of each of the store's four keyspaces
+    /// before it is flushed to disk: the main part of the store's memory. 16 MiB by
+    /// default (fjall's own default, 64 MiB, made 100,000 sagas in flight cost ~120 MB
+    /// more with no gain in commit throughput; see docs/decisions/0007).
+    pub max_memtable_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -106,6 +111,7 @@ impl Default for StoreConfig {
         StoreConfig {
             durability: Durability::Fsync,
             max_group: 1024,
+            max_memtable_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -230,9 +236,12 @@ impl EmbeddedStore {
                 e,
             ),
         })?;
+        let max_memtable_bytes = config.max_memtable_bytes.max(1024 * 1024);
         let keyspace = |name: &str| {
-            db.keyspace(name, KeyspaceCreateOptions::default)
-                .map_err(|e| Error::storage(format!("opening keyspace `{name}`"), e))
+            db.keyspace(name, || {
+                KeyspaceCreateOptions::default().max_memtable_size(max_memtable_bytes)
+            })
+            .map_err(|e| Error::storage(format!("opening keyspace `{name}`"), e))
         };
         let ks = Keyspaces {
             rows: keyspace("rows")?,

@@ -228,6 +228,13 @@ pub(crate) fn retry(rec: &mut SagaRecord, now: Timestamp) -> bool {
         return false;
     }
     rec.state = rec.resume.take().unwrap_or(SagaState::Compensating);
+    // The error is again what made the saga compensate (if anything), not why it parked.
+    rec.error = rec
+        .history
+        .iter()
+        .rev()
+        .find(|t| t.kind == TransitionKind::StepFailed)
+        .and_then(|t| t.error.clone());
     push(rec, now, TransitionKind::Retried, None);
     true
 }
@@ -329,6 +336,7 @@ mod tests {
         assert_eq!(rec.error.as_deref(), Some("still down"));
         assert!(retry(&mut rec, now));
         assert_eq!(rec.state, SagaState::Compensating);
+        assert_eq!(rec.error.as_deref(), Some("declined"), "the cause again");
         assert_eq!(next(&rec), Next::Compensate(0));
         compensated(&mut rec, 0, &out(1), &compensable, now);
         assert_eq!(rec.state, SagaState::Compensated);

@@ -26,6 +26,10 @@ const SAGAS: &str = "sagas";
 /// Index of sagas by state: key `<state>/<id>`, value `null`.
 const INDEX: &str = "saga_index";
 
+/// Transitions committed at once by one orchestrator: enough to fill the store's group
+/// commits, few enough that a burst holds no more than this many encoded batches.
+const MAX_COMMITS_IN_FLIGHT: usize = 1024;
+
 type Observer = Arc<dyn Fn(&SagaRecord) + Send + Sync>;
 
 /// Configures and builds an [`Orchestrator`].
@@ -46,9 +50,15 @@ impl OrchestratorBuilder {
         I: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         let names: Arc<[String]> = saga.steps.iter().map(|s| s.name.clone()).collect();
+        let compensable = saga
+            .steps
+            .iter()
+            .map(|s| s.compensation.is_some())
+            .collect();
         self.sagas.push(Arc::new(Typed {
             name: saga.name.as_str().into(),
             names,
+            compensable,
             saga,
         }));
         self
@@ -114,6 +124,7 @@ impl OrchestratorBuilder {
                 queue_rx: Mutex::new(Some(rx)),
                 active: Mutex::new(HashMap::new()),
                 waiters: Mutex::new(HashMap::new()),
+                commit_permits: Semaphore::new(MAX_COMMITS_IN_FLIGHT),
             }),
         })
     }
@@ -160,6 +171,8 @@ struct Inner {
     /// Sagas queued or being driven; `true` asks for another pass when the current one ends.
     active: Mutex<HashMap<String, bool>>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<SagaRecord>>>>,
+    /// Transitions being committed at once (see [`Inner::persist`]).
+    commit_permits: Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -318,7 +331,7 @@ impl Inner {
     }
 
     /// Commits the transition, retrying store failures with backoff; false when this
-    /// driver lost the saga and must stop.
+    /// driver lost the saga and must stop. Callers hold one of `commit_permits`.
     async fn persist(&self, rec: &SagaRecord, before: SagaState, last: &mut Fingerprint) -> bool {
         let bytes = match encode(rec) {
             Ok(b) => b,
@@ -372,6 +385,34 @@ impl Inner {
         self.finished(&id);
     }
 
+    /// Reads saga `id` back after an action, if it is still as this driver left it;
+    /// `None` when someone else changed it (this driver stops).
+    async fn reload(&self, id: &str, last: Fingerprint) -> Option<SagaRecord> {
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match self.store.get_raw(SAGAS, id) {
+                Ok(Some(row)) if Fingerprint::of(&row.value) == last => {
+                    return match decode(id, &row.value) {
+                        Ok(rec) => Some(rec),
+                        Err(e) => {
+                            tracing::error!(saga = %id, error = %e, "cannot decode the saga; it resumes on the next start");
+                            None
+                        }
+                    };
+                }
+                Ok(_) => {
+                    tracing::warn!(saga = %id, "the saga was changed by someone else; this orchestrator stops driving it");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(saga = %id, error = %e, retry_in = ?delay, "reading the saga failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     fn observe_settled(&self, rec: &SagaRecord) {
         let waiters = lock(&self.waiters).remove(&rec.id);
         for w in waiters.into_iter().flatten() {
@@ -382,6 +423,9 @@ impl Inner {
     /// Parks a saga for an operator.
     async fn park(&self, mut rec: SagaRecord, mut last: Fingerprint, why: String) {
         tracing::error!(saga = %rec.id, name = %rec.saga, "{why}; the saga needs attention");
+        let Ok(_permit) = self.commit_permits.acquire().await else {
+            return;
+        };
         let before = rec.state;
         machine::needs_attention(&mut rec, why, Timestamp::now());
         self.persist(&rec, before, &mut last).await;
@@ -403,6 +447,8 @@ trait Driver: Send + Sync {
 struct Typed<I> {
     name: Arc<str>,
     names: Arc<[String]>,
+    /// Whether each step has a compensation.
+    compensable: Vec<bool>,
     saga: Saga<I>,
 }
 
@@ -456,15 +502,9 @@ async fn drive_typed<I>(
             return;
         }
     };
-    let compensable: Vec<bool> = def
-        .saga
-        .steps
-        .iter()
-        .map(|s| s.compensation.is_some())
-        .collect();
+    let compensable = &def.compensable;
     let saga_id: Arc<str> = rec.id.as_str().into();
     loop {
-        let before = rec.state;
         let next = machine::next(&rec);
         let (k, phase) = match next {
             Next::Settled => return,
@@ -485,26 +525,26 @@ async fn drive_typed<I>(
             outputs: outputs.clone(),
         };
         tracing::debug!(step = %step.name, phase = phase.as_str(), "running");
-        let now = || Timestamp::now();
-        match phase {
-            Phase::Action => {
+        // While the action runs, the saga's record is not held in memory (a saga in
+        // flight costs its futures only); it is read back, and checked to be unchanged,
+        // when the outcome is recorded.
+        let compensated_output = match phase {
+            Phase::Compensation => Some(rec.steps[k].output.clone().unwrap_or_else(Json::null)),
+            Phase::Action => None,
+        };
+        drop(rec);
+        let outcome = match compensated_output {
+            None => {
                 let policy = step.policy.as_ref().unwrap_or(&inner.action_policy);
                 let action = step.action.clone();
                 let (result, outcome) = attempts(policy, |a, d| (action)(context(a, d))).await;
-                match result {
-                    Ok(output) => machine::step_done(&mut rec, k, output, &outcome, now()),
-                    Err(e) => {
-                        tracing::info!(step = %step.name, error = %e, "step failed; compensating");
-                        machine::step_failed(&mut rec, k, e, &outcome, &compensable, now())
-                    }
-                }
+                StepOutcome::Action(result, outcome)
             }
-            Phase::Compensation => {
+            Some(output) => {
                 let policy = step
                     .compensation_policy
                     .as_ref()
                     .unwrap_or(&inner.compensation_policy);
-                let output = rec.steps[k].output.clone().unwrap_or_else(Json::null);
                 let (result, outcome) = match step.compensation.clone() {
                     Some(compensation) => {
                         attempts(policy, |a, d| (compensation)(context(a, d), output.clone())).await
@@ -517,19 +557,47 @@ async fn drive_typed<I>(
                         },
                     ),
                 };
-                match result {
-                    Ok(()) => machine::compensated(&mut rec, k, &outcome, &compensable, now()),
-                    Err(e) => {
-                        tracing::error!(step = %step.name, error = %e, "compensation keeps failing; the saga needs attention");
-                        machine::compensation_exhausted(&mut rec, k, e, &outcome, now())
-                    }
-                }
+                StepOutcome::Compensation(result, outcome)
+            }
+        };
+        drop(outputs);
+        // Transitions being recorded are bounded: a burst of sagas finishing their actions
+        // at once waits here as small futures, not as records and encoded batches.
+        let Ok(_permit) = inner.commit_permits.acquire().await else {
+            return;
+        };
+        rec = match Box::pin(inner.reload(&saga_id, last)).await {
+            Some(rec) => rec,
+            None => return,
+        };
+        let before = rec.state;
+        let now = Timestamp::now();
+        match outcome {
+            StepOutcome::Action(Ok(output), outcome) => {
+                machine::step_done(&mut rec, k, output, &outcome, now)
+            }
+            StepOutcome::Action(Err(e), outcome) => {
+                tracing::info!(step = %step.name, error = %e, "step failed; compensating");
+                machine::step_failed(&mut rec, k, e, &outcome, compensable, now)
+            }
+            StepOutcome::Compensation(Ok(()), outcome) => {
+                machine::compensated(&mut rec, k, &outcome, compensable, now)
+            }
+            StepOutcome::Compensation(Err(e), outcome) => {
+                tracing::error!(step = %step.name, error = %e, "compensation keeps failing; the saga needs attention");
+                machine::compensation_exhausted(&mut rec, k, e, &outcome, now)
             }
         }
         if !Box::pin(inner.persist(&rec, before, &mut last)).await {
             return;
         }
     }
+}
+
+/// What an action or compensation came to.
+enum StepOutcome {
+    Action(std::result::Result<Json, String>, Outcome),
+    Compensation(std::result::Result<(), String>, Outcome),
 }
 
 /// Runs `run` per `policy`: each attempt under the timeout, a panic counted as a failed

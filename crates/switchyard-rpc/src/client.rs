@@ -584,11 +584,7 @@ impl ServiceClient {
             correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
             idempotency_key = opts.idempotency_key.as_deref().unwrap_or(""),
         );
-        let mut wire = ctx.wire();
-        wire.idempotency_key = opts
-            .idempotency_key
-            .as_deref()
-            .and_then(|k| HeaderValue::from_str(k).ok());
+        let wire = ctx.wire_with(true, opts.idempotency_key.as_deref());
         let req = CallRequest {
             inner: Arc::new(CallParts {
                 method,

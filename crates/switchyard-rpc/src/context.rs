@@ -31,16 +31,58 @@ pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 const DEADLINE_NAME: HeaderName = HeaderName::from_static(DEADLINE_HEADER);
 const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT_HEADER);
 const CORRELATION_NAME: HeaderName = HeaderName::from_static(CORRELATION_HEADER);
-const IDEMPOTENCY_NAME: HeaderName = HeaderName::from_static(IDEMPOTENCY_HEADER);
+pub(crate) const IDEMPOTENCY_NAME: HeaderName = HeaderName::from_static(IDEMPOTENCY_HEADER);
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Writes `v` as `buf.len()` lowercase hex digits (zero-padded).
-fn put_hex(buf: &mut [u8], mut v: u128) {
+/// The length of a version-00 `traceparent`.
+const TRACEPARENT_LEN: usize = 55;
+
+/// Writes `v` as `buf.len()` (at most 16) lowercase hex digits (zero-padded).
+fn put_hex(buf: &mut [u8], mut v: u64) {
     for b in buf.iter_mut().rev() {
         *b = HEX[(v & 0xf) as usize];
         v >>= 4;
     }
+}
+
+/// The value of each byte as a hex digit (either case); `0xff` if it is not one.
+const UNHEX: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[HEX[i] as usize] = i as u8;
+        t[HEX[i].to_ascii_uppercase() as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// `digits` (at most 16 hex digits, either case) as a number; `None` on any other byte.
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    let mut acc = 0u64;
+    // Valid digits are 0..=15, so any invalid byte (0xff) shows in the high bits.
+    let mut seen = 0u8;
+    for &d in digits {
+        let v = UNHEX[usize::from(d)];
+        seen |= v;
+        acc = acc << 4 | u64::from(v & 0xf);
+    }
+    (seen & 0xf0 == 0).then_some(acc)
+}
+
+/// The decimal digits of `v`, written at the end of `buf`.
+fn decimal(buf: &mut [u8; 20], mut v: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
 }
 
 tokio::task_local! {
@@ -78,14 +120,15 @@ impl TraceParent {
 
     /// Parses version-00 `traceparent`; `None` if malformed or all-zero ids.
     pub fn parse(s: &str) -> Option<Self> {
-        let mut parts = s.trim().split('-');
-        let (v, t, p, f) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || v != "00" || t.len() != 32 || p.len() != 16 || f.len() != 2 {
+        // `00-<32 hex>-<16 hex>-<2 hex>`, read byte by byte (no splitting, no radix
+        // parsing): this runs for every incoming call.
+        let b = s.trim().as_bytes();
+        if b.len() != 55 || !b.starts_with(b"00-") || b[35] != b'-' || b[52] != b'-' {
             return None;
         }
-        let trace_id = u128::from_str_radix(t, 16).ok()?;
-        let span_id = u64::from_str_radix(p, 16).ok()?;
-        let flags = u8::from_str_radix(f, 16).ok()?;
+        let trace_id = u128::from(parse_hex(&b[3..19])?) << 64 | u128::from(parse_hex(&b[19..35])?);
+        let span_id = parse_hex(&b[36..52])?;
+        let flags = u8::try_from(parse_hex(&b[53..55])?).ok()?;
         (trace_id != 0 && span_id != 0).then_some(TraceParent {
             trace_id,
             span_id,
@@ -95,17 +138,27 @@ impl TraceParent {
 
     /// The `traceparent` header value, formatted without intermediate strings.
     pub fn header_value(&self) -> HeaderValue {
-        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        put_hex(&mut buf[3..35], self.trace_id);
-        put_hex(&mut buf[36..52], u128::from(self.span_id));
-        put_hex(&mut buf[53..55], u128::from(self.flags));
         // Only hex digits and `-`: always a valid header value.
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("00"))
+        HeaderValue::from_bytes(&self.header_bytes())
+            .unwrap_or_else(|_| HeaderValue::from_static("00"))
+    }
+
+    /// The `traceparent` text, formatted on the stack.
+    fn header_bytes(&self) -> [u8; TRACEPARENT_LEN] {
+        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        put_hex(&mut buf[3..19], (self.trace_id >> 64) as u64);
+        put_hex(&mut buf[19..35], self.trace_id as u64);
+        put_hex(&mut buf[36..52], self.span_id);
+        put_hex(&mut buf[53..55], u64::from(self.flags));
+        buf
     }
 
     /// The trace id as 32 lowercase hex digits.
     pub fn trace_id_hex(&self) -> String {
-        format!("{:032x}", self.trace_id)
+        let mut buf = [0u8; 32];
+        put_hex(&mut buf[..16], (self.trace_id >> 64) as u64);
+        put_hex(&mut buf[16..], self.trace_id as u64);
+        buf.iter().map(|&b| char::from(b)).collect()
     }
 }
 
@@ -168,22 +221,53 @@ impl CallContext {
     /// Writes everything but the deadline (`traceparent`, correlation id, idempotency
     /// key): gRPC carries the deadline in `grpc-timeout` instead.
     pub fn write_trace_headers(&self, headers: &mut HeaderMap) {
-        let mut w = self.wire();
-        w.deadline = None;
-        w.write(headers);
+        self.wire_with(false, self.idempotency_key.as_deref())
+            .write(headers);
     }
 
     /// The header values of this context, made once per call and written on each
     /// attempt.
     pub(crate) fn wire(&self) -> WireContext {
-        let value = |s: &Option<String>| s.as_deref().and_then(|s| HeaderValue::from_str(s).ok());
+        self.wire_with(true, self.idempotency_key.as_deref())
+    }
+
+    /// The header values of this context, with the deadline if `deadline` and with
+    /// `idempotency_key` (instead of this context's own key).
+    ///
+    /// All values are slices of one buffer: two allocations per call, and writing them
+    /// on an attempt only bumps a reference count (values made one by one cost an
+    /// allocation each, and another when first cloned).
+    pub(crate) fn wire_with(&self, deadline: bool, idempotency_key: Option<&str>) -> WireContext {
+        let correlation_id = self.correlation_id.as_deref();
+        let mut buf = Vec::with_capacity(
+            20 + TRACEPARENT_LEN
+                + correlation_id.map_or(0, str::len)
+                + idempotency_key.map_or(0, str::len),
+        );
+        let mut put = |bytes: &[u8]| {
+            let start = buf.len();
+            buf.extend_from_slice(bytes);
+            start..buf.len()
+        };
+        let mut digits = [0u8; 20];
+        let deadline = self
+            .deadline
+            .filter(|_| deadline)
+            .map(|d| put(decimal(&mut digits, deadline_to_millis(d))));
+        let traceparent = self.traceparent.map(|t| put(&t.header_bytes()));
+        let correlation = correlation_id.map(|c| put(c.as_bytes()));
+        let key = idempotency_key.map(|k| put(k.as_bytes()));
+        let buf = bytes::Bytes::from(buf);
+        // Values that are not valid header values (e.g. a control character in a
+        // correlation id) are skipped, as before.
+        let value = |r: Option<std::ops::Range<usize>>| {
+            r.and_then(|r| HeaderValue::from_maybe_shared(buf.slice(r)).ok())
+        };
         WireContext {
-            deadline: self
-                .deadline
-                .map(|d| HeaderValue::from(deadline_to_millis(d))),
-            traceparent: self.traceparent.map(|t| t.header_value()),
-            correlation_id: value(&self.correlation_id),
-            idempotency_key: value(&self.idempotency_key),
+            deadline: value(deadline),
+            traceparent: value(traceparent),
+            correlation_id: value(correlation),
+            idempotency_key: value(key),
         }
     }
 
@@ -237,6 +321,27 @@ impl CallContext {
     pub async fn scope<F: Future>(self, fut: F) -> F::Output {
         CURRENT.scope(self, fut).await
     }
+}
+
+/// Runs `fut` but not past `deadline`: `None` if the deadline came first (`fut` is then
+/// dropped, i.e. cancelled). With no deadline, just runs `fut`.
+///
+/// The timer is armed only if `fut` does not finish on its first poll, so a handler that
+/// answers at once costs no timer at all; one that waits is bounded exactly as with
+/// `tokio::time::timeout_at` (the deadline is fixed by the caller beforehand).
+pub(crate) async fn until_deadline<F: Future>(
+    fut: F,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<F::Output> {
+    let Some(deadline) = deadline else {
+        return Some(fut.await);
+    };
+    let mut fut = std::pin::pin!(fut);
+    match std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
+        std::task::Poll::Ready(out) => return Some(out),
+        std::task::Poll::Pending => {}
+    }
+    tokio::time::timeout_at(deadline, fut).await.ok()
 }
 
 /// The context's headers, ready to write (see [`CallContext::wire`]).
@@ -320,6 +425,90 @@ mod tests {
         assert_eq!(back.idempotency_key.as_deref(), Some("k1"));
         let ms = |t: Timestamp| t.unix_micros() / 1000;
         assert_eq!(ms(back.deadline.unwrap()), ms(ctx.deadline.unwrap()));
+    }
+
+    #[test]
+    fn traceparent_parse_rejects_malformed() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(TraceParent::parse(ok).is_some());
+        assert_eq!(
+            TraceParent::parse(&ok.to_uppercase()),
+            TraceParent::parse(ok),
+            "hex digits in either case"
+        );
+        assert_eq!(
+            TraceParent::parse(&format!("  {ok} ")),
+            TraceParent::parse(ok)
+        );
+        for bad in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn wire_values() {
+        let tp = TraceParent::new_root();
+        let ctx = CallContext {
+            deadline: Some(Timestamp::from_unix_micros(1_700_000_000_123_456)),
+            traceparent: Some(tp),
+            correlation_id: Some("order-7".into()),
+            idempotency_key: Some("bad\nkey".into()),
+        };
+        let mut h = HeaderMap::new();
+        ctx.wire_with(true, Some("k-1")).write(&mut h);
+        assert_eq!(h[DEADLINE_HEADER], "1700000000123");
+        assert_eq!(h[TRACEPARENT_HEADER], tp.to_string().as_str());
+        assert_eq!(h[CORRELATION_HEADER], "order-7");
+        assert_eq!(h[IDEMPOTENCY_HEADER], "k-1");
+        let mut h = HeaderMap::new();
+        ctx.wire_with(false, None).write(&mut h);
+        assert_eq!(h.len(), 2, "no deadline, no key: {h:?}");
+        // A value that is not a valid header value is skipped.
+        let mut h = HeaderMap::new();
+        ctx.write_headers(&mut h);
+        assert!(h.get(IDEMPOTENCY_HEADER).is_none());
+        assert_eq!(h.len(), 3);
+        let zero = CallContext {
+            deadline: Some(Timestamp::from_unix_micros(0)),
+            ..CallContext::default()
+        };
+        let mut h = HeaderMap::new();
+        zero.wire().write(&mut h);
+        assert_eq!(h[DEADLINE_HEADER], "0");
+        assert_eq!(tp.trace_id_hex(), format!("{:032x}", tp.trace_id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn until_deadline_cancels_only_a_waiting_future() {
+        use tokio::time::{Instant, sleep};
+        let soon = Some(Instant::now() + Duration::from_secs(1));
+        assert_eq!(until_deadline(async { 7 }, soon).await, Some(7));
+        assert_eq!(until_deadline(async { 7 }, None).await, Some(7));
+        let start = Instant::now();
+        let slow = async {
+            sleep(Duration::from_secs(10)).await;
+            7
+        };
+        assert_eq!(until_deadline(slow, soon).await, None);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(1),
+            "cancelled at the deadline"
+        );
+        let quick = async {
+            sleep(Duration::from_millis(10)).await;
+            7
+        };
+        let later = Some(Instant::now() + Duration::from_secs(1));
+        assert_eq!(until_deadline(quick, later).await, Some(7));
     }
 
     #[test]

@@ -44,17 +44,18 @@ use tower::ServiceExt;
 use tower::retry::Retry;
 use tracing::Instrument;
 
-use super::{GRPC_TIMEOUT_HEADER, LOCAL_ERROR_METADATA, encode_timeout, timeout_from_headers};
-
-const GRPC_TIMEOUT_NAME: http::HeaderName = http::HeaderName::from_static(GRPC_TIMEOUT_HEADER);
+use super::{
+    GRPC_TIMEOUT_NAME, LOCAL_ERROR_METADATA, encode_timeout, header_status, timeout_from_headers,
+};
 
 /// `d` as a `grpc-timeout` header value (see [`encode_timeout`]).
 fn timeout_value(d: Duration) -> HeaderValue {
     HeaderValue::from_str(&encode_timeout(d)).unwrap_or_else(|_| HeaderValue::from_static("0u"))
 }
+use crate::balance::FnvBuild;
 use crate::breaker::BreakerState;
 use crate::client::{CallOptions, ClientConfig};
-use crate::context::{CallContext, IDEMPOTENCY_HEADER};
+use crate::context::{CallContext, IDEMPOTENCY_NAME};
 use crate::error::Error;
 use crate::pool::{Lease, Pool};
 use crate::registry::Registry;
@@ -249,9 +250,7 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
         Err(_) => Err(Status::deadline_exceeded("attempt timed out")),
     };
     let failed = match &out {
-        Ok(resp) => {
-            Status::from_header_map(resp.headers()).is_some_and(|s| classify(s.code(), false).0)
-        }
+        Ok(resp) => header_status(resp.headers()).is_some_and(|s| classify(s.code(), false).0),
         Err(s) => classify(s.code(), is_attempt_timeout(s)).0,
     };
     lease.finish(!failed);
@@ -273,9 +272,7 @@ impl tower::retry::Policy<GrpcCall, http::Response<Body>, Status> for GrpcRetryP
         result: &mut Result<http::Response<Body>, Status>,
     ) -> Option<Self::Future> {
         let retryable_outcome = match result {
-            Ok(resp) => {
-                Status::from_header_map(resp.headers()).is_some_and(|s| classify(s.code(), false).1)
-            }
+            Ok(resp) => header_status(resp.headers()).is_some_and(|s| classify(s.code(), false).1),
             Err(s) => !is_local_fail_fast(s) && classify(s.code(), is_attempt_timeout(s)).1,
         };
         self.retrier
@@ -302,13 +299,13 @@ struct Shared {
     bulkhead: Arc<Semaphore>,
     /// The per-service retry state (for the budget deposit of non-retryable calls).
     retrier: Retrier,
-    idempotent: Arc<HashSet<String>>,
+    idempotent: Arc<HashSet<String, FnvBuild>>,
 }
 
 struct ClientInner {
     registry: Arc<dyn Registry>,
     cfg: ClientConfig,
-    idempotent: Arc<HashSet<String>>,
+    idempotent: Arc<HashSet<String, FnvBuild>>,
     services: Mutex<HashMap<String, GrpcChannel>>,
 }
 
@@ -339,7 +336,7 @@ impl GrpcClient {
             inner: Arc::new(ClientInner {
                 registry,
                 cfg,
-                idempotent: Arc::new(HashSet::new()),
+                idempotent: Arc::new(HashSet::default()),
                 services: Mutex::new(HashMap::new()),
             }),
         }
@@ -460,7 +457,7 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
         ctx.idempotency_key = opts.idempotency_key.clone().or_else(|| {
             parts
                 .headers
-                .get(IDEMPOTENCY_HEADER)
+                .get(&IDEMPOTENCY_NAME)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });

@@ -52,6 +52,24 @@ pub use server::{
 /// The header carrying a gRPC call's timeout (`<digits><unit>`, unit one of `HMSmun`).
 pub const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
 
+/// [`GRPC_TIMEOUT_HEADER`] as a name (a `&str` name is parsed on every lookup).
+pub(crate) const GRPC_TIMEOUT_NAME: http::HeaderName =
+    http::HeaderName::from_static(GRPC_TIMEOUT_HEADER);
+
+/// `grpc-status`, as a name.
+pub(crate) const GRPC_STATUS_NAME: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// The status a response carries in its headers (a "trailers-only" answer), if any.
+/// Cheap for the usual answer, which has none: one lookup by a prepared name before
+/// `Status::from_header_map` (which parses its names on each call) is consulted.
+pub(crate) fn header_status(headers: &HeaderMap) -> Option<tonic::Status> {
+    if headers.contains_key(&GRPC_STATUS_NAME) {
+        tonic::Status::from_header_map(headers)
+    } else {
+        None
+    }
+}
+
 /// Metadata naming the request field an INVALID_ARGUMENT is about.
 pub const FIELD_METADATA: &str = "x-switchyard-field";
 
@@ -124,7 +142,7 @@ pub fn parse_timeout(s: &str) -> Option<Duration> {
 /// The `grpc-timeout` of a request's headers, if present and well formed.
 pub fn timeout_from_headers(headers: &HeaderMap) -> Option<Duration> {
     headers
-        .get(GRPC_TIMEOUT_HEADER)
+        .get(&GRPC_TIMEOUT_NAME)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_timeout)
 }

@@ -37,7 +37,7 @@ use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
 use super::{FIELD_METADATA, timeout_from_headers};
-use crate::context::{CallContext, TraceParent, deadline_to_millis};
+use crate::context::{CallContext, TraceParent, deadline_to_millis, until_deadline};
 
 /// INVALID_ARGUMENT about request field `field` (named in the message and in the
 /// [`FIELD_METADATA`] metadata, read back by [`crate::Error::field`]).
@@ -169,15 +169,10 @@ where
         }
         let fut = catch_unwind(ctx.scope(self.inner.call(req)));
         let run = async move {
-            let res = match deadline {
-                None => fut.await,
-                Some(d) => match tokio::time::timeout_at(d, fut).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!("deadline passed; handler cancelled");
-                        return Ok(deadline_exceeded());
-                    }
-                },
+            // The timer is armed only if the handler has to wait (see `until_deadline`).
+            let Some(res) = until_deadline(fut, deadline).await else {
+                tracing::warn!("deadline passed; handler cancelled");
+                return Ok(deadline_exceeded());
             };
             match res {
                 Ok(Ok(resp)) => Ok(resp.map(Body::new)),

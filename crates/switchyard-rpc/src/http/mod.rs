@@ -37,7 +37,7 @@ use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
-use crate::context::{CallContext, TraceParent, deadline_to_millis};
+use crate::context::{CallContext, TraceParent, deadline_to_millis, until_deadline};
 use crate::problem::{PROBLEM_JSON, Problem, types};
 
 /// The readiness flag of a service (liveness needs none: answering is being alive).
@@ -169,19 +169,15 @@ where
             span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
             return Box::pin(std::future::ready(Ok(deadline_exceeded())));
         }
+        // Fixed now; the timer itself is armed only if the handler has to wait.
+        let deadline = remaining.map(|r| tokio::time::Instant::now() + r);
         req.extensions_mut().insert(ctx.clone());
         let fut = ctx.scope(self.inner.call(req));
         Box::pin(
             async move {
-                let res = match remaining {
-                    None => fut.await,
-                    Some(r) => match tokio::time::timeout(r, fut).await {
-                        Ok(res) => res,
-                        Err(_) => {
-                            tracing::warn!("deadline passed; handler cancelled");
-                            return Ok(deadline_exceeded());
-                        }
-                    },
+                let Some(res) = until_deadline(fut, deadline).await else {
+                    tracing::warn!("deadline passed; handler cancelled");
+                    return Ok(deadline_exceeded());
                 };
                 let res = match res {
                     Ok(r) => r.into_response(),
@@ -250,9 +246,14 @@ pub fn router(app: Router, opts: &ServerOptions) -> Router {
         }),
     )
     .fallback(not_found)
-    .layer(DefaultBodyLimit::disable())
-    .layer(RequestBodyLimitLayer::new(opts.body_limit))
-    .layer(ServerLayer { service })
+    // One stack, applied once: `Router::layer` wraps every route in a boxed, cloned-per-
+    // request service for each call, so three separate layers would cost three of those.
+    .layer(
+        tower::ServiceBuilder::new()
+            .layer(ServerLayer { service })
+            .layer(RequestBodyLimitLayer::new(opts.body_limit))
+            .layer(DefaultBodyLimit::disable()),
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops accepting and waits

@@ -392,27 +392,12 @@ async fn backlog_peak_rss(n: u64) -> Result<f64, BoxError> {
         }
         bus.close().await?;
     }
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("backlog-child")
-        .arg(dir.path())
-        .arg(n.to_string())
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "backlog child failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("RSS_KB "))
-        .ok_or("backlog child printed no RSS")?
-        .trim()
-        .parse()?;
+    let kb = crate::report::child_peak_rss_kb(&[
+        "backlog-child".as_ref(),
+        dir.path().as_os_str(),
+        n.to_string().as_ref(),
+    ])
+    .await?;
     Ok(kb / 1024.0)
 }
 

@@ -125,6 +125,34 @@ pub fn print_json(figures: &[Figure]) {
     }
 }
 
+/// Runs this benchmark program again with `args` (a hidden child subcommand) and returns
+/// the peak RSS it printed on a line `RSS_KB <n>`: memory figures are measured in a fresh
+/// process, so nothing the parent allocated counts.
+pub async fn child_peak_rss_kb(
+    args: &[&std::ffi::OsStr],
+) -> Result<f64, Box<dyn std::error::Error + Send + Sync>> {
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .output()
+        .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "bench child {:?} failed: {}\n{}",
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("RSS_KB "))
+        .ok_or("the bench child printed no RSS")?
+        .trim()
+        .parse()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -254,27 +254,12 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
 /// Runs [`inflight_child`] in a fresh process; returns its peak RSS in MiB.
 async fn inflight_peak_rss(n: u64) -> Result<f64, BoxError> {
     let dir = tempfile::tempdir()?;
-    let out = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("saga-inflight-child")
-        .arg(dir.path())
-        .arg(n.to_string())
-        .output()
-        .await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "saga in-flight child failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
-    let kb: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("RSS_KB "))
-        .ok_or("saga in-flight child printed no RSS")?
-        .trim()
-        .parse()?;
+    let kb = crate::report::child_peak_rss_kb(&[
+        "saga-inflight-child".as_ref(),
+        dir.path().as_os_str(),
+        n.to_string().as_ref(),
+    ])
+    .await?;
     Ok(kb / 1024.0)
 }
 

@@ -304,10 +304,29 @@ pub const STORE_CASES: &[(&str, Option<Capability>)] = &[
 /// Runs the store case `name` against `factory` (on its own Tokio runtime, in a fresh
 /// temp dir).
 pub fn run_store<F: StoreFactory>(factory: &F, name: &str) {
-    let (_, needs) = STORE_CASES
+    run_on_store(STORE_CASES, "store", factory, name, |dir| async move {
+        store_cases::dispatch(factory, name, &dir).await
+    });
+}
+
+/// Runs case `name` of a suite over a store alone: skipped (and said so) when the store
+/// lacks the capability the case needs, else on its own Tokio runtime in a fresh temp
+/// dir, within a generous time limit.
+fn run_on_store<F, C, Fut>(
+    cases: &[(&str, Option<Capability>)],
+    suite: &str,
+    factory: &F,
+    name: &str,
+    case: C,
+) where
+    F: StoreFactory,
+    C: FnOnce(std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (_, needs) = cases
         .iter()
         .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no store conformance case `{name}`"));
+        .unwrap_or_else(|| panic!("no {suite} conformance case `{name}`"));
     if let Some(cap) = needs
         && let Err(reason) = factory.capabilities().check(*cap)
     {
@@ -322,9 +341,9 @@ pub fn run_store<F: StoreFactory>(factory: &F, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     rt.block_on(async {
         let limit = Duration::from_secs(300);
-        tokio::time::timeout(limit, store_cases::dispatch(factory, name, dir.path()))
+        tokio::time::timeout(limit, case(dir.path().to_path_buf()))
             .await
-            .unwrap_or_else(|_| panic!("store case `{name}` did not finish within {limit:?}"));
+            .unwrap_or_else(|_| panic!("{suite} case `{name}` did not finish within {limit:?}"));
     });
 }
 
@@ -719,30 +738,8 @@ pub const SAGA_CASES: &[(&str, Option<Capability>)] = &[
 /// Runs the saga case `name` against `factory` (on its own Tokio runtime, in a fresh
 /// temp dir); crash cases re-run the test binary as `child_entry`.
 pub fn run_saga<F: StoreFactory>(factory: &F, name: &str, child_entry: &str) {
-    let (_, needs) = SAGA_CASES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .unwrap_or_else(|| panic!("no saga conformance case `{name}`"));
-    if let Some(cap) = needs
-        && let Err(reason) = factory.capabilities().check(*cap)
-    {
-        println!("case `{name}`: NOT SUPPORTED by this backend ({cap:?}): {reason}");
-        return;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    rt.block_on(async {
-        let limit = Duration::from_secs(300);
-        tokio::time::timeout(
-            limit,
-            saga_cases::dispatch(factory, name, dir.path(), child_entry),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("saga case `{name}` did not finish within {limit:?}"));
+    run_on_store(SAGA_CASES, "saga", factory, name, |dir| async move {
+        saga_cases::dispatch(factory, name, &dir, child_entry).await
     });
 }
 

@@ -29,7 +29,9 @@ use switchyard_rpc::problem::types;
 use switchyard_rpc::{CallOptions, HttpClient, Problem, ServiceClient};
 use tokio::net::TcpListener;
 
-use super::{KeyLocks, Running, ServeError, atomically, problems, spawn_http};
+use super::{
+    ErrorClass, KeyLocks, Running, ServeError, atomically, class_of_call, problems, spawn_http,
+};
 use crate::model::{
     INVENTORY, Invalid, InventoryReleased, InventoryReserved, LabelGenerated, ORDERS,
     OrderCompleted, OrderCreated, OrderFailed, OutOfStock, PAYMENTS, PaymentCompleted,
@@ -99,17 +101,18 @@ pub enum AnalyticsError {
 }
 
 impl AnalyticsError {
+    /// What to do about it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            AnalyticsError::Invalid(_) => ErrorClass::Invalid,
+            AnalyticsError::Store(_) => ErrorClass::Unavailable,
+            AnalyticsError::Call(e) => class_of_call(e),
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        use switchyard_rpc::ErrorKind as K;
-        match self {
-            AnalyticsError::Store(_) => true,
-            AnalyticsError::Call(e) => matches!(
-                e.kind(),
-                K::Unavailable | K::CircuitOpen | K::DeadlineExceeded | K::Overloaded | K::Conflict
-            ),
-            AnalyticsError::Invalid(_) => false,
-        }
+        self.class().is_retryable()
     }
 
     fn from_call(e: switchyard_rpc::Error) -> Self {

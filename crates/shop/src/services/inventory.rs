@@ -42,7 +42,10 @@ use switchyard_rpc::problem::types;
 use switchyard_rpc::{CallOptions, HttpClient, Problem, ServiceClient};
 use tokio::net::TcpListener;
 
-use super::{KeyLocks, Running, ServeError, atomically, now_ms, problems, spawn_http};
+use super::{
+    ErrorClass, KeyLocks, Running, ServeError, atomically, class_of_call, now_ms, problems,
+    spawn_http,
+};
 use crate::model::{Catalog, Invalid, Item, normalize_items, validate_id};
 
 /// The service's name (in the registry and in spans).
@@ -170,18 +173,23 @@ pub enum InventoryError {
 }
 
 impl InventoryError {
+    /// What to do about it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            InventoryError::Invalid(_) => ErrorClass::Invalid,
+            InventoryError::UnknownSku { .. }
+            | InventoryError::OutOfStock { .. }
+            | InventoryError::NoReservation { .. }
+            | InventoryError::Released { .. } => ErrorClass::Refused,
+            InventoryError::Store(_) => ErrorClass::Unavailable,
+            InventoryError::Call(e) => class_of_call(e),
+        }
+    }
+
     /// Whether trying again later may succeed (store or transport trouble), as opposed
     /// to an answer that stays the same.
     pub fn is_retryable(&self) -> bool {
-        use switchyard_rpc::ErrorKind as K;
-        match self {
-            InventoryError::Store(_) => true,
-            InventoryError::Call(e) => matches!(
-                e.kind(),
-                K::Unavailable | K::CircuitOpen | K::DeadlineExceeded | K::Overloaded | K::Conflict
-            ),
-            _ => false,
-        }
+        self.class().is_retryable()
     }
 
     /// The problem document the REST API answers with.

@@ -62,6 +62,74 @@ pub mod problems {
     pub const STORE_UNAVAILABLE: &str = "https://switchyard.dev/problems/shop/store-unavailable";
 }
 
+/// What a caller should do about a failed service operation (every service error has
+/// a `class()`): the patterns decide between retrying, failing the order and
+/// compensating by this, never by parsing messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The request is malformed: fix it; never retry it unchanged.
+    Invalid,
+    /// The service said no for a business reason (out of stock, declined, …): the same
+    /// request gets the same answer; fail the order (and compensate what was done).
+    Refused,
+    /// The service or its store is unavailable or overloaded: retry later, with the same
+    /// idempotency key.
+    Unavailable,
+    /// The deadline passed: the outcome is unknown; retry with the same idempotency key
+    /// to learn it (or compensate).
+    DeadlineExceeded,
+    /// A bug or a contract mismatch (a 5xx, an answer that does not decode): see the logs.
+    Internal,
+}
+
+impl ErrorClass {
+    /// True for the classes a retry may fix ([`Unavailable`](Self::Unavailable),
+    /// [`DeadlineExceeded`](Self::DeadlineExceeded)).
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorClass::Unavailable | ErrorClass::DeadlineExceeded)
+    }
+}
+
+/// The class of a failed call that no service-specific problem type explained.
+pub(crate) fn class_of_call(e: &switchyard_rpc::Error) -> ErrorClass {
+    use switchyard_rpc::ErrorKind as K;
+    match e.kind() {
+        K::Unavailable | K::CircuitOpen | K::Overloaded | K::Conflict => ErrorClass::Unavailable,
+        K::DeadlineExceeded => ErrorClass::DeadlineExceeded,
+        K::Rejected | K::InvalidInput => ErrorClass::Invalid,
+        _ => ErrorClass::Internal,
+    }
+}
+
+/// What caused an event a service publishes, so the event continues the flow: its
+/// correlation id, causation id, trace and deadline come from the cause.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Cause<'a> {
+    /// Nothing known (a new flow).
+    #[default]
+    None,
+    /// A message being handled (a router handler's `ctx.envelope`).
+    Message(&'a switchyard::Envelope),
+    /// A sync call being handled (its [`CallContext`](switchyard_rpc::CallContext)).
+    Call(&'a switchyard_rpc::CallContext),
+}
+
+impl Cause<'_> {
+    /// `env`, linked to this cause.
+    pub fn link(self, mut env: switchyard::Envelope) -> switchyard::Envelope {
+        match self {
+            Cause::None => env,
+            Cause::Message(m) => env.caused_by(m),
+            Cause::Call(ctx) => {
+                env.correlationid = ctx.correlation_id.clone();
+                env.traceparent = ctx.traceparent.map(|t| t.child().to_string());
+                env.deadline = ctx.deadline;
+                env
+            }
+        }
+    }
+}
+
 /// A started server.
 #[derive(Debug)]
 pub struct Running {

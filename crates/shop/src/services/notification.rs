@@ -29,7 +29,10 @@ use switchyard_rpc::problem::types;
 use switchyard_rpc::{CallOptions, HttpClient, Problem, ServiceClient};
 use tokio::net::TcpListener;
 
-use super::{KeyLocks, Running, ServeError, atomically, now_ms, problems, spawn_http};
+use super::{
+    ErrorClass, KeyLocks, Running, ServeError, atomically, class_of_call, now_ms, problems,
+    spawn_http,
+};
 use crate::model::{
     Invalid, LabelGenerated, ORDERS, OrderCompleted, OrderCreated, OrderFailed, SHIPPING,
     ShipmentCreated, validate_id,
@@ -132,17 +135,20 @@ pub enum NotificationError {
 }
 
 impl NotificationError {
+    /// What to do about it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            NotificationError::Invalid(_) => ErrorClass::Invalid,
+            NotificationError::Store(_) | NotificationError::Write { .. } => {
+                ErrorClass::Unavailable
+            }
+            NotificationError::Call(e) => class_of_call(e),
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        use switchyard_rpc::ErrorKind as K;
-        match self {
-            NotificationError::Store(_) | NotificationError::Write { .. } => true,
-            NotificationError::Call(e) => matches!(
-                e.kind(),
-                K::Unavailable | K::CircuitOpen | K::DeadlineExceeded | K::Overloaded | K::Conflict
-            ),
-            NotificationError::Invalid(_) => false,
-        }
+        self.class().is_retryable()
     }
 
     fn from_call(e: switchyard_rpc::Error) -> Self {

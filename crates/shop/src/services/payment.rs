@@ -37,7 +37,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use super::{Running, ServeError, atomically, now_ms, url_of};
+use super::{ErrorClass, Running, ServeError, atomically, class_of_call, now_ms, url_of};
 use crate::faults::{self, FaultLayer, Faults};
 use crate::model::{
     Cents, ChargeReply, ChargeRequest, Invalid, OrderId, PAYMENT_REQUESTS, RefundReply,
@@ -190,18 +190,30 @@ const UNKNOWN_CHARGE: &str = "unknown-charge";
 const INVALID: &str = "invalid";
 
 impl PaymentError {
+    /// What to do about it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PaymentError::Invalid(_) | PaymentError::KeyReused { .. } => ErrorClass::Invalid,
+            PaymentError::Declined { .. } | PaymentError::UnknownCharge { .. } => {
+                ErrorClass::Refused
+            }
+            PaymentError::Store(_) => ErrorClass::Unavailable,
+            PaymentError::Call(e) => class_of_call(e),
+            PaymentError::Request(e) => match e {
+                RequestError::Timeout { .. } => ErrorClass::DeadlineExceeded,
+                RequestError::NoResponders { .. } | RequestError::Bus(_) => ErrorClass::Unavailable,
+                RequestError::Remote {
+                    kind: RemoteErrorKind::Retryable,
+                    ..
+                } => ErrorClass::Unavailable,
+                _ => ErrorClass::Internal,
+            },
+        }
+    }
+
     /// Whether trying again later (with the same key) may succeed.
     pub fn is_retryable(&self) -> bool {
-        use switchyard_rpc::ErrorKind as K;
-        match self {
-            PaymentError::Store(_) => true,
-            PaymentError::Call(e) => matches!(
-                e.kind(),
-                K::Unavailable | K::CircuitOpen | K::DeadlineExceeded | K::Overloaded | K::Conflict
-            ),
-            PaymentError::Request(e) => e.is_retryable(),
-            _ => false,
-        }
+        self.class().is_retryable()
     }
 
     /// The gRPC status the server answers with.
@@ -687,7 +699,13 @@ impl PaymentClient {
             .clone()
             .charge(Request::new(msg).with_options(opts.clone()))
             .await
-            .map_err(PaymentError::from_status)?
+            .map_err(|s| match PaymentError::from_status(s) {
+                PaymentError::KeyReused { detail, .. } => PaymentError::KeyReused {
+                    key: charge_key(opts.idempotency_key.as_deref(), &req.order_id),
+                    detail,
+                },
+                other => other,
+            })?
             .into_inner();
         Ok(ChargeReply {
             order_id: req.order_id.clone(),
@@ -713,7 +731,12 @@ impl PaymentClient {
             .clone()
             .refund(Request::new(msg).with_options(opts.clone().idempotent()))
             .await
-            .map_err(PaymentError::from_status)?
+            .map_err(|s| match PaymentError::from_status(s) {
+                PaymentError::UnknownCharge { .. } => PaymentError::UnknownCharge {
+                    charge_id: charge_id.to_string(),
+                },
+                other => other,
+            })?
             .into_inner();
         Ok(RefundReply {
             order_id: order_id.to_string(),

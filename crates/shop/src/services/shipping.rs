@@ -23,16 +23,18 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use switchyard::Bus;
 use switchyard::codec;
-use switchyard::envelope::Envelope;
 use switchyard::relay::OutboxRelay;
 use switchyard::router::{Context, HandlerError, Router};
 use switchyard::store::{Store, Table, Txn};
 use switchyard_rpc::http::{Json, ServerOptions};
 use switchyard_rpc::problem::types;
-use switchyard_rpc::{CallOptions, HttpClient, Problem, ServiceClient};
+use switchyard_rpc::{CallContext, CallOptions, HttpClient, Problem, ServiceClient};
 use tokio::net::TcpListener;
 
-use super::{Running, ServeError, atomically, http_server, now_ms, problems};
+use super::{
+    Cause, ErrorClass, Running, ServeError, atomically, class_of_call, http_server, now_ms,
+    problems,
+};
 use crate::model::{
     Invalid, Item, LabelGenerated, SHIPPING, ShipmentCreated, normalize_items, validate_id,
 };
@@ -89,17 +91,18 @@ pub enum ShippingError {
 }
 
 impl ShippingError {
+    /// What to do about it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ShippingError::Invalid(_) => ErrorClass::Invalid,
+            ShippingError::Store(_) | ShippingError::Label { .. } => ErrorClass::Unavailable,
+            ShippingError::Call(e) => class_of_call(e),
+        }
+    }
+
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        use switchyard_rpc::ErrorKind as K;
-        match self {
-            ShippingError::Store(_) | ShippingError::Label { .. } => true,
-            ShippingError::Call(e) => matches!(
-                e.kind(),
-                K::Unavailable | K::CircuitOpen | K::DeadlineExceeded | K::Overloaded | K::Conflict
-            ),
-            ShippingError::Invalid(_) => false,
-        }
+        self.class().is_retryable()
     }
 
     fn from_call(e: switchyard_rpc::Error) -> Self {
@@ -133,13 +136,13 @@ impl IntoResponse for ShippingError {
 // ---------------------------------------------------------------- core logic
 
 /// Creates the order's shipment in `txn` (a repeat returns the existing one and
-/// publishes nothing) and appends [`ShipmentCreated`] to the outbox, caused by `cause`
-/// when the call handles a message (so correlation and causation carry over).
+/// publishes nothing) and appends [`ShipmentCreated`] to the outbox, linked to `cause`
+/// (so the flow's correlation, causation and trace carry over).
 pub fn create_in(
     txn: &Txn,
     order_id: &str,
     items: &[Item],
-    cause: Option<&Envelope>,
+    cause: Cause<'_>,
 ) -> Result<Shipment, ShippingError> {
     validate_id("order_id", order_id)?;
     normalize_items(items)?;
@@ -158,12 +161,9 @@ pub fn create_in(
         order_id: order_id.to_string(),
         tracking: shipment.tracking.clone(),
     };
-    let mut env = codec::encode(&event, &format!("/{SERVICE}"))
+    let env = codec::encode(&event, &format!("/{SERVICE}"))
         .map_err(|e| switchyard::Error::InvalidArgument(e.to_string()))?;
-    if let Some(cause) = cause {
-        env = env.caused_by(cause);
-    }
-    txn.publish_envelope(SHIPPING, env);
+    txn.publish_envelope(SHIPPING, cause.link(env));
     Ok(shipment)
 }
 
@@ -186,9 +186,14 @@ impl Shipping {
     }
 
     /// Creates the order's shipment once (see [`create_in`]).
-    pub async fn create(&self, order_id: &str, items: &[Item]) -> Result<Shipment, ShippingError> {
+    pub async fn create(
+        &self,
+        order_id: &str,
+        items: &[Item],
+        cause: Cause<'_>,
+    ) -> Result<Shipment, ShippingError> {
         atomically(&self.store, |txn| {
-            std::future::ready(create_in(&txn, order_id, items, None))
+            std::future::ready(create_in(&txn, order_id, items, cause))
         })
         .await
     }
@@ -315,9 +320,12 @@ pub struct CreateShipment {
 
 async fn http_create(
     State(s): State<Shipping>,
+    ctx: CallContext,
     Json(req): Json<CreateShipment>,
 ) -> Result<Json<Shipment>, ShippingError> {
-    s.create(&req.order_id, &req.items).await.map(Json)
+    s.create(&req.order_id, &req.items, Cause::Call(&ctx))
+        .await
+        .map(Json)
 }
 
 async fn http_get(

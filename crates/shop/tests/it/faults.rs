@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use shop::faults::FaultStatus;
 use shop::model::ChargeRequest;
+use shop::services::ErrorClass;
 use shop::services::inventory::{self, InventoryClient, InventoryError};
 use shop::services::payment::{self, PaymentClient, PaymentError};
 use switchyard_rpc::grpc::GrpcClient;
@@ -50,7 +51,14 @@ async fn rest_error_rate_down_and_latency() {
     assert_eq!(raw(&url, "GET", "/healthz", None, b"").await.status, 200);
     assert_eq!(raw(&url, "GET", "/readyz", None, b"").await.status, 200);
     match client().stock("sku-001", &CallOptions::new()).await {
-        Err(InventoryError::Call(e)) => assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}"),
+        Err(e @ InventoryError::Call(_)) => {
+            assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
+            let InventoryError::Call(e) = e else {
+                unreachable!()
+            };
+            assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+            assert_eq!(e.status(), Some(http::StatusCode::SERVICE_UNAVAILABLE));
+        }
         other => panic!("expected Unavailable, got {other:?}"),
     }
     let r = raw(&url, "DELETE", "/admin/fault", None, b"").await;

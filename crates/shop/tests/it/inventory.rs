@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use shop::model::{Catalog, Item, RARE_SKU, RARE_STOCK};
+use shop::services::ErrorClass;
 use shop::services::inventory::{
     self, Inventory, InventoryClient, InventoryError, RESERVATIONS, ReservationState,
 };
@@ -47,6 +48,8 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
         )
         .await
         .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Refused);
+    assert!(!err.is_retryable());
     match err {
         InventoryError::OutOfStock {
             sku,

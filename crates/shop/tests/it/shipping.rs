@@ -6,13 +6,13 @@ use std::time::Duration;
 use shop::model::{Item, SHIPPING, ShipmentCreated};
 use shop::services::shipping::{self, Shipping, ShippingClient};
 use switchyard::router::Router;
-use switchyard::{Bus, SubscribeOptions, codec};
-use switchyard_rpc::CallOptions;
+use switchyard::{Bus, Envelope, SubscribeOptions, codec};
+use switchyard_rpc::{CallContext, CallOptions};
 
 use crate::support::{Harness, eventually, listener};
 
-/// Collects the event types published on `topic` (a group of its own).
-pub async fn watch(bus: &Arc<dyn Bus>, topic: &str) -> Arc<Mutex<Vec<String>>> {
+/// Collects the events published on `topic` (a group of its own).
+pub async fn watch(bus: &Arc<dyn Bus>, topic: &str) -> Arc<Mutex<Vec<Envelope>>> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut sub = bus
         .subscribe(topic, "test-watch", SubscribeOptions::default())
@@ -21,15 +21,19 @@ pub async fn watch(bus: &Arc<dyn Bus>, topic: &str) -> Arc<Mutex<Vec<String>>> {
     let s = seen.clone();
     tokio::spawn(async move {
         while let Ok(d) = sub.next().await {
-            s.lock().unwrap().push(d.envelope().event_type.clone());
+            s.lock().unwrap().push(d.envelope().clone());
             let _ = d.ack().await;
         }
     });
     seen
 }
 
-fn count(seen: &Mutex<Vec<String>>, ty: &str) -> usize {
-    seen.lock().unwrap().iter().filter(|t| *t == ty).count()
+fn count(seen: &Mutex<Vec<Envelope>>, ty: &str) -> usize {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == ty)
+        .count()
 }
 
 #[tokio::test]
@@ -48,8 +52,13 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
 
     let client = ShippingClient::new(&h.http);
     let items = [Item::new("sku-001", 1)];
+    // The call's correlation id carries over to the events.
+    let flow = CallContext {
+        correlation_id: Some("flow-o-1".into()),
+        ..CallContext::default()
+    };
     let a = client
-        .create("o-1", &items, &CallOptions::new())
+        .create("o-1", &items, &CallOptions::new().context(flow))
         .await
         .unwrap();
     let b = client
@@ -71,6 +80,15 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
         count(&seen, "shop.shipping.label_generated.v1") == 1
     })
     .await;
+    for e in seen.lock().unwrap().iter() {
+        assert_eq!(
+            e.correlationid.as_deref(),
+            Some("flow-o-1"),
+            "{}",
+            e.event_type
+        );
+        assert_eq!(e.subject.as_deref(), Some("o-1"));
+    }
     let got = client
         .get("o-1", &CallOptions::new())
         .await

@@ -6,8 +6,9 @@
 //!   commit, or nothing: the first short SKU is reported as
 //!   [`InventoryError::OutOfStock`] (with the quantities) and the stock is unchanged. An
 //!   unknown SKU is [`InventoryError::UnknownSku`].
-//! - **Idempotent per order id.** Reserving an order again returns its existing
-//!   reservation (in whatever state it is) without touching the stock; release and
+//! - **Idempotent per order id.** Reserving an order again (with the same items)
+//!   returns its existing reservation (in whatever state it is) without touching the
+//!   stock; with other items it is [`InventoryError::ReservedDifferently`]. Release and
 //!   commit are idempotent too (release is a no-op for an order never reserved or
 //!   already committed).
 //! - **Conservation.** Per SKU, `available + reserved + committed` never changes, and
@@ -18,7 +19,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `POST /reservations` `{"order_id","items":[{"sku","qty"}]}` | 200 [`Reservation`]; 409 [`problems::OUT_OF_STOCK`]; 422 validation / [`problems::UNKNOWN_SKU`] |
+//! | `POST /reservations` `{"order_id","items":[{"sku","qty"}]}` | 200 [`Reservation`]; 409 [`problems::OUT_OF_STOCK`] / [`problems::RESERVATION_MISMATCH`]; 422 validation / [`problems::UNKNOWN_SKU`] |
 //! | `POST /reservations/{order_id}/release` | 200 [`ReleaseOutcome`] |
 //! | `POST /reservations/{order_id}/commit` | 200 [`Reservation`]; 404 [`problems::NO_RESERVATION`]; 409 [`problems::RESERVATION_RELEASED`] |
 //! | `GET /reservations/{order_id}` | 200 [`Reservation`]; 404 |
@@ -152,6 +153,12 @@ pub enum InventoryError {
         /// Units available.
         available: u64,
     },
+    /// The order was reserved before with other items: one order id, one set of items.
+    #[error("order `{order_id}` was reserved with other items; use a new order id")]
+    ReservedDifferently {
+        /// The order.
+        order_id: String,
+    },
     /// The order has no reservation (commit without reserve): reserve first.
     #[error("order `{order_id}` has no reservation; reserve it first")]
     NoReservation {
@@ -176,7 +183,9 @@ impl InventoryError {
     /// What to do about it (see [`ErrorClass`]).
     pub fn class(&self) -> ErrorClass {
         match self {
-            InventoryError::Invalid(_) => ErrorClass::Invalid,
+            InventoryError::Invalid(_) | InventoryError::ReservedDifferently { .. } => {
+                ErrorClass::Invalid
+            }
             InventoryError::UnknownSku { .. }
             | InventoryError::OutOfStock { .. }
             | InventoryError::NoReservation { .. }
@@ -220,6 +229,13 @@ impl InventoryError {
             )
             .with_detail(self.to_string())
             .with("order_id", order_id.as_str()),
+            InventoryError::ReservedDifferently { order_id } => Problem::new(
+                problems::RESERVATION_MISMATCH,
+                StatusCode::CONFLICT,
+                "Reserved with other items",
+            )
+            .with_detail(self.to_string())
+            .with("order_id", order_id.as_str()),
             InventoryError::Released { order_id } => Problem::new(
                 problems::RESERVATION_RELEASED,
                 StatusCode::CONFLICT,
@@ -258,6 +274,9 @@ impl InventoryError {
                 sku: s("sku"),
             },
             problems::NO_RESERVATION => InventoryError::NoReservation {
+                order_id: s("order_id"),
+            },
+            problems::RESERVATION_MISMATCH => InventoryError::ReservedDifferently {
                 order_id: s("order_id"),
             },
             problems::RESERVATION_RELEASED => InventoryError::Released {
@@ -304,7 +323,8 @@ pub fn seed_in(txn: &Txn, catalog: &Catalog) -> Result<u64, InventoryError> {
 }
 
 /// Reserves every line of `items` for `order_id` in `txn`, or nothing (see the
-/// [module docs](self)). A repeat returns the existing reservation unchanged.
+/// [module docs](self)). A repeat returns the existing reservation unchanged (the same
+/// items are required).
 pub fn reserve_in(
     txn: &Txn,
     order_id: &str,
@@ -313,6 +333,11 @@ pub fn reserve_in(
     validate_id("order_id", order_id)?;
     let wanted = normalize_items(items)?;
     if let Some(existing) = txn.get(&RESERVATIONS, order_id)? {
+        if existing.items != lines(&wanted) {
+            return Err(InventoryError::ReservedDifferently {
+                order_id: order_id.to_string(),
+            });
+        }
         return Ok(existing);
     }
     // Check everything before writing anything.

@@ -53,6 +53,9 @@ pub mod problems {
     pub const UNKNOWN_SKU: &str = "https://switchyard.dev/problems/shop/unknown-sku";
     /// The order has no reservation.
     pub const NO_RESERVATION: &str = "https://switchyard.dev/problems/shop/no-reservation";
+    /// The order was reserved before with other items.
+    pub const RESERVATION_MISMATCH: &str =
+        "https://switchyard.dev/problems/shop/reservation-mismatch";
     /// The reservation was released and can no longer be committed.
     pub const RESERVATION_RELEASED: &str =
         "https://switchyard.dev/problems/shop/reservation-released";

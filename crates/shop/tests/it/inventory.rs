@@ -77,6 +77,14 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
         .await
         .unwrap();
     assert_eq!(first, again);
+    let other = client
+        .reserve("o-1", &[Item::new("sku-002", 1)], &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(other, InventoryError::ReservedDifferently { ref order_id } if order_id == "o-1"),
+        "{other:?}"
+    );
     assert_eq!(inv.available("sku-001").unwrap(), Some(9_998));
     assert_eq!(inv.available(RARE_SKU).unwrap(), Some(RARE_STOCK - 1));
 

@@ -1,0 +1,42 @@
+//! # shop
+//!
+//! The switchyard reference order system: the classic order flow (Order, Inventory,
+//! Payment, Shipping, Notification, Analytics) implemented in every communication
+//! pattern, with a lab that measures them and a dashboard that shows each order's flow.
+//!
+//! This library holds what the patterns and the `shop` binary are built from: the
+//! shared domain model, the five backing services (each a real server with its own
+//! store, a typed client and router handlers) and fault injection.
+//!
+//! # Layout
+//!
+//! | module | what |
+//! | --- | --- |
+//! | [`model`] | items, ids, amounts, the catalog, the events and their topics, the payment request/reply messages |
+//! | [`services`] | inventory (REST), payment (gRPC + bus responder), shipping (REST + label writer), notification (REST + e-mail on events), analytics (REST + counters on events) |
+//! | [`faults`] | latency, error rate and downtime injected into any service at run time (`/admin/fault`) |
+//!
+//! Every service starts the same way — its store, a `TcpListener`, a shutdown future —
+//! and registers nothing; the caller puts the URL in its registry:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use shop::services::inventory::{self, InventoryClient};
+//! use switchyard_rpc::{CallOptions, HttpClient, registry::InProcessRegistry};
+//!
+//! let store: Arc<dyn switchyard::store::Store> = Arc::new(switchyard::store::MemoryStore::new());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let running = inventory::start(store, listener, std::future::pending()).await?;
+//! let registry = InProcessRegistry::new();
+//! let _registration = registry.register(inventory::SERVICE, &running.url);
+//! let client = InventoryClient::new(&HttpClient::new(registry));
+//! let reservation = client
+//!     .reserve("o-1", &[shop::model::Item::new("sku-001", 2)], &CallOptions::new())
+//!     .await?;
+//! # Ok(()) }
+//! ```
+
+pub mod faults;
+pub mod model;
+pub mod services;

@@ -1,0 +1,360 @@
+//! Analytics: counts shop events per type and per minute, queryable over REST.
+//!
+//! - Async: [`subscribe`] consumes every event of every shop topic in its own group
+//!   ([`GROUP`]); the router's inbox makes a redelivered message count once.
+//! - Sync: `POST /events` `{"type","order_id"}` counts one event, once per
+//!   (order, type) (a repeat answers `counted_now: false`).
+//! - `GET /stats` → [`Stats`]: totals per type and a per-minute series (the last
+//!   [`MINUTES_SERVED`] minutes that saw events).
+//!
+//! The counters are a few hot rows; in one process writers take turns (the handlers of
+//! each topic run one at a time, REST calls lock per type) rather than fail each
+//! other's optimistic commits.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use switchyard::Event;
+use switchyard::Timestamp;
+use switchyard::router::{Context, HandlerError, Router};
+use switchyard::store::{Store, Table, Txn};
+use switchyard_rpc::http::{Json, ServerOptions};
+use switchyard_rpc::problem::types;
+use switchyard_rpc::{CallOptions, HttpClient, Problem, ServiceClient};
+use tokio::net::TcpListener;
+
+use super::{
+    ErrorClass, KeyLocks, Running, ServeError, atomically, class_of_call, problems, spawn_http,
+};
+use crate::model::{
+    INVENTORY, Invalid, InventoryReleased, InventoryReserved, LabelGenerated, ORDERS,
+    OrderCompleted, OrderCreated, OrderFailed, OutOfStock, PAYMENTS, PaymentCompleted,
+    PaymentFailed, PaymentRefunded, SHIPPING, ShipmentCreated, validate_id,
+};
+
+/// The service's name (in the registry and in spans).
+pub const SERVICE: &str = "analytics";
+
+/// The consumer group of [`subscribe`]'s handlers.
+pub const GROUP: &str = "analytics";
+
+/// The largest request body the REST API accepts (4 KiB).
+pub const BODY_LIMIT: usize = 4 * 1024;
+
+/// How many minutes (the latest that saw events) `GET /stats` returns.
+pub const MINUTES_SERVED: usize = 120;
+
+/// Events per type (key: event type).
+pub const TOTALS: Table<u64> = Table::new("analytics.totals");
+
+/// Events per minute and type (key: `<unix minute start, 12 digits>|<event type>`).
+pub const PER_MINUTE: Table<u64> = Table::new("analytics.per_minute");
+
+/// (order, type) pairs counted through `POST /events` (key: `<order_id>|<type>`).
+pub const SEEN: Table<u64> = Table::new("analytics.seen");
+
+/// One minute of the series.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MinuteCounts {
+    /// The minute's start, Unix seconds.
+    pub minute: u64,
+    /// Events per type in that minute.
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// What `GET /stats` answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Events per type, ever.
+    pub totals: BTreeMap<String, u64>,
+    /// All events, ever.
+    pub total: u64,
+    /// The latest minutes, oldest first.
+    pub per_minute: Vec<MinuteCounts>,
+}
+
+/// What `POST /events` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordOutcome {
+    /// True if this call counted the event (false for a repeat of (order, type)).
+    pub counted_now: bool,
+}
+
+/// Everything that can go wrong with analytics (server and client).
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyticsError {
+    /// The request is malformed; fix the named field.
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    /// The analytics store failed; retry later.
+    #[error("the analytics store failed: {0}; retry later")]
+    Store(#[from] switchyard::Error),
+    /// The call to the analytics service failed (client side): see its `kind()`.
+    #[error("calling analytics failed: {0}")]
+    Call(#[source] switchyard_rpc::Error),
+}
+
+impl AnalyticsError {
+    /// What to do about it (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            AnalyticsError::Invalid(_) => ErrorClass::Invalid,
+            AnalyticsError::Store(_) => ErrorClass::Unavailable,
+            AnalyticsError::Call(e) => class_of_call(e),
+        }
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.class().is_retryable()
+    }
+
+    fn from_call(e: switchyard_rpc::Error) -> Self {
+        match e.problem() {
+            Some(p) if p.type_uri == types::VALIDATION => AnalyticsError::Invalid(Invalid::new(
+                p.extension_str("field").unwrap_or_default(),
+                p.detail.clone().unwrap_or_default(),
+            )),
+            _ => AnalyticsError::Call(e),
+        }
+    }
+}
+
+impl IntoResponse for AnalyticsError {
+    fn into_response(self) -> Response {
+        match &self {
+            AnalyticsError::Invalid(i) => Problem::validation(&i.field, &i.reason),
+            _ => {
+                tracing::error!(error = %self, "analytics failed");
+                Problem::new(
+                    problems::STORE_UNAVAILABLE,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Store unavailable",
+                )
+            }
+        }
+        .into_response()
+    }
+}
+
+// ---------------------------------------------------------------- core logic
+
+fn minute_of(t: Timestamp) -> u64 {
+    t.unix_micros() / 1_000_000 / 60 * 60
+}
+
+/// Counts one event of `event_type` that happened at `at`, in `txn`.
+pub fn count_in(txn: &Txn, event_type: &str, at: Timestamp) -> Result<(), AnalyticsError> {
+    let total = txn.get(&TOTALS, event_type)?.unwrap_or(0);
+    txn.put(&TOTALS, event_type, &(total + 1))?;
+    let key = format!("{:012}|{event_type}", minute_of(at));
+    let n = txn.get(&PER_MINUTE, &key)?.unwrap_or(0);
+    txn.put(&PER_MINUTE, &key, &(n + 1))?;
+    Ok(())
+}
+
+/// Counts one `event_type` event of `order_id` in `txn`, once per (order, type);
+/// returns whether this call counted it.
+pub fn record_in(txn: &Txn, event_type: &str, order_id: &str) -> Result<bool, AnalyticsError> {
+    validate_id("type", event_type)?;
+    validate_id("order_id", order_id)?;
+    let key = format!("{order_id}|{event_type}");
+    if txn.get(&SEEN, &key)?.is_some() {
+        return Ok(false);
+    }
+    let now = Timestamp::now();
+    txn.put(&SEEN, &key, &(now.unix_micros() / 1000))?;
+    count_in(txn, event_type, now)?;
+    Ok(true)
+}
+
+/// The counters in `store`: totals and the latest [`MINUTES_SERVED`] minutes.
+pub fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
+    let txn = Txn::new(store.clone());
+    let totals: BTreeMap<String, u64> = txn.scan(&TOTALS, "", usize::MAX)?.into_iter().collect();
+    let total = totals.values().sum();
+    let mut minutes: BTreeMap<u64, BTreeMap<String, u64>> = BTreeMap::new();
+    for (key, n) in txn.scan(&PER_MINUTE, "", usize::MAX)? {
+        let Some((minute, ty)) = key.split_once('|') else {
+            continue;
+        };
+        let Ok(minute) = minute.parse::<u64>() else {
+            continue;
+        };
+        minutes.entry(minute).or_default().insert(ty.to_string(), n);
+    }
+    let skip = minutes.len().saturating_sub(MINUTES_SERVED);
+    let per_minute = minutes
+        .into_iter()
+        .skip(skip)
+        .map(|(minute, counts)| MinuteCounts { minute, counts })
+        .collect();
+    Ok(Stats {
+        totals,
+        total,
+        per_minute,
+    })
+}
+
+/// The analytics core over its store. Cheap to clone.
+#[derive(Clone)]
+pub struct Analytics {
+    store: Arc<dyn Store>,
+    locks: KeyLocks,
+}
+
+impl std::fmt::Debug for Analytics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Analytics").finish_non_exhaustive()
+    }
+}
+
+impl Analytics {
+    /// The analytics core over `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Analytics {
+            store,
+            locks: KeyLocks::new(16),
+        }
+    }
+
+    /// Counts an event once per (order, type) (see [`record_in`]).
+    pub async fn record(&self, event_type: &str, order_id: &str) -> Result<bool, AnalyticsError> {
+        let _guard = self.locks.lock([event_type]).await;
+        atomically(&self.store, |txn| {
+            std::future::ready(record_in(&txn, event_type, order_id))
+        })
+        .await
+    }
+
+    /// The counters (see [`stats_of`]).
+    pub fn stats(&self) -> Result<Stats, AnalyticsError> {
+        stats_of(&self.store)
+    }
+}
+
+// ---------------------------------------------------------------- events
+
+fn count<E: Event>(router: &mut Router, topic: &str) {
+    router.on(topic, GROUP, |ctx: Context, _ev: E| async move {
+        count_in(&ctx.txn, E::TYPE, ctx.envelope.time).map_err(|e| match e {
+            AnalyticsError::Invalid(i) => HandlerError::Terminal(i.to_string()),
+            other => HandlerError::Retryable(other.to_string()),
+        })
+    });
+}
+
+/// Registers the counters on `router` (which must run on the analytics store): every
+/// event type of [`ORDERS`], [`PAYMENTS`], [`INVENTORY`] and [`SHIPPING`], group
+/// [`GROUP`], each topic's handlers one at a time (the counters are hot rows).
+pub fn subscribe(router: &mut Router) {
+    count::<OrderCreated>(router, ORDERS);
+    count::<OrderCompleted>(router, ORDERS);
+    count::<OrderFailed>(router, ORDERS);
+    count::<PaymentCompleted>(router, PAYMENTS);
+    count::<PaymentFailed>(router, PAYMENTS);
+    count::<PaymentRefunded>(router, PAYMENTS);
+    count::<InventoryReserved>(router, INVENTORY);
+    count::<OutOfStock>(router, INVENTORY);
+    count::<InventoryReleased>(router, INVENTORY);
+    count::<ShipmentCreated>(router, SHIPPING);
+    count::<LabelGenerated>(router, SHIPPING);
+    for topic in [ORDERS, PAYMENTS, INVENTORY, SHIPPING] {
+        router.concurrency(topic, GROUP, 1);
+    }
+}
+
+// ---------------------------------------------------------------- REST
+
+/// The body of `POST /events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordRequest {
+    /// The event type (e.g. `shop.order.created.v1`).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The order.
+    pub order_id: String,
+}
+
+async fn http_record(
+    State(a): State<Analytics>,
+    Json(req): Json<RecordRequest>,
+) -> Result<Json<RecordOutcome>, AnalyticsError> {
+    let counted_now = a.record(&req.event_type, &req.order_id).await?;
+    Ok(Json(RecordOutcome { counted_now }))
+}
+
+async fn http_stats(State(a): State<Analytics>) -> Result<Json<Stats>, AnalyticsError> {
+    a.stats().map(Json)
+}
+
+/// The REST routes over `analytics` (without the standard layers; [`start`] adds them).
+pub fn routes(analytics: Analytics) -> axum::Router {
+    axum::Router::new()
+        .route("/events", post(http_record))
+        .route("/stats", get(http_stats))
+        .with_state(analytics)
+}
+
+/// Serves the REST API over `store` on `listener` until `shutdown` completes.
+/// Registers nothing.
+pub async fn start(
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, ServeError> {
+    let mut opts = ServerOptions::new(SERVICE);
+    opts.body_limit = BODY_LIMIT;
+    spawn_http(routes(Analytics::new(store)), opts, listener, shutdown)
+}
+
+// ---------------------------------------------------------------- client
+
+/// The typed client of the analytics service, by service name [`SERVICE`]. Recording
+/// is idempotent per (order, type), so calls are retryable. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AnalyticsClient {
+    svc: ServiceClient,
+}
+
+impl AnalyticsClient {
+    /// The client of service [`SERVICE`] through `http`.
+    pub fn new(http: &HttpClient) -> Self {
+        AnalyticsClient {
+            svc: http.service(SERVICE),
+        }
+    }
+
+    /// `POST /events`: counts the event once per (order, type); true if this call did.
+    pub async fn record(
+        &self,
+        event_type: &str,
+        order_id: &str,
+        opts: &CallOptions,
+    ) -> Result<bool, AnalyticsError> {
+        let body = RecordRequest {
+            event_type: event_type.to_string(),
+            order_id: order_id.to_string(),
+        };
+        let out: RecordOutcome = self
+            .svc
+            .post_json_with("/events", &body, &opts.clone().idempotent())
+            .await
+            .map_err(AnalyticsError::from_call)?;
+        Ok(out.counted_now)
+    }
+
+    /// `GET /stats`.
+    pub async fn stats(&self, opts: &CallOptions) -> Result<Stats, AnalyticsError> {
+        self.svc
+            .get_json_with("/stats", opts)
+            .await
+            .map_err(AnalyticsError::from_call)
+    }
+}

@@ -1,0 +1,12 @@
+//! Integration tests of the shop's services: real servers on loopback ports, embedded
+//! stores and bus in temporary directories.
+#![allow(clippy::unwrap_used)]
+
+mod analytics;
+mod faults;
+mod grpc_codegen;
+mod inventory;
+mod notification;
+mod payment;
+mod shipping;
+mod support;

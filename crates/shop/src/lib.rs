@@ -13,6 +13,7 @@
 //! | module | what |
 //! | --- | --- |
 //! | [`model`] | items, ids, amounts, the catalog, the events and their topics, the payment request/reply messages |
+//! | [`order`] | the Order service's core: orders, status and timeline, the order book, the `Flow` every pattern implements |
 //! | [`services`] | inventory (REST), payment (gRPC + bus responder), shipping (REST + label writer), notification (REST + e-mail on events), analytics (REST + counters on events) |
 //! | [`faults`] | latency, error rate and downtime injected into any service at run time (`/admin/fault`) |
 //!
@@ -39,4 +40,5 @@
 
 pub mod faults;
 pub mod model;
+pub mod order;
 pub mod services;

@@ -16,6 +16,8 @@
 //! | [`order`] | the Order service's core: orders, status and timeline, the order book, the `Flow` every pattern implements |
 //! | [`services`] | inventory (REST), payment (gRPC + bus responder), shipping (REST + label writer), notification (REST + e-mail on events), analytics (REST + counters on events) |
 //! | [`faults`] | latency, error rate and downtime injected into any service at run time (`/admin/fault`) |
+//! | [`api`] | the Order service's public API over an `OrderDesk`: REST + gRPC (`shop.order.v1.Orders`), operator endpoints behind the `Admin` trait |
+//! | [`cli`] | the `shop` command line (clap): `order`, `status`, `orders`, `fault`, `sagas`, `dlq`, `check`, `up`, `serve` |
 //!
 //! Every service starts the same way — its store, a `TcpListener`, a shutdown future —
 //! and registers nothing; the caller puts the URL in its registry:
@@ -38,6 +40,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
+pub mod cli;
 pub mod faults;
 pub mod model;
 pub mod order;

@@ -1,0 +1,227 @@
+//! `shop up` and `shop serve`: the CLI side of running the shop. What to run is not
+//! decided here but by a [`Launcher`] the binary passes to [`super::main`]: the app
+//! implements it (starting every service, or one), this module resolves the settings,
+//! prints where everything listens, and stops it all on Ctrl-C or SIGTERM.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::CliError;
+use super::table::Table;
+use crate::api::ServiceInfo;
+use crate::order::Pattern;
+
+/// A future that completes when the launched services must stop.
+pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// The shop's services, as `shop serve` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceName {
+    /// The Order service (its public REST + gRPC API, the patterns' flows).
+    Order,
+    /// Inventory (REST).
+    Inventory,
+    /// Payment (gRPC + bus responder).
+    Payment,
+    /// Shipping (REST + label writer).
+    Shipping,
+    /// Notification (REST + e-mail on events).
+    Notification,
+    /// Analytics (REST + counters).
+    Analytics,
+}
+
+impl ServiceName {
+    /// Every service, in port order after the Order API's two ports.
+    pub const ALL: [ServiceName; 6] = [
+        ServiceName::Order,
+        ServiceName::Inventory,
+        ServiceName::Payment,
+        ServiceName::Shipping,
+        ServiceName::Notification,
+        ServiceName::Analytics,
+    ];
+
+    /// The name in registries and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceName::Order => "order",
+            ServiceName::Inventory => "inventory",
+            ServiceName::Payment => "payment",
+            ServiceName::Shipping => "shipping",
+            ServiceName::Notification => "notification",
+            ServiceName::Analytics => "analytics",
+        }
+    }
+}
+
+/// The settings of `shop up`, resolved (flag, else environment, else config file, else
+/// default).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpConfig {
+    /// Where the embedded bus and stores live (default `./shop-data`).
+    pub data_dir: PathBuf,
+    /// The address every server listens on (default `127.0.0.1`).
+    pub host: String,
+    /// The first port (default 7000): the Order REST API; then, one each, the Order
+    /// gRPC API, inventory, payment, shipping, notification, analytics (7000–7006).
+    /// 0: every server on a free port.
+    pub port: u16,
+    /// The patterns to run (default all five).
+    pub patterns: Vec<Pattern>,
+    /// The bus: `embedded` (default) or a broker URL (`nats://…`).
+    pub bus: String,
+    /// The stores: `embedded` (default) or a database URL (`postgres://…`).
+    pub store: String,
+}
+
+impl UpConfig {
+    /// The address of the `n`th server (0: Order REST, 1: Order gRPC, 2: inventory, …),
+    /// or port 0 for every one if [`port`](Self::port) is 0.
+    pub fn addr(&self, n: u16) -> Result<SocketAddr, CliError> {
+        let port = if self.port == 0 {
+            0
+        } else {
+            self.port.checked_add(n).ok_or_else(|| {
+                CliError::Usage(format!("--port {} leaves no room for 7 servers", self.port))
+            })?
+        };
+        format!("{}:{port}", self.host)
+            .parse()
+            .or_else(|_| format!("[{}]:{port}", self.host).parse())
+            .map_err(|_| CliError::Usage(format!("--host `{}` is not an IP address", self.host)))
+    }
+}
+
+/// The settings of `shop serve <service>`, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServeConfig {
+    /// The service to run.
+    pub service: ServiceName,
+    /// Where its embedded store lives (default `./shop-data`).
+    pub data_dir: PathBuf,
+    /// The address to listen on (default `127.0.0.1:0`; the Order service takes
+    /// `grpc_listen` too).
+    pub listen: SocketAddr,
+    /// The Order service's gRPC address (default: `listen`'s port + 1, or 0).
+    pub grpc_listen: Option<SocketAddr>,
+    /// Where the other services are: `name=http://host:port[,…];…` (the format of
+    /// `SWITCHYARD_SERVICES`).
+    pub registry: Option<String>,
+    /// The patterns to run (the Order service).
+    pub patterns: Vec<Pattern>,
+    /// The bus: `embedded` or a broker URL.
+    pub bus: String,
+    /// The store: `embedded` or a database URL.
+    pub store: String,
+}
+
+/// What a [`Launcher`] hands back once everything it started serves.
+pub struct Launched {
+    /// Every server started, for the table `shop up` prints (and `GET /services`).
+    pub services: Vec<ServiceInfo>,
+    /// Completes when everything has stopped after the shutdown future completed
+    /// (`Err`: why a part stopped badly).
+    pub stopped: Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>,
+}
+
+impl std::fmt::Debug for Launched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launched")
+            .field("services", &self.services)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why launching failed (shown to the user as is: say what to do).
+pub type LaunchError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Starts the shop for `shop up` / `shop serve`: implemented by the app and passed to
+/// [`super::main`] by the binary.
+#[async_trait]
+pub trait Launcher: Send + Sync {
+    /// Starts every service per `config`; returns once all serve. They stop when
+    /// `shutdown` completes.
+    async fn up(&self, config: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError>;
+
+    /// Starts one service per `config`; returns once it serves. It stops when
+    /// `shutdown` completes.
+    async fn serve(&self, config: ServeConfig, shutdown: Shutdown)
+    -> Result<Launched, LaunchError>;
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs what `start` launches until Ctrl-C / SIGTERM, printing where it listens.
+async fn run<F, Fut>(what: &str, start: F) -> Result<(), CliError>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: Future<Output = Result<Launched, LaunchError>>,
+{
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let shutdown: Shutdown = Box::pin(async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|s| *s).await;
+    });
+    let launched = start(shutdown).await.map_err(|e| CliError::Launch {
+        what: what.to_string(),
+        cause: e.to_string(),
+    })?;
+    let mut t = Table::new(["SERVICE", "PROTOCOL", "URL"]);
+    for s in &launched.services {
+        t.row([s.name.clone(), s.protocol.clone(), s.url.clone()]);
+    }
+    println!("{t}");
+    println!("{what} is running; press Ctrl-C to stop.");
+    interrupted().await;
+    eprintln!("stopping…");
+    let _ = tx.send(true);
+    launched.stopped.await.map_err(|cause| CliError::Launch {
+        what: what.to_string(),
+        cause,
+    })?;
+    eprintln!("stopped.");
+    Ok(())
+}
+
+/// `shop up`.
+pub async fn up(launcher: Option<&dyn Launcher>, config: UpConfig) -> Result<(), CliError> {
+    let launcher = launcher.ok_or(CliError::NotWired("up"))?;
+    tracing::info!(?config, "starting the shop");
+    run("the shop", |s| launcher.up(config, s)).await
+}
+
+/// `shop serve <service>`.
+pub async fn serve(launcher: Option<&dyn Launcher>, config: ServeConfig) -> Result<(), CliError> {
+    let launcher = launcher.ok_or(CliError::NotWired("serve"))?;
+    tracing::info!(?config, "starting one service");
+    let what = format!("service {}", config.service.as_str());
+    run(&what, |s| launcher.serve(config, s)).await
+}

@@ -891,3 +891,76 @@ pub async fn start(
         grpc_task,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn waits_limits_and_queries_parse() {
+        assert_eq!(parse_wait("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_wait("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_wait("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_wait("2h").unwrap(), MAX_WAIT);
+        assert_eq!(
+            parse_wait("99999999999999999999").unwrap_err().field,
+            "wait"
+        );
+        assert_eq!(parse_wait("soon").unwrap_err().field, "wait");
+        assert_eq!(parse_wait("").unwrap_err().field, "wait");
+        assert_eq!(parse_limit("10").unwrap(), 10);
+        assert!(parse_limit("0").is_err() && parse_limit("1001").is_err());
+        assert_eq!(
+            parse_saga_state("needs_attention").unwrap(),
+            SagaState::NeedsAttention
+        );
+        let uri: Uri = "/orders?status=completed&limit=5&wait=1%20s"
+            .parse()
+            .unwrap();
+        let q = query(&uri, &["status", "limit", "wait"]).unwrap();
+        assert_eq!(q["wait"], "1 s");
+        assert_eq!(q["limit"], "5");
+        assert_eq!(query(&uri, &["status"]).unwrap_err().field, "limit");
+        let twice: Uri = "/orders?limit=1&limit=2".parse().unwrap();
+        assert_eq!(query(&twice, &["limit"]).unwrap_err().field, "limit");
+        let bad: Uri = "/orders?limit=%F".parse().unwrap();
+        assert_eq!(query(&bad, &["limit"]).unwrap_err().field, "limit");
+        let not_utf8: Uri = "/orders?limit=%FF".parse().unwrap();
+        assert!(query(&not_utf8, &["limit"]).is_err());
+    }
+
+    #[test]
+    fn errors_map_to_one_status_and_one_code() {
+        let cases: Vec<(ApiError, u16, tonic::Code)> = vec![
+            (
+                Invalid::new("items[0].qty", "must be 1 to 1000000").into(),
+                422,
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                PlaceError::Exists("o-1".into()).into(),
+                409,
+                tonic::Code::AlreadyExists,
+            ),
+            (
+                PlaceError::Unavailable("down".into()).into(),
+                503,
+                tonic::Code::Unavailable,
+            ),
+            (ApiError::NotFound("o-1".into()), 404, tonic::Code::NotFound),
+            (
+                AdminError::NotWired("sagas").into(),
+                501,
+                tonic::Code::Unimplemented,
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!(e.to_problem().status, status, "{e}");
+            assert_eq!(e.to_status().code(), code, "{e}");
+        }
+        let p = ApiError::from(Invalid::new("customer", "must not be empty")).to_problem();
+        assert_eq!(p.extension_str("field"), Some("customer"));
+    }
+}

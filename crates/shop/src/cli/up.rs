@@ -151,13 +151,24 @@ pub trait Launcher: Send + Sync {
     async fn up(&self, config: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError>;
 
     /// Starts one service per `config`; returns once it serves. It stops when
-    /// `shutdown` completes.
-    async fn serve(&self, config: ServeConfig, shutdown: Shutdown)
-    -> Result<Launched, LaunchError>;
+    /// `shutdown` completes. By default: not supported (implement [`up`](Self::up)
+    /// first).
+    async fn serve(
+        &self,
+        config: ServeConfig,
+        shutdown: Shutdown,
+    ) -> Result<Launched, LaunchError> {
+        drop(shutdown);
+        Err(format!(
+            "this build cannot run the {} service on its own yet; use `shop up`",
+            config.service.as_str()
+        )
+        .into())
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.
-async fn interrupted() {
+pub async fn interrupted() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -179,8 +190,12 @@ async fn interrupted() {
     }
 }
 
-/// Runs what `start` launches until Ctrl-C / SIGTERM, printing where it listens.
-async fn run<F, Fut>(what: &str, start: F) -> Result<(), CliError>
+/// Runs what `start` launches until `stop` completes, printing where it listens.
+pub async fn run_until<F, Fut>(
+    what: &str,
+    start: F,
+    stop: impl Future<Output = ()>,
+) -> Result<Vec<ServiceInfo>, CliError>
 where
     F: FnOnce(Shutdown) -> Fut,
     Fut: Future<Output = Result<Launched, LaunchError>>,
@@ -200,28 +215,133 @@ where
     }
     println!("{t}");
     println!("{what} is running; press Ctrl-C to stop.");
-    interrupted().await;
-    eprintln!("stopping…");
+    stop.await;
+    eprintln!("stopping {what}…");
     let _ = tx.send(true);
     launched.stopped.await.map_err(|cause| CliError::Launch {
         what: what.to_string(),
         cause,
     })?;
     eprintln!("stopped.");
-    Ok(())
+    Ok(launched.services)
 }
 
-/// `shop up`.
+/// `shop up`: runs every service until Ctrl-C / SIGTERM.
 pub async fn up(launcher: Option<&dyn Launcher>, config: UpConfig) -> Result<(), CliError> {
     let launcher = launcher.ok_or(CliError::NotWired("up"))?;
     tracing::info!(?config, "starting the shop");
-    run("the shop", |s| launcher.up(config, s)).await
+    run_until("the shop", |s| launcher.up(config, s), interrupted()).await?;
+    Ok(())
 }
 
-/// `shop serve <service>`.
+/// `shop serve <service>`: runs one service until Ctrl-C / SIGTERM.
 pub async fn serve(launcher: Option<&dyn Launcher>, config: ServeConfig) -> Result<(), CliError> {
     let launcher = launcher.ok_or(CliError::NotWired("serve"))?;
     tracing::info!(?config, "starting one service");
     let what = format!("service {}", config.service.as_str());
-    run(&what, |s| launcher.serve(config, s)).await
+    run_until(&what, |s| launcher.serve(config, s), interrupted()).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::api::{self, NoAdmin};
+    use crate::model::Catalog;
+    use crate::order::{OrderBook, OrderDesk};
+
+    /// A launcher running the Order API alone (what the app's does for every service);
+    /// remembers the URL it serves at.
+    #[derive(Default)]
+    struct ApiOnly {
+        url: Arc<std::sync::Mutex<Option<String>>>,
+    }
+
+    #[async_trait]
+    impl Launcher for ApiOnly {
+        async fn up(&self, config: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
+            let book = OrderBook::new(Arc::new(switchyard::store::MemoryStore::new()));
+            let desk = OrderDesk::new(Arc::new(Catalog::standard()), book);
+            let rest = tokio::net::TcpListener::bind(config.addr(0)?).await?;
+            let grpc = tokio::net::TcpListener::bind(config.addr(1)?).await?;
+            let running = api::start(desk, Arc::new(NoAdmin), rest, grpc, shutdown).await?;
+            *self.url.lock().unwrap() = Some(running.rest_url.clone());
+            Ok(Launched {
+                services: vec![ServiceInfo::new("order", &running.rest_url, "http")],
+                stopped: Box::pin(async move { running.join().await.map_err(|e| e.to_string()) }),
+            })
+        }
+    }
+
+    fn config() -> UpConfig {
+        UpConfig {
+            data_dir: "unused".into(),
+            host: "127.0.0.1".into(),
+            port: 0,
+            patterns: Pattern::ALL.to_vec(),
+            bus: "embedded".into(),
+            store: "embedded".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn up_runs_what_the_launcher_starts_until_stopped() {
+        let launcher = ApiOnly::default();
+        let url = launcher.url.clone();
+        // Stops once the launched server accepts a connection.
+        let stop = async move {
+            loop {
+                let addr = url.lock().unwrap().clone();
+                if let Some(addr) = addr
+                    && tokio::net::TcpStream::connect(addr.trim_start_matches("http://"))
+                        .await
+                        .is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        let services = run_until("the shop", |s| launcher.up(config(), s), stop)
+            .await
+            .unwrap();
+        assert_eq!(services[0].name, "order");
+        // After the stop, the server is gone.
+        let addr = services[0].url.trim_start_matches("http://").to_string();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        // Without a launcher: not wired.
+        assert!(matches!(
+            up(None, config()).await,
+            Err(CliError::NotWired("up"))
+        ));
+    }
+
+    #[tokio::test]
+    async fn serve_is_not_supported_by_default_and_bad_hosts_are_refused() {
+        let cfg = ServeConfig {
+            service: ServiceName::Inventory,
+            data_dir: "unused".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            grpc_listen: None,
+            registry: None,
+            patterns: Vec::new(),
+            bus: "embedded".into(),
+            store: "embedded".into(),
+        };
+        let err = ApiOnly::default()
+            .serve(cfg, Box::pin(std::future::pending()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("inventory"), "{err}");
+        let mut c = config();
+        c.host = "not a host".into();
+        assert!(matches!(c.addr(0), Err(CliError::Usage(_))));
+        c.host = "::1".into();
+        c.port = 7000;
+        assert_eq!(c.addr(2).unwrap().port(), 7002);
+    }
 }

@@ -434,6 +434,21 @@ async fn rest_place_conflict_unavailable_and_wait() {
     .await;
     assert_eq!(r.status, 202, "{}", r.body);
     assert_eq!(r.json()["status"], "accepted");
+    // The Location header, through the switchyard client.
+    let _reg = s.h.registry.register(api::SERVICE, &s.api.rest_url);
+    let r =
+        s.h.http
+            .service(api::SERVICE)
+            .call(
+                http::Method::POST,
+                "/orders",
+                Some(body("o-loc", "orchestration").into()),
+                &switchyard_rpc::CallOptions::new(),
+            )
+            .await
+            .unwrap();
+    assert_eq!(r.status, 202);
+    assert_eq!(r.headers["location"], "/orders/o-loc");
     // Async with wait: answered once it ends (~300 ms), 201.
     let t = Instant::now();
     let r = s
@@ -485,9 +500,12 @@ async fn rest_place_conflict_unavailable_and_wait() {
         ["o-async", "o-async-wait", "o-sync"]
     );
     assert_eq!(ids(&s, "/orders?status=failed").await, ["o-declined"]);
-    assert_eq!(ids(&s, "/orders?status=accepted").await, ["o-stuck"]);
+    assert_eq!(
+        ids(&s, "/orders?status=accepted").await,
+        ["o-loc", "o-stuck"]
+    );
     assert_eq!(ids(&s, "/orders?limit=2").await.len(), 2);
-    assert_eq!(ids(&s, "/orders").await.len(), 5);
+    assert_eq!(ids(&s, "/orders").await.len(), 6);
     let c = s.get("/orders/counts").await.json();
     assert_eq!(
         (
@@ -495,7 +513,7 @@ async fn rest_place_conflict_unavailable_and_wait() {
             c["completed"].as_u64(),
             c["failed"].as_u64()
         ),
-        (Some(1), Some(3), Some(1))
+        (Some(2), Some(3), Some(1))
     );
     let p = s.get("/patterns").await.json();
     assert_eq!(
@@ -768,16 +786,27 @@ async fn grpc_place_get_list_with_rest_semantics() {
 
 // ---------------------------------------------------------------- CLI
 
-/// Runs the `shop` binary with `args` (off the runtime's threads).
+/// Runs the `shop` binary with `args` (off the runtime's threads), without the
+/// caller's `SHOP_*` variables.
 async fn shop_cli(args: &[&str]) -> Output {
+    shop_cli_env(args, &[]).await
+}
+
+/// [`shop_cli`] with environment variables.
+async fn shop_cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_shop"))
-            .args(&args)
-            .env_remove("SHOP_URL")
-            .env_remove("SHOP_CONFIG")
-            .output()
-            .unwrap()
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shop"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("SHOP_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args(&args).envs(env).output().unwrap()
     })
     .await
     .unwrap()
@@ -1029,4 +1058,70 @@ async fn cli_fault_sets_and_clears_a_running_service_s_faults() {
     );
     drop(h);
     drop(s.h);
+}
+
+#[tokio::test]
+async fn cli_takes_settings_from_flags_then_environment_then_config_file() {
+    let s = shop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shop.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "url = \"{}\"\ntimeout = \"5s\"\n[order]\npattern = \"sync\"\ncustomer = \"grace\"\nwait = \"2s\"\n",
+            s.api.rest_url
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    // Everything from the file.
+    let o = shop_cli(&["order", "--order-id", "o-file", "--config", file]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(s.book.get("o-file").unwrap().unwrap().customer, "grace");
+    // The environment wins over the file, a flag over the environment.
+    let o = shop_cli_env(
+        &["order", "--order-id", "o-env"],
+        &[("SHOP_CONFIG", file), ("SHOP_CUSTOMER", "linus")],
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(s.book.get("o-env").unwrap().unwrap().customer, "linus");
+    let o = shop_cli_env(
+        &[
+            "order",
+            "--order-id",
+            "o-flag",
+            "--customer",
+            "ada",
+            "--pattern",
+            "choreography",
+        ],
+        &[("SHOP_CONFIG", file), ("SHOP_CUSTOMER", "linus")],
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let o = s.book.get("o-flag").unwrap().unwrap();
+    assert_eq!(
+        (o.customer.as_str(), o.pattern),
+        ("ada", Pattern::Choreography)
+    );
+    // SHOP_URL wins over the file's url.
+    let o = shop_cli_env(
+        &["status", "o-file", "--config", file],
+        &[("SHOP_URL", "http://127.0.0.1:1")],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("127.0.0.1:1"), "{:?}", text(&o));
+    // A bad file says which file and which key.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "urll = \"x\"\n").unwrap();
+    let o = shop_cli(&["orders", "--config", bad.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = text(&o).1;
+    assert!(err.contains("bad.toml") && err.contains("urll"), "{err}");
+    // Without a pattern anywhere: a usage error naming the flag.
+    let o = shop_cli(&["order", "--url", &s.api.rest_url]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("--pattern"), "{:?}", text(&o));
 }

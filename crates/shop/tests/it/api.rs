@@ -1125,3 +1125,136 @@ async fn cli_takes_settings_from_flags_then_environment_then_config_file() {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("--pattern"), "{:?}", text(&o));
 }
+
+/// An admin with one saga, one dead letter and a failing check.
+struct FullAdmin;
+
+#[async_trait]
+impl Admin for FullAdmin {
+    async fn sagas(
+        &self,
+        state: Option<switchyard::saga::SagaState>,
+        limit: usize,
+    ) -> Result<Vec<switchyard::saga::SagaRecord>, api::AdminError> {
+        assert_eq!(
+            (state, limit),
+            (Some(switchyard::saga::SagaState::NeedsAttention), 50)
+        );
+        let now = switchyard::Timestamp::now();
+        Ok(vec![switchyard::saga::SagaRecord {
+            id: "o-saga".into(),
+            saga: "place-order".into(),
+            state: switchyard::saga::SagaState::NeedsAttention,
+            input: switchyard::saga::Json::null(),
+            steps: Vec::new(),
+            cursor: 0,
+            resume: None,
+            error: Some("refund kept failing".into()),
+            history: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        }])
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: Option<String>,
+        _limit: usize,
+    ) -> Result<Vec<api::DeadLetterView>, api::AdminError> {
+        let now = switchyard::Timestamp::now();
+        Ok(vec![api::DeadLetterView {
+            dlq_offset: 0,
+            topic: topic.unwrap_or_else(|| "shop.orders".into()),
+            group: "shipping".into(),
+            id: switchyard::MessageId::new().to_string(),
+            event_type: "shop.order.created.v1".into(),
+            subject: Some("o-poison".into()),
+            reason: "payload does not decode".into(),
+            attempts: 5,
+            first_failure: now,
+            last_failure: now,
+        }])
+    }
+
+    async fn replay(
+        &self,
+        request: api::ReplayRequest,
+    ) -> Result<api::ReplayOutcome, api::AdminError> {
+        Ok(api::ReplayOutcome {
+            replayed: request.ids.map_or(3, |ids| ids.len() as u64),
+            topic: request.topic,
+        })
+    }
+
+    async fn check(&self) -> Result<api::CheckReport, api::AdminError> {
+        Ok(api::CheckReport::new(vec![
+            api::CheckItem {
+                name: "orders placed = orders terminal".into(),
+                ok: true,
+                detail: "3 = 3".into(),
+            },
+            api::CheckItem {
+                name: "no duplicate charge".into(),
+                ok: false,
+                detail: "o-7 charged twice".into(),
+            },
+        ]))
+    }
+}
+
+#[tokio::test]
+async fn cli_operator_commands_print_what_the_admin_answers() {
+    let s = shop_with(Arc::new(FullAdmin)).await;
+    let url = s.api.rest_url.as_str();
+    let o = shop_cli(&["sagas", "--state", "needs_attention", "--url", url]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    for want in [
+        "o-saga",
+        "place-order",
+        "needs_attention",
+        "refund kept failing",
+    ] {
+        assert!(out.contains(want), "sagas lacks {want}: {out}");
+    }
+    let o = shop_cli(&["sagas", "--state", "lost", "--url", url]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("`state`"), "{:?}", text(&o));
+    let o = shop_cli(&["dlq", "list", "--topic", "shop.shipping", "--url", url]).await;
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    for want in [
+        "shop.shipping",
+        "o-poison",
+        "payload does not decode",
+        "ATTEMPTS",
+    ] {
+        assert!(out.contains(want), "dlq list lacks {want}: {out}");
+    }
+    let o = shop_cli(&["dlq", "replay", "--topic", "shop.orders", "--url", url]).await;
+    assert!(text(&o).0.contains("replayed 3"), "{:?}", text(&o));
+    let id = switchyard::MessageId::new().to_string();
+    let o = shop_cli(&[
+        "dlq",
+        "replay",
+        "--topic",
+        "shop.orders",
+        "--id",
+        &id,
+        "--url",
+        url,
+    ])
+    .await;
+    assert!(text(&o).0.contains("replayed 1"), "{:?}", text(&o));
+    let o = shop_cli(&["check", "--url", url]).await;
+    assert_eq!(o.status.code(), Some(5), "{:?}", text(&o));
+    let (out, err) = text(&o);
+    assert!(
+        out.contains("FAILED") && out.contains("o-7 charged twice"),
+        "{out}"
+    );
+    assert!(err.contains("1 check(s) failed"), "{err}");
+    let o = shop_cli(&["check", "--json", "--url", url]).await;
+    let report: api::CheckReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(!report.ok);
+}

@@ -6,7 +6,8 @@
 //!
 //! This library holds what the patterns and the `shop` binary are built from: the
 //! shared domain model, the five backing services (each a real server with its own
-//! store, a typed client and router handlers) and fault injection.
+//! store, a typed client and router handlers), fault injection, the Order service's
+//! public API (REST and gRPC over an [`order::OrderDesk`]) and the `shop` command line.
 //!
 //! # Layout
 //!

@@ -16,6 +16,9 @@
 //! | [`order`] | the Order service's core: orders, status and timeline, the order book, the `Flow` every pattern implements |
 //! | [`services`] | inventory (REST), payment (gRPC + bus responder), shipping (REST + label writer), notification (REST + e-mail on events), analytics (REST + counters on events) |
 //! | [`faults`] | latency, error rate and downtime injected into any service at run time (`/admin/fault`) |
+//! | [`patterns`] | the five flows (sync, choreography with its declared spec and monitor, request-reply, orchestration, hybrid) |
+//! | [`app`] | the whole shop in one process: stores, bus, servers, routers, relays, orchestrator, the order desk |
+//! | [`check`] | global invariants (stock, money, shipments, orders in flight) over a running shop |
 //!
 //! Every service starts the same way — its store, a `TcpListener`, a shutdown future —
 //! and registers nothing; the caller puts the URL in its registry:
@@ -38,7 +41,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod app;
+pub mod check;
 pub mod faults;
 pub mod model;
 pub mod order;
+pub mod patterns;
 pub mod services;

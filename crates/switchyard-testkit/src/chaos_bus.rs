@@ -379,3 +379,71 @@ impl Bus for ChaosBus {
         self.inner.close().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::HashMap;
+
+    use super::*;
+    use switchyard::memory::MemoryBus;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Ping {
+        n: u32,
+    }
+
+    impl switchyard::Event for Ping {
+        const TYPE: &'static str = "test.ping.v1";
+    }
+
+    #[tokio::test]
+    async fn injects_duplicates_redeliveries_and_delays_without_losing_anything() {
+        let inner: Arc<dyn Bus> = Arc::new(MemoryBus::in_memory());
+        let bus = ChaosBus::new(
+            inner,
+            ChaosConfig {
+                duplicate: 0.3,
+                redeliver: 0.2,
+                delay: 0.2,
+                max_delay: Duration::from_millis(5),
+                seed: 7,
+                ..ChaosConfig::default()
+            },
+        );
+        let mut ids = Vec::new();
+        for n in 0..200 {
+            let env = switchyard::codec::encode(&Ping { n }, "/test").unwrap();
+            ids.push(env.id);
+            bus.publish("t", env).await.unwrap();
+        }
+        let mut sub = bus
+            .subscribe("t", "g", SubscribeOptions::default())
+            .await
+            .unwrap();
+        let mut seen: HashMap<switchyard::MessageId, (u32, Envelope)> = HashMap::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await
+            else {
+                break;
+            };
+            let env = d.envelope().clone();
+            let entry = seen.entry(env.id).or_insert((0, env.clone()));
+            entry.0 += 1;
+            assert_eq!(entry.1, env, "a duplicate is the same envelope");
+            d.ack().await.unwrap();
+        }
+        for id in &ids {
+            assert!(seen.contains_key(id), "message {id} lost");
+        }
+        let stats = bus.stats();
+        let dups = seen.values().filter(|(n, _)| *n > 1).count();
+        assert!(dups > 0, "no duplicate seen");
+        assert!(stats.duplicates.load(Ordering::Relaxed) > 0);
+        assert!(stats.redeliveries.load(Ordering::Relaxed) > 0);
+        assert!(stats.delays.load(Ordering::Relaxed) > 0);
+        assert!(bus.inner().dead_letters("t", 10).await.unwrap().is_empty());
+    }
+}

@@ -16,11 +16,11 @@ use shop::patterns::choreography::{ChoreographySpec, MONITOR, Observed};
 use switchyard::Bus;
 use switchyard::bus::SubscribeOptions;
 use switchyard_embedded::EmbeddedBus;
-use switchyard_testkit::chaos_bus::{ChaosBus, ChaosConfig};
+use switchyard_testkit::chaos_bus::{ChaosBus, ChaosConfig, ChaosStats};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn chaos_bus(dir: &Path, seed: u64) -> Arc<dyn Bus> {
+fn chaos_bus(dir: &Path, seed: u64) -> Arc<ChaosBus> {
     let inner: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus")).unwrap());
     Arc::new(ChaosBus::new(
         inner,
@@ -36,9 +36,15 @@ fn chaos_bus(dir: &Path, seed: u64) -> Arc<dyn Bus> {
 }
 
 async fn start(dir: &Path, seed: u64) -> ShopApp {
-    let mut config = AppConfig::new(dir).with_bus(chaos_bus(dir, seed));
+    start_with_stats(dir, seed).await.0
+}
+
+async fn start_with_stats(dir: &Path, seed: u64) -> (ShopApp, Arc<ChaosStats>) {
+    let bus = chaos_bus(dir, seed);
+    let stats = bus.stats();
+    let mut config = AppConfig::new(dir).with_bus(bus);
     config.stall_after = Duration::from_millis(500);
-    ShopApp::start(config).await.unwrap()
+    (ShopApp::start(config).await.unwrap(), stats)
 }
 
 fn order(id: &str, pattern: Pattern, customer: &str, items: Vec<Item>, token: &str) -> NewOrder {
@@ -322,7 +328,7 @@ fn diverged(app: &ShopApp) -> Vec<(String, Vec<String>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_mixed_orders_keep_every_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    let app = start(dir.path(), 3).await;
+    let (app, chaos) = start_with_stats(dir.path(), 3).await;
     let started = Instant::now();
     let desk = app.desk().clone();
     let mut workers = Vec::new();
@@ -347,6 +353,12 @@ async fn a_thousand_mixed_orders_keep_every_invariant() {
     assert!(report.is_settled(), "{report:#?}");
     assert_eq!(report.orders.values().sum::<u64>(), 1000);
     assert_eq!(app.diverged_events(), 0, "{:#?}", diverged(&app));
+    let duplicates = chaos.duplicates.load(std::sync::atomic::Ordering::Relaxed);
+    let redeliveries = chaos
+        .redeliveries
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!("chaos: {duplicates} duplicate deliveries, {redeliveries} injected redeliveries");
+    assert!(duplicates > 0 && redeliveries > 0);
     app.shutdown().await.unwrap();
 }
 
@@ -453,5 +465,102 @@ async fn a_stalled_or_diverging_choreography_is_flagged() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(app.diverged_events() >= 1);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_down_fails_sync_orders_and_undoes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(dir.path(), 7).await;
+    app.faults().payment.set(FaultConfig {
+        down_ms: 60_000,
+        ..FaultConfig::default()
+    });
+    let o = place_and_wait(
+        &app,
+        order(
+            "pd-sync",
+            Pattern::Sync,
+            "ada",
+            vec![Item::new("sku-005", 2)],
+            "tok_ok",
+        ),
+    )
+    .await;
+    assert_eq!(o.status, OrderStatus::Failed);
+    assert!(
+        o.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("payment unavailable"),
+        "{:?}",
+        o.reason
+    );
+    let stock = app.services().inventory.stock("sku-005").unwrap().unwrap();
+    assert_eq!((stock.available, stock.reserved), (10_000, 0), "released");
+    app.faults().payment.clear();
+    app.faults().shipping.set(FaultConfig {
+        down_ms: 60_000,
+        ..FaultConfig::default()
+    });
+    let o = place_and_wait(
+        &app,
+        order(
+            "sd-sync",
+            Pattern::Sync,
+            "ada",
+            vec![Item::new("sku-006", 1)],
+            "tok_ok",
+        ),
+    )
+    .await;
+    assert_eq!(o.status, OrderStatus::Failed);
+    let whats: Vec<&str> = o.history.iter().map(|e| e.what.as_str()).collect();
+    assert!(
+        whats.contains(&"refunded") && whats.contains(&"released"),
+        "{whats:?}"
+    );
+    app.faults().shipping.clear();
+    let report = settled(&app, WAIT).await;
+    assert!(report.is_settled(), "{report:#?}");
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_started_without_its_order_records_it_and_runs_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(dir.path(), 8).await;
+    // As if the shop crashed between starting the saga and recording the order.
+    let o = order(
+        "saga-only",
+        Pattern::Orchestration,
+        "ada",
+        vec![Item::new("sku-007", 1)],
+        "tok_ok",
+    )
+    .validate(app.desk().catalog())
+    .unwrap();
+    app.orchestrator()
+        .start_with_id(shop::patterns::orchestration::SAGA, &o.id, &o)
+        .await
+        .unwrap();
+    let rec = app.orchestrator().wait(&o.id).await.unwrap();
+    assert_eq!(rec.state, switchyard::saga::SagaState::Completed);
+    let done = app.book().wait(&o.id, WAIT).await.unwrap();
+    assert_eq!(done.status, OrderStatus::Completed, "{:#?}", done.history);
+    // Placing the id again places nothing.
+    let again = app
+        .desk()
+        .place(&order(
+            "saga-only",
+            Pattern::Orchestration,
+            "ada",
+            vec![Item::new("sku-007", 1)],
+            "tok_ok",
+        ))
+        .await;
+    assert!(matches!(again, Err(shop::order::PlaceError::Exists(_))));
+    let report = settled(&app, WAIT).await;
+    assert!(report.is_settled(), "{report:#?}");
     app.shutdown().await.unwrap();
 }

@@ -370,6 +370,7 @@ async fn check_stall(
     if let Some(detail) = flagged {
         book.changed(id);
         stats.stalled.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("shop_choreography_stalled_total").increment(1);
         tracing::warn!(order = id, %detail, "choreography flow stalled");
     }
     Ok(())
@@ -760,6 +761,7 @@ fn follow(
     if let Err(why) = spec.admits(&seen, event_type) {
         tracing::warn!(order = id, event = event_type, %why, "choreography flow diverged");
         stats.diverged.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("shop_choreography_diverged_total").increment(1);
         book.record_in(txn, id, MONITOR, "diverged", Some(why))
             .map_err(retryable)?;
         return Ok(());

@@ -17,7 +17,7 @@
 use async_trait::async_trait;
 use switchyard::store::transact;
 
-use super::sync::{charge_request, charged_id, reserve, undo, undoing_reason};
+use super::sync::{charge_request, charged_id, reserve, undo, undoing_reason, unknown_charge};
 use super::{Deps, Driven, ORDER_SERVICE, order_event};
 use crate::model::{ORDERS, OrderCompleted, OrderCreated};
 use crate::order::{Flow, Order, OrderStatus, Pattern, PlaceError};
@@ -95,7 +95,11 @@ async fn run(deps: &Deps, order: &Order) {
                 .await;
             return undo(deps, id, None, e.to_string()).await;
         }
-        Err(e) => return undo(deps, id, None, format!("payment unavailable: {e}")).await,
+        Err(e) => {
+            let charge = unknown_charge(deps, &order, &e).await;
+            let reason = format!("payment unavailable: {e}");
+            return undo(deps, id, charge.as_deref(), reason).await;
+        }
     };
     deps.note(
         id,

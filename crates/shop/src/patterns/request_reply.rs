@@ -11,9 +11,11 @@
 //!
 //! A timeout is retried with the **same key** (the responder may have charged and the
 //! reply got lost; the repeat learns the outcome). When every attempt timed out the
-//! outcome is unknown: the flow asks once more with a long timeout to settle it, refunds
-//! what that returns (a [`RefundRequest`] over the bus), then releases the stock and
-//! fails the order. "No responders" (payment's responder is not running) means nothing
+//! outcome is unknown: the flow keeps asking with the same key and growing timeouts until
+//! Payment answers (its stored charge, or — if the request never got through — a charge
+//! made now), refunds that charge (a [`RefundRequest`] over the bus), then releases the
+//! stock and fails the order. Money stays whole at the price of a charge-and-refund when
+//! the first request was lost. "No responders" (payment's responder is not running) means nothing
 //! was sent: retried, then the order fails without a refund.
 
 use std::time::Duration;
@@ -159,25 +161,34 @@ async fn run(deps: &Deps, order: &Order) {
     finish(deps, id, None).await;
 }
 
-/// The outcome of the charge is unknown (every request timed out): asks once more with
-/// the same key and a long timeout; a charge it returns is refunded over the bus. Returns
-/// the charge id still to refund (over gRPC) when the refund request failed.
+/// The outcome of the charge is unknown (every request timed out): asks again with the
+/// same key, doubling the timeout each time (up to 30 s), until Payment answers — its
+/// stored reply if it charged, else a charge made now — and refunds that charge over the
+/// bus. Returns the charge id still to refund (over gRPC) when the refund request failed;
+/// `None` when nothing is charged (declined, or refunded here). A shutdown cuts it; the
+/// restart runs the flow again.
 async fn settle_unknown(deps: &Deps, order: &Order) -> Option<String> {
     let id = order.id.as_str();
-    let reply = deps
-        .requester
-        .request_with::<_, ChargeReply>(
-            PAYMENT_REQUESTS,
-            &charge_request(order),
-            options(id, deps.request_timeout * 5),
-        )
-        .await;
-    let Ok(charge) = reply else {
-        tracing::warn!(
-            order = id,
-            "the outcome of the charge stays unknown; `shop check` will show it if it was charged"
-        );
-        return None;
+    let mut timeout = deps.request_timeout * 2;
+    let charge = loop {
+        let reply = deps
+            .requester
+            .request_with::<_, ChargeReply>(
+                PAYMENT_REQUESTS,
+                &charge_request(order),
+                options(id, timeout),
+            )
+            .await
+            .map_err(PaymentError::from_request_error);
+        match reply {
+            Ok(c) => break c,
+            Err(e) if e.is_retryable() => {
+                tracing::info!(order = id, error = %e, "settling an unknown charge; asking again");
+                timeout = (timeout * 2).min(Duration::from_secs(30));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(_) => return None,
+        }
     };
     let refund = RefundRequest {
         order_id: id.to_string(),

@@ -180,6 +180,41 @@ pub(crate) fn charge_request(order: &Order) -> ChargeRequest {
     }
 }
 
+/// After a charge that failed without a business answer: if the outcome is unknown (the
+/// deadline passed, or the answer did not make sense), asks again with the same key
+/// until Payment answers — a charge made the first time comes back as is (else it is
+/// made now) — and returns it, to be refunded. `None` when nothing can have been charged
+/// (Payment said it is unavailable, or declined the repeat).
+pub(crate) async fn unknown_charge(
+    deps: &Deps,
+    order: &Order,
+    error: &payment::PaymentError,
+) -> Option<String> {
+    if !matches!(
+        error.class(),
+        ErrorClass::DeadlineExceeded | ErrorClass::Internal
+    ) {
+        return None;
+    }
+    deps.note(
+        &order.id,
+        payment::SERVICE,
+        "charge_unknown",
+        Some(error.to_string()),
+    )
+    .await;
+    let opts = Deps::opts(&order.id, "charge");
+    let req = charge_request(order);
+    retry(
+        u32::MAX,
+        |e: &payment::PaymentError| e.is_retryable(),
+        || deps.payment.charge(&req, &opts),
+    )
+    .await
+    .ok()
+    .map(|c| c.charge_id)
+}
+
 /// Creates the shipment and commits the stock; `Err(reason)` if the shipment could not be
 /// created (nothing shipped).
 pub(crate) async fn ship(deps: &Deps, order: &Order) -> Result<(), String> {
@@ -253,7 +288,11 @@ async fn run(deps: &Deps, order: &Order) {
                 .await;
             return undo(deps, id, None, e.to_string()).await;
         }
-        Err(e) => return undo(deps, id, None, format!("payment unavailable: {e}")).await,
+        Err(e) => {
+            let charge = unknown_charge(deps, &order, &e).await;
+            let reason = format!("payment unavailable: {e}");
+            return undo(deps, id, charge.as_deref(), reason).await;
+        }
     };
     deps.note(
         id,

@@ -564,3 +564,35 @@ async fn a_saga_started_without_its_order_records_it_and_runs_to_the_end() {
     assert!(report.is_settled(), "{report:#?}");
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_timeouts_fail_the_order_with_money_and_stock_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AppConfig::new(dir.path()).with_patterns(&[Pattern::RequestReply]);
+    // Far too short for any reply: every charge request times out.
+    config.request_timeout = Duration::from_micros(1);
+    let app = ShopApp::start(config).await.unwrap();
+    for i in 0..5 {
+        let o = place_and_wait(
+            &app,
+            order(
+                &format!("rr-to-{i}"),
+                Pattern::RequestReply,
+                "ada",
+                vec![Item::new("sku-008", 1)],
+                "tok_ok",
+            ),
+        )
+        .await;
+        assert_eq!(o.status, OrderStatus::Failed, "{:#?}", o.history);
+        assert!(
+            o.reason.as_deref().unwrap_or("").contains("did not answer"),
+            "{:?}",
+            o.reason
+        );
+    }
+    let report = settled(&app, WAIT).await;
+    assert!(report.is_settled(), "{report:#?}");
+    println!("requester: {:?}", app.requester().stats());
+    app.shutdown().await.unwrap();
+}

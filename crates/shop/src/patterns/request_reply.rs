@@ -1,5 +1,5 @@
 //! **Request/reply**: the Order service reserves the stock (sync REST), then *asks*
-//! Payment over the bus — a [`ChargeRequest`] on [`PAYMENT_REQUESTS`] with a reply-to
+//! Payment over the bus — a [`ChargeRequest`](crate::model::ChargeRequest) on [`PAYMENT_REQUESTS`] with a reply-to
 //! address and a correlation id, a timeout and the idempotency key `<order>/charge`
 //! ([`Requester::request_with`](switchyard::reply::Requester::request_with)) — and
 //! continues on the reply: ship + commit on a charge, release on a decline.

@@ -19,6 +19,9 @@
 //! | [`faults`] | latency, error rate and downtime injected into any service at run time (`/admin/fault`) |
 //! | [`api`] | the Order service's public API over an `OrderDesk`: REST + gRPC (`shop.order.v1.Orders`), operator endpoints behind the `Admin` trait |
 //! | [`cli`] | the `shop` command line (clap): `order`, `status`, `orders`, `fault`, `sagas`, `dlq`, `check`, `up`, `serve` |
+//! | [`patterns`] | the five flows (sync, choreography with its declared spec and monitor, request-reply, orchestration, hybrid) |
+//! | [`app`] | the whole shop in one process: stores, bus, servers, routers, relays, orchestrator, the order desk |
+//! | [`check`] | global invariants (stock, money, shipments, orders in flight) over a running shop |
 //!
 //! Every service starts the same way — its store, a `TcpListener`, a shutdown future —
 //! and registers nothing; the caller puts the URL in its registry:
@@ -43,7 +46,10 @@
 
 pub mod api;
 pub mod cli;
+pub mod app;
+pub mod check;
 pub mod faults;
 pub mod model;
 pub mod order;
+pub mod patterns;
 pub mod services;

@@ -9,7 +9,10 @@
 //! | [`Child`] | a child process with its stdout lines as a channel; SIGKILL by pid; killed on drop |
 //! | [`Ledger`] | what was acknowledged vs what was observed: lost, duplicated, out of order |
 //! | [`peak_rss_kb`] | this process's peak resident memory (VmHWM) |
+//! | [`chaos_bus::ChaosBus`] | a `Bus` wrapper injecting duplicate deliveries, redeliveries and delays (seeded) to test your handlers |
 //! | [`require_binary`] | finds a server binary, or fails loudly under `CI=true` |
+
+pub mod chaos_bus;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};

@@ -8,6 +8,7 @@ mod faults;
 mod grpc_codegen;
 mod inventory;
 mod notification;
+mod patterns;
 mod payment;
 mod shipping;
 mod support;

@@ -1,0 +1,262 @@
+//! **Orchestration**: a durable saga in the Order service ([`switchyard::saga`]) drives
+//! the steps and undoes them in reverse order when one fails for good:
+//!
+//! | step | action | compensation |
+//! | --- | --- | --- |
+//! | `accept` | record the order in the book (if not yet) | release any reservation left by a reserve that failed for good, fail the order with the saga's error |
+//! | `reserve` | Inventory reserve (REST) | Inventory release |
+//! | `charge` | Payment charge (gRPC) | Payment refund |
+//! | `ship` | Shipping create + Inventory commit (REST) | — (the point of no return; retried long) |
+//! | `complete` | complete the order | — |
+//!
+//! **Neither the order nor the saga is lost**: `place` first starts the saga under the
+//! order id ([`Orchestrator::start_with_id`], one commit on the order store; starting
+//! twice starts once, so a second `place` with the id is `Exists`), then records the
+//! order. The saga's first step records the order too (if absent), so a crash between
+//! the two commits leaves a saga that, resumed, creates the order. The order's end is
+//! a saga step as well (`complete`), or the first step's compensation (the last one to
+//! run when the saga compensates): both are committed work of the saga, never an
+//! observer that a crash could skip. Every action and compensation passes
+//! [`StepContext::idempotency_key`] to its callee.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use switchyard::saga::{Orchestrator, Saga, Step, StepContext, StepError, StepPolicy};
+use switchyard_rpc::CallOptions;
+
+use super::sync::charge_request;
+use super::{Deps, ORDER_SERVICE};
+use crate::order::{BookError, Flow, Order, Pattern, PlaceError};
+use crate::services::ErrorClass;
+use crate::services::{inventory, payment, shipping};
+
+/// The saga's name.
+pub const SAGA: &str = "place_order";
+
+/// The orchestration flow.
+#[derive(Debug, Clone)]
+pub struct OrchestrationFlow {
+    deps: Deps,
+    orchestrator: Orchestrator,
+}
+
+impl OrchestrationFlow {
+    /// The flow over `deps`, starting sagas on `orchestrator` (which must have [`saga`]
+    /// registered).
+    pub fn new(deps: Deps, orchestrator: Orchestrator) -> Self {
+        OrchestrationFlow { deps, orchestrator }
+    }
+}
+
+#[async_trait]
+impl Flow for OrchestrationFlow {
+    fn pattern(&self) -> Pattern {
+        Pattern::Orchestration
+    }
+
+    async fn place(&self, order: Order) -> Result<Order, PlaceError> {
+        let started = self
+            .orchestrator
+            .start_with_id(SAGA, &order.id, &order)
+            .await
+            .map_err(|e| PlaceError::Unavailable(format!("starting the saga failed: {e}")))?;
+        if !started.created {
+            return Err(PlaceError::Exists(order.id));
+        }
+        match self.deps.book.create(&order).await {
+            Ok(()) | Err(BookError::Exists(_)) => {}
+            // The saga's first step records it.
+            Err(e) => {
+                tracing::warn!(order = %order.id, error = %e, "recording the order failed; the saga records it")
+            }
+        }
+        Ok(order)
+    }
+}
+
+fn opts<I>(cx: &StepContext<I>) -> CallOptions {
+    CallOptions::new().idempotency_key(cx.idempotency_key())
+}
+
+fn step_error(class: ErrorClass, e: impl std::fmt::Display) -> StepError {
+    if class.is_retryable() {
+        StepError::retryable(e)
+    } else {
+        StepError::failed(e)
+    }
+}
+
+/// The orchestrator, once built, for the saga's own steps (the first step's
+/// compensation reads the saga's error from it). Clear it at shutdown: the saga holds
+/// it, and it holds the saga.
+pub type OrchestratorCell = Arc<Mutex<Option<Orchestrator>>>;
+
+/// The saga definition over `deps`; `orchestrator` is set once the orchestrator is built.
+pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
+    let (d1, d2, d3, d4, d5, d6, d7, d8) = (
+        deps.clone(),
+        deps.clone(),
+        deps.clone(),
+        deps.clone(),
+        deps.clone(),
+        deps.clone(),
+        deps.clone(),
+        deps,
+    );
+    Saga::new(SAGA)
+        .step(
+            Step::new("accept", move |cx: StepContext<Order>| {
+                let d = d1.clone();
+                async move {
+                    match d.book.create(cx.input()).await {
+                        Ok(()) | Err(BookError::Exists(_)) => Ok(()),
+                        Err(e) => Err(StepError::retryable(e)),
+                    }
+                }
+            })
+            .compensate(move |cx: StepContext<Order>, (): ()| {
+                let d = d2.clone();
+                let orchestrator = orchestrator.clone();
+                async move {
+                    let current = orchestrator
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let reason = current
+                        .and_then(|o| o.get(cx.saga_id()).ok().flatten())
+                        .and_then(|rec| rec.error)
+                        .unwrap_or_else(|| "the saga failed".into());
+                    // A reserve that failed for good may still have reserved (its reply
+                    // lost): release by order id (a no-op when nothing is held).
+                    d.inventory
+                        .release(&cx.input().id, &opts(&cx))
+                        .await
+                        .map_err(StepError::retryable)?;
+                    d.book
+                        .finish(&cx.input().id, ORDER_SERVICE, Some(reason))
+                        .await
+                        .map_err(StepError::retryable)?;
+                    Ok(())
+                }
+            }),
+        )
+        .step(
+            Step::new("reserve", move |cx: StepContext<Order>| {
+                let d = d3.clone();
+                async move {
+                    let o = cx.input();
+                    d.inventory
+                        .reserve(&o.id, &o.items, &opts(&cx))
+                        .await
+                        .map_err(|e| {
+                            step_error(
+                                e.class(),
+                                format!("out of stock or inventory unavailable: {e}"),
+                            )
+                        })?;
+                    d.note(&o.id, inventory::SERVICE, "reserved", None).await;
+                    Ok(())
+                }
+            })
+            .compensate(move |cx: StepContext<Order>, (): ()| {
+                let d = d4.clone();
+                async move {
+                    let id = &cx.input().id;
+                    let r = d
+                        .inventory
+                        .release(id, &opts(&cx))
+                        .await
+                        .map_err(StepError::retryable)?;
+                    if r.released_now {
+                        d.note(id, inventory::SERVICE, "released", None).await;
+                    }
+                    Ok(())
+                }
+            }),
+        )
+        .step(
+            Step::new("charge", move |cx: StepContext<Order>| {
+                let d = d5.clone();
+                async move {
+                    let o = cx.input();
+                    match d.payment.charge(&charge_request(o), &opts(&cx)).await {
+                        Ok(c) => {
+                            d.note(
+                                &o.id,
+                                payment::SERVICE,
+                                "charged",
+                                Some(c.charge_id.clone()),
+                            )
+                            .await;
+                            Ok(c.charge_id)
+                        }
+                        Err(e) => {
+                            if e.class() == ErrorClass::Refused {
+                                d.note(&o.id, payment::SERVICE, "declined", Some(e.to_string()))
+                                    .await;
+                            }
+                            Err(step_error(e.class(), e))
+                        }
+                    }
+                }
+            })
+            .compensate(move |cx: StepContext<Order>, charge_id: String| {
+                let d = d6.clone();
+                async move {
+                    let id = &cx.input().id;
+                    let r = d
+                        .payment
+                        .refund(id, &charge_id, &opts(&cx))
+                        .await
+                        .map_err(StepError::retryable)?;
+                    d.note(id, payment::SERVICE, "refunded", Some(r.refund_id))
+                        .await;
+                    Ok(())
+                }
+            }),
+        )
+        .step(
+            Step::new("ship", move |cx: StepContext<Order>| {
+                let d = d7.clone();
+                async move {
+                    let o = cx.input();
+                    let s = d
+                        .shipping
+                        .create(&o.id, &o.items, &opts(&cx))
+                        .await
+                        .map_err(|e| StepError::retryable(format!("shipping: {e}")))?;
+                    d.note(
+                        &o.id,
+                        shipping::SERVICE,
+                        "shipment_created",
+                        Some(s.tracking),
+                    )
+                    .await;
+                    d.inventory
+                        .commit(&o.id, &opts(&cx))
+                        .await
+                        .map_err(|e| StepError::retryable(format!("commit: {e}")))?;
+                    d.note(&o.id, inventory::SERVICE, "committed", None).await;
+                    Ok(())
+                }
+            })
+            // Past the shipment there is no way back: retry for about ten minutes.
+            .policy(
+                StepPolicy::action()
+                    .attempts(300)
+                    .backoff(Duration::from_millis(100), Duration::from_secs(2)),
+            ),
+        )
+        .step(Step::new("complete", move |cx: StepContext<Order>| {
+            let d = d8.clone();
+            async move {
+                d.book
+                    .finish(&cx.input().id, ORDER_SERVICE, None)
+                    .await
+                    .map_err(StepError::retryable)?;
+                Ok(())
+            }
+        }))
+}

@@ -10,6 +10,7 @@ mod report;
 mod rpc;
 mod rpc_grpc;
 mod saga;
+mod shop;
 mod store;
 
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ enum Suite {
     Reply(Args),
     /// Durable 3-step sagas: latency, throughput, fsyncs per saga, memory in flight.
     Saga(Args),
+    /// The shop: completed orders/s and latencies per pattern, 64 clients over REST.
+    Shop(Args),
     /// Internal: hold sagas in flight in a fresh process and print its peak RSS.
     #[command(hide = true)]
     SagaInflightChild {
@@ -185,6 +188,18 @@ fn main() -> std::process::ExitCode {
                     settings.runs, settings.secs
                 );
                 let figures = saga::run(&settings).await?;
+                print(&args, &figures);
+                Ok(())
+            }
+            Suite::Shop(args) => {
+                let settings = settings(&args);
+                eprintln!(
+                    "bench shop: {} runs per pattern, {} s each, {} clients; medians with ranges",
+                    settings.runs,
+                    settings.secs,
+                    shop::CLIENTS
+                );
+                let figures = shop::run(&settings).await?;
                 print(&args, &figures);
                 Ok(())
             }

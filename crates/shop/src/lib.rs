@@ -21,6 +21,7 @@
 //! | [`cli`] | the `shop` command line (clap): `order`, `status`, `orders`, `fault`, `sagas`, `dlq`, `check`, `up`, `serve` |
 //! | [`patterns`] | the five flows (sync, choreography with its declared spec and monitor, request-reply, orchestration, hybrid) |
 //! | [`app`] | the whole shop in one process: stores, bus, servers, routers, relays, orchestrator, the order desk |
+//! | [`launch`] | `shop up`: the app behind the Order API, the operator endpoints, the demo orders |
 //! | [`check`] | global invariants (stock, money, shipments, orders in flight) over a running shop |
 //!
 //! Every service starts the same way — its store, a `TcpListener`, a shutdown future —
@@ -45,10 +46,11 @@
 //! ```
 
 pub mod api;
-pub mod cli;
 pub mod app;
 pub mod check;
+pub mod cli;
 pub mod faults;
+pub mod launch;
 pub mod model;
 pub mod order;
 pub mod patterns;

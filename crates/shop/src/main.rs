@@ -1,10 +1,9 @@
 //! The `shop` binary: see [`shop::cli`] for the commands and their configuration.
 //!
-//! `shop up` and `shop serve` run the shop through a [`shop::cli::up::Launcher`]; this
-//! build passes none yet, so they say they are not wired.
+//! `shop up` runs the whole shop in this process through [`shop::launch::AppLauncher`].
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    shop::cli::main(None)
+    shop::cli::main(Some(&shop::launch::AppLauncher))
 }

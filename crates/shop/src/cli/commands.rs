@@ -439,6 +439,7 @@ pub fn up_config(r: &Resolved, a: UpArgs) -> Result<UpConfig, CliError> {
             .store
             .or_else(|| f.store.clone())
             .unwrap_or_else(|| "embedded".into()),
+        demo: !a.no_demo && f.demo.unwrap_or(true),
     };
     config.addr(6)?;
     Ok(config)

@@ -73,6 +73,8 @@ pub struct UpDefaults {
     pub bus: Option<String>,
     /// The stores (`embedded` or a URL).
     pub store: Option<String>,
+    /// Place demo orders.
+    pub demo: Option<bool>,
 }
 
 impl FileConfig {

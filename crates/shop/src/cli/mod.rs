@@ -201,6 +201,10 @@ pub struct UpArgs {
     /// The stores: embedded, or a database URL (postgres://…) [default: embedded].
     #[arg(long, env = "SHOP_STORE")]
     pub store: Option<String>,
+    /// Do not place demo orders (by default a few per second, through every pattern,
+    /// some declined or out of stock on purpose).
+    #[arg(long, env = "SHOP_NO_DEMO")]
+    pub no_demo: bool,
 }
 
 /// `shop serve`.
@@ -490,7 +494,7 @@ pub async fn run(cli: Cli, launcher: Option<&dyn up::Launcher>) -> Result<(), Cl
 pub fn main(launcher: Option<&dyn up::Launcher>) -> ExitCode {
     let cli = Cli::parse();
     init_logs(match cli.command {
-        Command::Up(_) | Command::Serve(_) => "info",
+        Command::Up(_) | Command::Serve(_) => "info,fjall=warn,lsm_tree=warn",
         _ => "warn",
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -79,6 +79,8 @@ pub struct UpConfig {
     pub bus: String,
     /// The stores: `embedded` (default) or a database URL (`postgres://…`).
     pub store: String,
+    /// Place demo orders through every pattern (default on; `--no-demo`).
+    pub demo: bool,
 }
 
 impl UpConfig {
@@ -285,6 +287,7 @@ mod tests {
             patterns: Pattern::ALL.to_vec(),
             bus: "embedded".into(),
             store: "embedded".into(),
+            demo: false,
         }
     }
 

@@ -12,3 +12,4 @@ mod patterns;
 mod payment;
 mod shipping;
 mod support;
+mod up;

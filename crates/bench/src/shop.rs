@@ -1,0 +1,238 @@
+//! The `shop` suite: orders placed through the Order service's public REST API, per
+//! pattern, by 64 concurrent clients against the whole shop in one process (embedded bus
+//! and stores, real HTTP and gRPC between the services).
+//!
+//! A client places an order (`POST /orders`) and then waits for its end
+//! (`GET /orders/{id}?wait=60s`; the sync pattern answers `POST` with the final order).
+//! Placement latency is the `POST`'s; completion latency runs from before the `POST` to
+//! the terminal order. Every order is one of `sku-001`..`sku-020` (never out of stock)
+//! with a token that is never declined, so each completes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, LOCATION};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use shop::app::{AppConfig, ShopApp};
+use shop::model::Item;
+use shop::order::{NewOrder, Order, OrderStatus, Pattern};
+use tokio::net::TcpListener;
+
+use crate::Settings;
+use crate::report::Figure;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Concurrent clients.
+pub const CLIENTS: usize = 64;
+
+fn progress(label: &str) {
+    use std::io::Write;
+    eprint!("\r\x1b[2K  {label}");
+    let _ = std::io::stderr().flush();
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// One run's figures for one pattern.
+struct Run {
+    per_sec: f64,
+    placement_p50: f64,
+    placement_p99: f64,
+    completion_p50: f64,
+    completion_p99: f64,
+}
+
+async fn send(
+    http: &HttpClient,
+    method: Method,
+    uri: Uri,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Option<String>, Bytes), BoxError> {
+    let mut req = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        req = req.header(CONTENT_TYPE, "application/json");
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let res = http.request(req).await?;
+    let status = res.status();
+    let location = res
+        .headers()
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = res.into_body().collect().await?.to_bytes();
+    Ok((status, location, body))
+}
+
+/// Places one order and waits for its end; returns (placement, completion) in µs.
+async fn one(
+    http: &HttpClient,
+    base: &str,
+    pattern: Pattern,
+    n: u64,
+) -> Result<(u64, u64), BoxError> {
+    let order = NewOrder {
+        order_id: None,
+        customer: format!("c-{}", n % 97),
+        items: vec![Item::new(format!("sku-{:03}", 1 + n % 20), 1)],
+        payment_token: "tok_ok".into(),
+        pattern,
+    };
+    let started = Instant::now();
+    let (status, location, body) = send(
+        http,
+        Method::POST,
+        format!("{base}/orders").parse()?,
+        Some(serde_json::to_vec(&order)?),
+    )
+    .await?;
+    let placed = started.elapsed();
+    let mut order: Order = match status {
+        StatusCode::CREATED | StatusCode::ACCEPTED => serde_json::from_slice(&body)?,
+        other => {
+            return Err(format!(
+                "POST /orders ({pattern}): {other}: {}",
+                String::from_utf8_lossy(&body)
+            )
+            .into());
+        }
+    };
+    if !order.status.is_terminal() {
+        let location = location.unwrap_or_else(|| format!("/orders/{}", order.id));
+        let (status, _, body) = send(
+            http,
+            Method::GET,
+            format!("{base}{location}?wait=60s").parse()?,
+            None,
+        )
+        .await?;
+        if status != StatusCode::OK {
+            return Err(format!("GET {location}: {status}").into());
+        }
+        order = serde_json::from_slice(&body)?;
+    }
+    let done = started.elapsed();
+    if order.status != OrderStatus::Completed {
+        return Err(format!(
+            "order {} ({pattern}) ended {} ({:?})",
+            order.id, order.status, order.reason
+        )
+        .into());
+    }
+    Ok((placed.as_micros() as u64, done.as_micros() as u64))
+}
+
+/// `CLIENTS` closed-loop clients placing `pattern` orders for `secs` against a fresh shop.
+async fn run_pattern(pattern: Pattern, secs: f64) -> Result<Run, BoxError> {
+    let dir = tempfile::tempdir()?;
+    let app = ShopApp::start(AppConfig::new(dir.path()).with_patterns(&[pattern])).await?;
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = shop::api::start(
+        app.desk().clone(),
+        Arc::new(shop::api::NoAdmin),
+        TcpListener::bind("127.0.0.1:0").await?,
+        TcpListener::bind("127.0.0.1:0").await?,
+        async move {
+            let _ = api_stopped.await;
+        },
+    )
+    .await?;
+    let base = Arc::new(api.rest_url.clone());
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let http: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
+    // Warm up: connections, caches, the first sagas.
+    for n in 0..20 {
+        one(&http, &base, pattern, n).await?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..CLIENTS as u64 {
+        let (http, base, stop) = (http.clone(), base.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut placement = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut completion = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+            let mut n = 1_000 + c * 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                let (p, d) = one(&http, &base, pattern, n).await?;
+                placement.record(p.max(1))?;
+                completion.record(d.max(1))?;
+                n += 1;
+            }
+            Ok::<_, BoxError>((placement, completion))
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut placement = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut completion = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    for t in tasks {
+        let (p, c) = t.await??;
+        placement.add(p)?;
+        completion.add(c)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = stop_api.send(());
+    api.join().await?;
+    app.shutdown().await?;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Run {
+        per_sec: completion.len() as f64 / elapsed,
+        placement_p50: ms(&placement, 0.5),
+        placement_p99: ms(&placement, 0.99),
+        completion_p50: ms(&completion, 0.5),
+        completion_p99: ms(&completion, 0.99),
+    })
+}
+
+/// Runs the `shop` suite.
+pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
+    let mut figures = Vec::new();
+    for pattern in Pattern::ALL {
+        let name = format!("shop.{}", pattern.figure_name());
+        if !s.selected(&name) {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for i in 0..s.runs {
+            progress(&format!("{name} run {}/{}", i + 1, s.runs));
+            runs.push(run_pattern(pattern, s.secs).await?);
+        }
+        let col = |f: fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+        figures.push(
+            Figure::from_runs(&format!("{name}.c64"), "orders/s", col(|r| r.per_sec))
+                .with_note(format!("{CLIENTS} clients, REST, completed orders")),
+        );
+        figures.push(Figure::from_runs(
+            &format!("{name}.placement.p50"),
+            "ms",
+            col(|r| r.placement_p50),
+        ));
+        figures.push(Figure::from_runs(
+            &format!("{name}.placement.p99"),
+            "ms",
+            col(|r| r.placement_p99),
+        ));
+        figures.push(Figure::from_runs(
+            &format!("{name}.completion.p50"),
+            "ms",
+            col(|r| r.completion_p50),
+        ));
+        figures.push(Figure::from_runs(
+            &format!("{name}.completion.p99"),
+            "ms",
+            col(|r| r.completion_p99),
+        ));
+    }
+    eprint!("\r\x1b[2K");
+    Ok(figures)
+}

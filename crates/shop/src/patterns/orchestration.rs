@@ -3,7 +3,7 @@
 //!
 //! | step | action | compensation |
 //! | --- | --- | --- |
-//! | `accept` | record the order in the book (if not yet) | release any reservation left by a reserve that failed for good, fail the order with the saga's error |
+//! | `accept` | record the order in the book (if not yet) | settle a charge whose outcome is unknown (below), release any reservation left by a reserve that failed for good, fail the order with the saga's error |
 //! | `reserve` | Inventory reserve (REST) | Inventory release |
 //! | `charge` | Payment charge (gRPC) | Payment refund |
 //! | `ship` | Shipping create + Inventory commit (REST) | — (the point of no return; retried long) |
@@ -18,12 +18,22 @@
 //! run when the saga compensates): both are committed work of the saga, never an
 //! observer that a crash could skip. Every action and compensation passes
 //! [`StepContext::idempotency_key`] to its callee.
+//!
+//! **A charge that failed for good may have charged** (the payment service did it, the
+//! answer was lost, and every retry then failed): the saga only compensates completed
+//! steps, so the `accept` compensation settles it — when the `charge` step failed for a
+//! reason other than a decline, it asks Payment again with the charge step's own key
+//! (idempotent: the charge made then, or a new one) and refunds what it gets. Net zero
+//! either way; while Payment is unreachable the compensation is retried, and past its
+//! limit the saga needs attention rather than leaving money on a failed order.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use switchyard::saga::{Orchestrator, Saga, Step, StepContext, StepError, StepPolicy};
+use switchyard::saga::{
+    Orchestrator, Phase, Saga, SagaRecord, Step, StepContext, StepError, StepPolicy, StepStatus,
+};
 use switchyard_rpc::CallOptions;
 
 use super::sync::charge_request;
@@ -80,6 +90,55 @@ fn opts<I>(cx: &StepContext<I>) -> CallOptions {
     CallOptions::new().idempotency_key(cx.idempotency_key())
 }
 
+/// When the saga's `charge` step failed for good but not by a decline, asks Payment again
+/// with that step's idempotency key and refunds whatever it charged (see the module docs).
+async fn settle_unknown_charge(
+    d: &Deps,
+    cx: &StepContext<Order>,
+    rec: &SagaRecord,
+) -> Result<(), StepError> {
+    let charge_failed = rec
+        .steps
+        .iter()
+        .any(|s| s.name == "charge" && s.status == StepStatus::Failed);
+    let declined = rec.history.iter().any(|t| {
+        t.error
+            .as_deref()
+            .is_some_and(|e| e.contains(DECLINED_MARK))
+    });
+    if !charge_failed || declined {
+        return Ok(());
+    }
+    let o = cx.input();
+    let key = format!("{}/charge/{}", cx.saga_id(), Phase::Action.as_str());
+    let charge = match d
+        .payment
+        .charge(&charge_request(o), &CallOptions::new().idempotency_key(key))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) if e.class() == ErrorClass::Refused => return Ok(()),
+        Err(e) => return Err(StepError::retryable(format!("settling the charge: {e}"))),
+    };
+    let r = d
+        .payment
+        .refund(&o.id, &charge.charge_id, &opts(cx))
+        .await
+        .map_err(|e| StepError::retryable(format!("refunding the unsettled charge: {e}")))?;
+    d.note(
+        &o.id,
+        payment::SERVICE,
+        "refunded",
+        Some(format!("{} (charge outcome was unknown)", r.refund_id)),
+    )
+    .await;
+    Ok(())
+}
+
+/// How a decline reads (`PaymentError::Declined`): the charge step's error starts with
+/// it when Payment said no, so settling knows nothing was charged.
+const DECLINED_MARK: &str = "payment declined:";
+
 fn step_error(class: ErrorClass, e: impl std::fmt::Display) -> StepError {
     if class.is_retryable() {
         StepError::retryable(e)
@@ -124,8 +183,11 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
-                    let reason = current
-                        .and_then(|o| o.get(cx.saga_id()).ok().flatten())
+                    let record = current.and_then(|o| o.get(cx.saga_id()).ok().flatten());
+                    if let Some(rec) = &record {
+                        settle_unknown_charge(&d, &cx, rec).await?;
+                    }
+                    let reason = record
                         .and_then(|rec| rec.error)
                         .unwrap_or_else(|| "the saga failed".into());
                     // A reserve that failed for good may still have reserved (its reply
@@ -196,6 +258,8 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                             if e.class() == ErrorClass::Refused {
                                 d.note(&o.id, payment::SERVICE, "declined", Some(e.to_string()))
                                     .await;
+                                // Its text starts with DECLINED_MARK.
+                                return Err(StepError::failed(e));
                             }
                             Err(step_error(e.class(), e))
                         }

@@ -596,3 +596,74 @@ async fn request_reply_timeouts_fail_the_order_with_money_and_stock_whole() {
     println!("requester: {:?}", app.requester().stats());
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrated_charge_with_an_unknown_outcome_is_refunded() {
+    use switchyard::saga::StepStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(dir.path(), 11).await;
+    let id = "unknown-charge";
+    // Payment is unreachable for the saga's charge step ...
+    app.faults().payment.set(FaultConfig {
+        down_ms: 60_000,
+        ..FaultConfig::default()
+    });
+    let placed = app
+        .desk()
+        .place(&order(
+            id,
+            Pattern::Orchestration,
+            "ada",
+            vec![Item::new("sku-007", 1)],
+            "tok_ok",
+        ))
+        .await
+        .unwrap();
+    // ... but the charge did happen (its answer was lost): applied at Payment under the
+    // step's own idempotency key.
+    let request = model::ChargeRequest {
+        order_id: placed.id.clone(),
+        customer: placed.customer.clone(),
+        amount_cents: placed.amount_cents,
+        payment_token: placed.payment_token.clone(),
+    };
+    app.services()
+        .payments
+        .charge(&request, Some(&format!("{id}/charge/action")))
+        .await
+        .unwrap();
+    // Once the charge step has failed for good, Payment comes back.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let rec = app.orchestrator().get(id).unwrap().unwrap();
+        if rec
+            .steps
+            .iter()
+            .any(|s| s.name == "charge" && s.status == StepStatus::Failed)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the charge step never failed: {rec:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.faults().payment.clear();
+    let done = app.book().wait(id, WAIT).await.unwrap();
+    assert_eq!(done.status, OrderStatus::Failed, "{:#?}", done.history);
+    let ledger = app.services().payments.ledger().unwrap();
+    assert_eq!(
+        ledger.net(id),
+        0,
+        "the unknown charge was refunded: {ledger:?}"
+    );
+    assert_eq!(
+        ledger.charges.get(id).copied(),
+        Some(1),
+        "charged once, not again"
+    );
+    let report = settled(&app, WAIT).await;
+    assert!(report.is_settled(), "{report:#?}");
+    app.shutdown().await.unwrap();
+}

@@ -45,14 +45,7 @@ impl Flow for HybridFlow {
     }
 
     async fn place(&self, order: Order) -> Result<Order, PlaceError> {
-        self.deps.book.create(&order).await?;
-        let me = self.clone();
-        let id = order.id.clone();
-        let _ = tokio::spawn(async move { me.drive(order).await }).await;
-        self.deps
-            .book
-            .get(&id)?
-            .ok_or_else(|| PlaceError::Unavailable(format!("order {id} vanished")))
+        super::place_and_drive(self, &self.deps.book, order).await
     }
 }
 

@@ -122,6 +122,22 @@ pub trait Driven: Send + Sync + 'static {
     async fn drive(&self, order: Order);
 }
 
+/// Records `order` and drives it to its end in its own task (a caller that goes away
+/// does not cut the flow in the middle); returns the order as recorded then. The `place`
+/// of the flows whose customer waits for the outcome (sync, hybrid).
+pub(crate) async fn place_and_drive<F: Driven + Clone>(
+    flow: &F,
+    book: &crate::order::OrderBook,
+    order: Order,
+) -> Result<Order, crate::order::PlaceError> {
+    book.create(&order).await?;
+    let me = flow.clone();
+    let id = order.id.clone();
+    let _ = tokio::spawn(async move { me.drive(order).await }).await;
+    book.get(&id)?
+        .ok_or_else(|| crate::order::PlaceError::Unavailable(format!("order {id} vanished")))
+}
+
 /// Retries `f` while it fails with a retryable error, up to `attempts` times with a short
 /// doubling backoff; returns the last result.
 pub(crate) async fn retry<T, E, F, Fut>(

@@ -44,15 +44,7 @@ impl Flow for SyncFlow {
     }
 
     async fn place(&self, order: Order) -> Result<Order, PlaceError> {
-        self.deps.book.create(&order).await?;
-        let me = self.clone();
-        let id = order.id.clone();
-        // Its own task: a caller that goes away does not cut the flow in the middle.
-        let _ = tokio::spawn(async move { me.drive(order).await }).await;
-        self.deps
-            .book
-            .get(&id)?
-            .ok_or_else(|| PlaceError::Unavailable(format!("order {id} vanished")))
+        super::place_and_drive(self, &self.deps.book, order).await
     }
 }
 

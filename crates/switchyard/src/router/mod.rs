@@ -647,11 +647,7 @@ async fn run_handler(
 
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
-        Ok(p) => p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic".into()),
+        Ok(p) => crate::error::panic_text(p),
         Err(_) => "cancelled".into(),
     }
 }

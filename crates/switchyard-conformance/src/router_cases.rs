@@ -50,6 +50,7 @@ pub(crate) async fn dispatch<B: BusFactory, S: StoreFactory>(
         "an_inbox_window_shorter_than_the_redelivery_horizon_is_refused" => {
             short_inbox_window(bf, sf, dir).await
         }
+        "what_a_handler_holds_is_dropped_after_its_commit" => held_until_commit(bf, sf, dir).await,
         "outbox_relay_loses_and_duplicates_nothing_across_sigkills" => {
             relay_across_sigkills(bf, sf, dir, entry).await
         }
@@ -225,6 +226,87 @@ async fn delivered_twice<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
         "one outbox event per applied message"
     );
     w.stop().await;
+    drop(store);
+    close_both(&raw_bus, sf, &raw_store).await;
+}
+
+/// Held by a handler: on drop, records whether the handler's row was committed by then.
+struct CommitProbe {
+    store: Arc<dyn Store>,
+    order: String,
+    seen: Arc<std::sync::Mutex<Vec<bool>>>,
+}
+
+impl Drop for CommitProbe {
+    fn drop(&mut self) {
+        let committed = total(&self.store, &self.order) > 0;
+        self.seen.lock().unwrap().push(committed);
+    }
+}
+
+async fn held_until_commit<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    let raw_bus = open_bus(bf, dir, &Settings::default());
+    let raw_store = open_store(sf, dir);
+    let bus: Arc<dyn Bus> = Arc::new(raw_bus.clone());
+    let store: Arc<dyn Store> = raw_store.clone();
+    // One hot row and an in-process lock that every handler takes and hands to the
+    // router: with the lock held through the commit, writers take turns and never
+    // conflict, and every probe finds its handler's effect committed when it is dropped.
+    let lock = Arc::new(tokio::sync::Mutex::new(()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut router = Router::new("shipping", bus.clone(), store.clone());
+    router.options("payments", "shipping", fast());
+    {
+        let (store, lock, seen) = (store.clone(), lock.clone(), seen.clone());
+        router.on("payments", "shipping", move |ctx: Context, ev: Paid| {
+            let (store, lock, seen) = (store.clone(), lock.clone(), seen.clone());
+            async move {
+                let guard = lock.lock_owned().await;
+                let total = ctx.txn.get(&TOTALS, "hot")?.unwrap_or(0);
+                ctx.txn.put(&TOTALS, "hot", &(total + ev.cents))?;
+                ctx.txn.put(&TOTALS, &ev.order, &ev.cents)?;
+                ctx.hold(CommitProbe {
+                    store,
+                    order: ev.order,
+                    seen,
+                });
+                ctx.hold(guard);
+                Ok(())
+            }
+        });
+    }
+    let stats = router.stats();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(router.run(async move {
+        let _ = rx.changed().await;
+    }));
+    let n = 200u32;
+    for i in 0..n {
+        bus.publish("payments", paid(&format!("o{i}"), 1, 1))
+            .await
+            .unwrap();
+    }
+    eventually("every message applied", || {
+        total(&store, "hot") == u64::from(n)
+    })
+    .await;
+    eventually("every probe dropped", || {
+        seen.lock().unwrap().len() == n as usize
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|c| *c),
+        "{} of {n} held values were dropped before their commit",
+        seen.iter().filter(|c| !**c).count()
+    );
+    assert_eq!(
+        stats.retried.load(Ordering::Relaxed),
+        0,
+        "writers of the hot row took turns: no conflict, no redelivery"
+    );
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
     drop(store);
     close_both(&raw_bus, sf, &raw_store).await;
 }

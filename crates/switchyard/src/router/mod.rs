@@ -99,7 +99,11 @@ pub struct Context {
     /// 1 for the first delivery, 2 for the first redelivery, …
     pub attempt: u32,
     service: Arc<str>,
+    held: Held,
 }
+
+/// What a handler asked the router to keep until its transaction is settled.
+pub(crate) type Held = Arc<std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>>;
 
 impl Context {
     /// Publishes a typed event caused by the incoming message (via the outbox, after the
@@ -116,6 +120,17 @@ impl Context {
             env.correlationid = Some(flow.to_string());
         }
         Ok(self.txn.publish_envelope(topic, env))
+    }
+
+    /// Keeps `value` alive until the handler's transaction has been committed (or given
+    /// up), then drops it. For in-process locks on hot rows: a lock taken in the handler
+    /// and held here makes the writers of one row take turns through the commit instead
+    /// of failing each other's optimistic commits.
+    pub fn hold<T: Send + 'static>(&self, value: T) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Box::new(value));
     }
 
     /// The service this router runs for.
@@ -560,11 +575,14 @@ impl RouteWorker {
         }
         let mut conflicts = 0;
         loop {
+            // Dropped at the end of this attempt: after the commit.
+            let held = Held::default();
             let ctx = Context {
                 txn: Txn::new(self.store.clone()),
                 envelope: env.clone(),
                 attempt: delivery.attempt(),
                 service: self.service.clone(),
+                held: held.clone(),
             };
             let txn = ctx.txn.clone();
             let result = run_handler(&handler, ctx, env.clone()).await.map(|_| ());

@@ -219,11 +219,14 @@ impl RespondWorker {
             Ok(None) => {}
             Err(e) => return Step::Failed(format!("reading stored replies failed: {e}")),
         }
+        // Dropped when this attempt returns: after the commit.
+        let held = super::Held::default();
         let ctx = Context {
             txn: txn.clone(),
             envelope: env.clone(),
             attempt,
             service: self.service.clone(),
+            held: held.clone(),
         };
         let (txn, reply) = match run_handler(handler, ctx, env.clone()).await {
             Ok(Some(body)) => {

@@ -200,6 +200,16 @@ impl Committer {
         Ok(())
     }
 
+    /// Commits one fjall batch handed to the OS without a sync of its own: for deletions
+    /// whose loss on power failure is harmless (an outbox entry published again, which
+    /// consumers' inboxes drop; an inbox mark kept longer). The next group's sync makes
+    /// it durable too (one journal, written in order).
+    fn write_unsynced(&mut self, batch: fjall::OwnedWriteBatch) -> fjall::Result<()> {
+        batch.durability(Some(PersistMode::Buffer)).commit()?;
+        self.unsynced = true;
+        Ok(())
+    }
+
     /// The committed version of a row, or the one an earlier batch of the group left.
     fn current_version(
         &self,
@@ -355,7 +365,8 @@ impl Committer {
         }
     }
 
-    /// Deletes published outbox entries (those that exist) in one synced write batch.
+    /// Deletes published outbox entries (those that exist) in one write batch, not synced
+    /// on its own (see [`write_unsynced`](Self::write_unsynced)).
     fn remove_outbox(&mut self, mut seqs: Vec<u64>) -> Result<()> {
         seqs.sort_unstable();
         seqs.dedup();
@@ -376,13 +387,13 @@ impl Committer {
         if removed == 0 {
             return Ok(());
         }
-        self.write(fb)
+        self.write_unsynced(fb)
             .map_err(|e| Error::storage(format!("removing {removed} outbox entries"), e))?;
         self.outbox_len.fetch_sub(removed, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Deletes expired inbox keys in one synced write batch.
+    /// Deletes expired inbox keys in one write batch, not synced on its own.
     fn expire_inbox(&mut self, keys: Vec<Vec<u8>>) -> Result<u64> {
         let n = keys.len() as u64;
         if n == 0 {
@@ -392,7 +403,7 @@ impl Committer {
         for key in keys {
             fb.remove(&self.ks.inbox, key);
         }
-        self.write(fb)
+        self.write_unsynced(fb)
             .map_err(|e| Error::storage(format!("removing {n} expired inbox marks"), e))?;
         Ok(n)
     }

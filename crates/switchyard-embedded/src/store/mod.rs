@@ -121,8 +121,9 @@ impl Default for StoreConfig {
 pub struct CommitStats {
     /// Commits applied.
     pub commits: AtomicU64,
-    /// Write batches written to fjall (each one journal write and, in `Fsync` mode, one
-    /// sync): groups of commits, outbox removals, inbox expiries.
+    /// Groups of commits written to fjall (each one journal write and, in `Fsync` mode,
+    /// one sync). Outbox removals and inbox expiries are written without a sync of their
+    /// own and not counted.
     pub groups: AtomicU64,
     /// Commits refused with [`Error::Conflict`].
     pub conflicts: AtomicU64,

@@ -17,6 +17,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// The allocator the `shop` binary uses, so that the suites measure what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Measures switchyard against the raw peers on this machine.
 #[derive(Parser, Debug)]
 #[command(name = "bench", version, about)]
@@ -77,6 +81,10 @@ struct Args {
     /// Only figures whose name contains this text (the fdatasync floor always runs).
     #[arg(long)]
     only: Option<String>,
+    /// Where the `shop` suite keeps its runs' data, left in place afterwards (default: a
+    /// temporary directory, deleted at the end).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 /// Settings every suite reads.
@@ -92,6 +100,9 @@ pub struct Settings {
     pub backlog_runs: usize,
     /// Only figures whose name contains this.
     pub only: Option<String>,
+    /// Where the `shop` suite keeps its data (kept afterwards), if not in a temporary
+    /// directory.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Settings {
@@ -110,6 +121,7 @@ fn settings(args: &Args) -> Settings {
         backlog: args.backlog,
         backlog_runs: if args.quick { 1 } else { 3 },
         only: args.only.clone(),
+        data_dir: args.data_dir.clone(),
     }
 }
 

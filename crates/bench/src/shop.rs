@@ -48,6 +48,10 @@ struct Run {
     placement_p99: f64,
     completion_p50: f64,
     completion_p99: f64,
+    /// Store commits per completed order.
+    commits_per_order: f64,
+    /// Syncs (store journal writes + bus fdatasyncs) per completed order.
+    syncs_per_order: f64,
 }
 
 async fn send(
@@ -130,10 +134,11 @@ async fn one(
     Ok((placed.as_micros() as u64, done.as_micros() as u64))
 }
 
-/// `CLIENTS` closed-loop clients placing `pattern` orders for `secs` against a fresh shop.
-async fn run_pattern(pattern: Pattern, secs: f64) -> Result<Run, BoxError> {
-    let dir = tempfile::tempdir()?;
-    let app = ShopApp::start(AppConfig::new(dir.path()).with_patterns(&[pattern])).await?;
+/// `CLIENTS` closed-loop clients placing `pattern` orders for `secs` against a fresh shop
+/// whose data lives in a new directory under `data`.
+async fn run_pattern(pattern: Pattern, secs: f64, data: &std::path::Path) -> Result<Run, BoxError> {
+    let dir = tempfile::tempdir_in(data)?.keep();
+    let app = ShopApp::start(AppConfig::new(&dir).with_patterns(&[pattern])).await?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = shop::api::start(
         app.desk().clone(),
@@ -154,6 +159,7 @@ async fn run_pattern(pattern: Pattern, secs: f64) -> Result<Run, BoxError> {
         one(&http, &base, pattern, n).await?;
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let disk_before = app.disk_stats();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS as u64 {
@@ -181,6 +187,8 @@ async fn run_pattern(pattern: Pattern, secs: f64) -> Result<Run, BoxError> {
         completion.add(c)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let disk = app.disk_stats() - disk_before;
+    let orders = completion.len().max(1) as f64;
     let _ = stop_api.send(());
     api.join().await?;
     app.shutdown().await?;
@@ -191,12 +199,28 @@ async fn run_pattern(pattern: Pattern, secs: f64) -> Result<Run, BoxError> {
         placement_p99: ms(&placement, 0.99),
         completion_p50: ms(&completion, 0.5),
         completion_p99: ms(&completion, 0.99),
+        commits_per_order: disk.store_commits as f64 / orders,
+        syncs_per_order: (disk.store_syncs + disk.bus_syncs) as f64 / orders,
     })
 }
 
 /// Runs the `shop` suite.
 pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     let mut figures = Vec::new();
+    // Every run's data (stores, logs, mail, labels) stays until the whole suite is done:
+    // on a file system without a journal, ext4 skips recently deleted inodes when it
+    // allocates new ones, so deleting one run's tens of thousands of files would slow
+    // the next run's file creation for minutes.
+    let (data, _temporary) = match &s.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            (dir.clone(), None)
+        }
+        None => {
+            let t = tempfile::tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
     for pattern in Pattern::ALL {
         let name = format!("shop.{}", pattern.figure_name());
         if !s.selected(&name) {
@@ -205,7 +229,7 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
         let mut runs = Vec::new();
         for i in 0..s.runs {
             progress(&format!("{name} run {}/{}", i + 1, s.runs));
-            runs.push(run_pattern(pattern, s.secs).await?);
+            runs.push(run_pattern(pattern, s.secs, &data).await?);
         }
         let col = |f: fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
         figures.push(
@@ -232,6 +256,22 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             "ms",
             col(|r| r.completion_p99),
         ));
+        figures.push(
+            Figure::from_runs(
+                &format!("{name}.commits_per_order"),
+                "commits",
+                col(|r| r.commits_per_order),
+            )
+            .with_note("store commits, all six services"),
+        );
+        figures.push(
+            Figure::from_runs(
+                &format!("{name}.syncs_per_order"),
+                "syncs",
+                col(|r| r.syncs_per_order),
+            )
+            .with_note("store journal syncs + bus fdatasyncs"),
+        );
     }
     eprint!("\r\x1b[2K");
     Ok(figures)

@@ -250,6 +250,31 @@ pub struct ServiceFaults {
     pub analytics: Faults,
 }
 
+/// Totals of durable writes since the app started (see [`ShopApp::disk_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Commits applied by the services' stores.
+    pub store_commits: u64,
+    /// Journal writes of the services' stores (each one sync, in the default durability).
+    pub store_syncs: u64,
+    /// Messages written by the embedded bus.
+    pub bus_messages: u64,
+    /// fdatasync calls of the embedded bus.
+    pub bus_syncs: u64,
+}
+
+impl std::ops::Sub for DiskStats {
+    type Output = DiskStats;
+    fn sub(self, o: DiskStats) -> DiskStats {
+        DiskStats {
+            store_commits: self.store_commits.saturating_sub(o.store_commits),
+            store_syncs: self.store_syncs.saturating_sub(o.store_syncs),
+            bus_messages: self.bus_messages.saturating_sub(o.bus_messages),
+            bus_syncs: self.bus_syncs.saturating_sub(o.bus_syncs),
+        }
+    }
+}
+
 /// The running shop. See the [module docs](self).
 pub struct ShopApp {
     desk: OrderDesk,
@@ -262,6 +287,8 @@ pub struct ShopApp {
     monitor: Arc<MonitorStats>,
     bus: Arc<dyn Bus>,
     stores: Vec<(&'static str, PathBuf, EmbeddedStore)>,
+    /// The embedded bus, when the app opened it (not given one).
+    embedded_bus: Option<EmbeddedBus>,
     /// Stops flows, routers, the orchestrator and the monitor.
     stop_flows: watch::Sender<bool>,
     /// Stops the relays (after the routers).
@@ -328,9 +355,12 @@ impl ShopApp {
         let shipping_store = open(shipping::SERVICE)?;
         let notification_store = open(notification::SERVICE)?;
         let analytics_store = open(analytics::SERVICE)?;
-        let bus: Arc<dyn Bus> = match &config.bus {
-            Some(b) => b.clone(),
-            None => Arc::new(EmbeddedBus::open(dir.join("bus")).map_err(AppError::Bus)?),
+        let (bus, embedded_bus): (Arc<dyn Bus>, _) = match &config.bus {
+            Some(b) => (b.clone(), None),
+            None => {
+                let b = EmbeddedBus::open(dir.join("bus")).map_err(AppError::Bus)?;
+                (Arc::new(b.clone()), Some(b))
+            }
         };
 
         let (stop_flows, flows_rx) = watch::channel(false);
@@ -340,8 +370,11 @@ impl ShopApp {
 
         // The five servers.
         let ports = config.ports;
-        let inv = inventory::start(
-            inventory_store.clone(),
+        // One inventory core for the server and the event handlers: they share its
+        // in-process stock locks.
+        let inventory_core = Inventory::new(inventory_store.clone());
+        let inv = inventory::start_with(
+            inventory_core.clone(),
             bind(inventory::SERVICE, ports.inventory).await?,
             stopped(&servers_rx),
         )
@@ -504,10 +537,10 @@ impl ShopApp {
         if choreo {
             choreography::subscribe_order(&mut order_router, book.clone(), monitor.clone());
             choreography::subscribe_payment(&mut payment_router);
-            choreography::subscribe_inventory(&mut inventory_router);
+            choreography::subscribe_inventory(&mut inventory_router, inventory_core.clone());
             choreography::subscribe_shipping(&mut shipping_router);
         }
-        patterns::subscribe_inventory_shipments(&mut inventory_router);
+        patterns::subscribe_inventory_shipments(&mut inventory_router, inventory_core.clone());
         patterns::subscribe_shipping_orders(&mut shipping_router);
         shipping::subscribe(&mut shipping_router, dir.clone());
         notification::subscribe(&mut notification_router, dir.clone());
@@ -590,7 +623,7 @@ impl ShopApp {
             desk,
             book,
             services: Services {
-                inventory: Inventory::new(inventory_store),
+                inventory: inventory_core,
                 payments: Payments::new(payment_store),
                 shipping: Shipping::new(shipping_store),
                 notifier: Notifier::new(notification_store, dir.clone()),
@@ -611,7 +644,26 @@ impl ShopApp {
             servers,
             _registrations: registrations,
             requester,
+            embedded_bus,
         })
+    }
+
+    /// What the app has written durably so far: commits and syncs of every service's
+    /// store, and messages and syncs of the embedded bus (zero when the app was given
+    /// another bus). Benchmarks divide it by the orders placed.
+    pub fn disk_stats(&self) -> DiskStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut d = DiskStats::default();
+        for (_, _, store) in &self.stores {
+            d.store_commits += store.stats().commits.load(Relaxed);
+            d.store_syncs += store.stats().groups.load(Relaxed);
+        }
+        if let Some(bus) = &self.embedded_bus {
+            let w = bus.storage().stats();
+            d.bus_messages = w.messages.load(Relaxed);
+            d.bus_syncs = w.fsyncs.load(Relaxed);
+        }
+        d
     }
 
     /// The order desk, with the flow of every running pattern.

@@ -266,6 +266,11 @@ order_event! {
         charge_id: String,
         /// The amount charged.
         amount_cents: Cents,
+        /// What was ordered, carried along (from `OrderCreated`) so that Inventory can
+        /// reserve without having seen any other event first. Empty in events of older
+        /// versions.
+        #[serde(default)]
+        items: Vec<Item>,
     }
 }
 
@@ -296,6 +301,10 @@ order_event! {
     InventoryReserved = "shop.inventory.reserved.v1" {
         /// The order.
         order_id: OrderId,
+        /// What was reserved, carried along so that Shipping can ship without having
+        /// seen any other event first. Empty in events of older versions.
+        #[serde(default)]
+        items: Vec<Item>,
     }
 }
 

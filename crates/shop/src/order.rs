@@ -277,10 +277,20 @@ pub enum BookError {
 /// Every change is one transaction on the Order service's store; the `*_in` variants
 /// join a transaction the caller commits (a router handler's, with its inbox mark and
 /// outbox events) — call [`OrderBook::changed`] after such a commit so that waiters wake.
+///
+/// A flow that runs in the Order service's memory notes its progress with
+/// [`note`](OrderBook::note): the entry (with its time) is held in memory, shown by
+/// [`get`](OrderBook::get) at once, and written with the order's next commit (the next
+/// [`record`](OrderBook::record), or the end). Such a flow is run again from the start
+/// after a crash, every step idempotent, so its notes are written again; what must
+/// survive a crash to steer the rerun (`undoing`) is recorded, not noted. One commit per
+/// order instead of one per step is what lets the sync flow keep up with its callers.
 #[derive(Clone)]
 pub struct OrderBook {
     store: Arc<dyn Store>,
     watchers: Arc<Mutex<HashMap<String, watch::Sender<u64>>>>,
+    /// Noted timeline entries not written yet, by order id.
+    pending: Arc<Mutex<HashMap<String, Vec<TimelineEntry>>>>,
 }
 
 impl fmt::Debug for OrderBook {
@@ -295,6 +305,7 @@ impl OrderBook {
         OrderBook {
             store,
             watchers: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -341,6 +352,7 @@ impl OrderBook {
         let mut order = txn
             .get(&ORDERS_TABLE, id)?
             .ok_or_else(|| BookError::NotFound(id.to_string()))?;
+        self.merge_pending(&mut order);
         let now = Timestamp::now();
         order.history.push(TimelineEntry {
             at: now,
@@ -387,6 +399,7 @@ impl OrderBook {
         if order.status.is_terminal() {
             return Ok(false);
         }
+        self.merge_pending(&mut order);
         let before = order.status;
         let now = Timestamp::now();
         order.status = match reason {
@@ -424,17 +437,82 @@ impl OrderBook {
         Ok(ended)
     }
 
-    /// Wakes whoever waits on order `id` (call after committing a `*_in` change).
+    /// Wakes whoever waits on order `id` (call after committing a `*_in` change), and
+    /// forgets the noted entries that are written now.
     pub fn changed(&self, id: &str) {
-        let watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        if lock(&self.pending).contains_key(id) {
+            self.forget_written(id);
+        }
+        let watchers = lock(&self.watchers);
         if let Some(tx) = watchers.get(id) {
             tx.send_modify(|n| *n += 1);
         }
     }
 
-    /// The order `id`, if it exists.
+    /// Notes `what` (by `service`) on the order's timeline, to be written with the
+    /// order's next commit (see the [type docs](Self)).
+    pub fn note(&self, id: &str, service: &str, what: &str, detail: Option<String>) {
+        lock(&self.pending)
+            .entry(id.to_string())
+            .or_default()
+            .push(TimelineEntry {
+                at: Timestamp::now(),
+                service: service.to_string(),
+                what: what.to_string(),
+                detail,
+            });
+    }
+
+    /// Appends the noted entries of `order` that its history lacks, in time order.
+    fn merge_pending(&self, order: &mut Order) {
+        let pending = lock(&self.pending);
+        let Some(entries) = pending.get(&order.id) else {
+            return;
+        };
+        let mut added = false;
+        for e in entries {
+            if !order.history.contains(e) {
+                order.history.push(e.clone());
+                added = true;
+            }
+        }
+        if added {
+            order.history.sort_by_key(|e| e.at);
+            if let Some(last) = order.history.last() {
+                order.updated_at = order.updated_at.max(last.at);
+            }
+        }
+    }
+
+    /// Drops the noted entries of order `id` that its stored history holds (all of them
+    /// once the order has ended, or is gone).
+    fn forget_written(&self, id: &str) {
+        let stored = Txn::new(self.store.clone()).get(&ORDERS_TABLE, id);
+        let mut pending = lock(&self.pending);
+        match stored {
+            Ok(Some(order)) if !order.status.is_terminal() => {
+                if let Some(entries) = pending.get_mut(id) {
+                    entries.retain(|e| !order.history.contains(e));
+                    if entries.is_empty() {
+                        pending.remove(id);
+                    }
+                }
+            }
+            Ok(_) => {
+                pending.remove(id);
+            }
+            // Unreadable now: keep them; the next change tries again.
+            Err(_) => {}
+        }
+    }
+
+    /// The order `id`, if it exists, with the entries noted but not written yet.
     pub fn get(&self, id: &str) -> Result<Option<Order>, BookError> {
-        Ok(Txn::new(self.store.clone()).get(&ORDERS_TABLE, id)?)
+        let mut order = Txn::new(self.store.clone()).get(&ORDERS_TABLE, id)?;
+        if let Some(o) = &mut order {
+            self.merge_pending(o);
+        }
+        Ok(order)
     }
 
     /// Up to `limit` orders in `status` (by id).
@@ -472,7 +550,7 @@ impl OrderBook {
     /// (terminal or not), or `NotFound`.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Order, BookError> {
         let mut rx = {
-            let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut watchers = lock(&self.watchers);
             watchers
                 .entry(id.to_string())
                 .or_insert_with(|| watch::channel(0).0)
@@ -494,12 +572,16 @@ impl OrderBook {
             }
         };
         drop(rx);
-        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut watchers = lock(&self.watchers);
         if watchers.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
             watchers.remove(id);
         }
         result
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Why an order could not be placed.

@@ -42,12 +42,12 @@ use super::{
     Deps, ORDER_SERVICE, SHIPPING_ORDER_ITEMS, ignore, order_event, pattern_of, retryable,
 };
 use crate::model::{
-    INVENTORY, InventoryReleased, InventoryReserved, Item, LabelGenerated, ORDERS, OrderCompleted,
+    INVENTORY, InventoryReleased, InventoryReserved, LabelGenerated, ORDERS, OrderCompleted,
     OrderCreated, OrderFailed, OutOfStock, PAYMENTS, PaymentCompleted, PaymentFailed,
     PaymentRefunded, SHIPPING, ShipmentCreated,
 };
 use crate::order::{Flow, Order, OrderBook, OrderStatus, Pattern, PlaceError};
-use crate::services::inventory::{self, InventoryError};
+use crate::services::inventory::{self, Inventory, InventoryError};
 use crate::services::payment::{self, CHARGE_KEYS, PaymentError};
 use crate::services::{Cause, shipping};
 
@@ -65,9 +65,6 @@ pub const INVENTORY_GROUP: &str = "inventory-choreography";
 pub const SHIPPING_GROUP: &str = "shipping-choreography";
 /// The Order service's consumer group for the choreography (and the monitor).
 pub const ORDER_GROUP: &str = "order-choreography";
-
-/// Items of the orders Inventory learned from `OrderCreated` (inventory store).
-pub const INVENTORY_ORDER_ITEMS: Table<Vec<Item>> = Table::new("inventory.order_items");
 
 /// Where each choreography flow is (order store; key: order id).
 pub const FLOWS: Table<FlowProgress> = Table::new("order.choreography_flows");
@@ -476,6 +473,7 @@ pub fn subscribe_payment(router: &mut Router) {
                             order_id: ev.order_id,
                             charge_id: c.charge_id,
                             amount_cents: c.amount_cents,
+                            items: ev.items,
                         },
                     )
                     .map_err(retryable)?,
@@ -525,83 +523,73 @@ pub fn subscribe_payment(router: &mut Router) {
 }
 
 /// Registers Inventory's reactions on `router` (inventory store), group
-/// [`INVENTORY_GROUP`]: `OrderCreated` → remember the items; `PaymentCompleted` →
-/// reserve → `InventoryReserved` | `OutOfStock`. (The commit on `ShipmentCreated` is
+/// [`INVENTORY_GROUP`]: `PaymentCompleted` (which carries the items) → reserve →
+/// `InventoryReserved` (carrying them on) | `OutOfStock`. (The commit on `ShipmentCreated` is
 /// [`subscribe_inventory_shipments`](super::subscribe_inventory_shipments).)
-pub fn subscribe_inventory(router: &mut Router) {
-    router.on(
-        ORDERS,
-        INVENTORY_GROUP,
-        |ctx: Context, ev: OrderCreated| async move {
-            if pattern_of(&ctx.envelope) == Some(Pattern::Choreography) {
-                ctx.txn
-                    .put(&INVENTORY_ORDER_ITEMS, &ev.order_id, &ev.items)
-                    .map_err(retryable)?;
-            }
-            Ok(())
-        },
-    );
-    ignore::<OrderCompleted>(router, ORDERS, INVENTORY_GROUP);
-    ignore::<OrderFailed>(router, ORDERS, INVENTORY_GROUP);
+///
+/// `inventory` is the process's inventory core: its stock locks are held through each
+/// reservation's commit.
+pub fn subscribe_inventory(router: &mut Router, inventory: Inventory) {
     router.on(
         PAYMENTS,
         INVENTORY_GROUP,
-        |ctx: Context, ev: PaymentCompleted| async move {
-            let Some(items) = ctx
-                .txn
-                .get(&INVENTORY_ORDER_ITEMS, &ev.order_id)
-                .map_err(retryable)?
-            else {
-                return Err(retryable(format!(
-                    "the items of order {} are not known yet (OrderCreated not seen)",
-                    ev.order_id
-                )));
-            };
-            match inventory::reserve_in(&ctx.txn, &ev.order_id, &items) {
-                Ok(_) => ctx
-                    .publish(
-                        INVENTORY,
-                        &InventoryReserved {
-                            order_id: ev.order_id,
-                        },
-                    )
-                    .map_err(retryable)?,
-                Err(InventoryError::OutOfStock {
-                    sku,
-                    requested,
-                    available,
-                }) => ctx
-                    .publish(
-                        INVENTORY,
-                        &OutOfStock {
-                            order_id: ev.order_id,
-                            sku,
-                            requested,
-                            available,
-                        },
-                    )
-                    .map_err(retryable)?,
-                Err(InventoryError::UnknownSku { sku, .. }) => ctx
-                    .publish(
-                        INVENTORY,
-                        &OutOfStock {
-                            order_id: ev.order_id,
-                            sku,
-                            requested: 0,
-                            available: 0,
-                        },
-                    )
-                    .map_err(retryable)?,
-                Err(e) if e.is_retryable() => return Err(retryable(e)),
-                Err(e) => return Err(terminal(e)),
-            };
-            Ok(())
+        move |ctx: Context, ev: PaymentCompleted| {
+            let stock = inventory.clone();
+            async move {
+                if ev.items.is_empty() {
+                    return Err(terminal(format!(
+                        "PaymentCompleted of order {} carries no items (published by an older version of the shop)",
+                        ev.order_id
+                    )));
+                }
+                let items = ev.items;
+                let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
+                ctx.hold(stock.lock(&ev.order_id, &skus).await);
+                match inventory::reserve_in(&ctx.txn, &ev.order_id, &items) {
+                    Ok(_) => ctx
+                        .publish(
+                            INVENTORY,
+                            &InventoryReserved {
+                                order_id: ev.order_id,
+                                items,
+                            },
+                        )
+                        .map_err(retryable)?,
+                    Err(InventoryError::OutOfStock {
+                        sku,
+                        requested,
+                        available,
+                    }) => ctx
+                        .publish(
+                            INVENTORY,
+                            &OutOfStock {
+                                order_id: ev.order_id,
+                                sku,
+                                requested,
+                                available,
+                            },
+                        )
+                        .map_err(retryable)?,
+                    Err(InventoryError::UnknownSku { sku, .. }) => ctx
+                        .publish(
+                            INVENTORY,
+                            &OutOfStock {
+                                order_id: ev.order_id,
+                                sku,
+                                requested: 0,
+                                available: 0,
+                            },
+                        )
+                        .map_err(retryable)?,
+                    Err(e) if e.is_retryable() => return Err(retryable(e)),
+                    Err(e) => return Err(terminal(e)),
+                };
+                Ok(())
+            }
         },
     );
     ignore::<PaymentFailed>(router, PAYMENTS, INVENTORY_GROUP);
     ignore::<PaymentRefunded>(router, PAYMENTS, INVENTORY_GROUP);
-    // Reservations touch a few hot stock rows: fewer at once, fewer commit conflicts.
-    router.concurrency(PAYMENTS, INVENTORY_GROUP, 4);
 }
 
 /// Registers Shipping's reactions on `router` (shipping store), group
@@ -613,11 +601,16 @@ pub fn subscribe_shipping(router: &mut Router) {
         INVENTORY,
         SHIPPING_GROUP,
         |ctx: Context, ev: InventoryReserved| async move {
-            let Some(items) = ctx
-                .txn
-                .get(&SHIPPING_ORDER_ITEMS, &ev.order_id)
-                .map_err(retryable)?
-            else {
+            // The event carries the items (older ones do not: then the table written from
+            // `OrderCreated`).
+            let items = match ev.items {
+                items if !items.is_empty() => Some(items),
+                _ => ctx
+                    .txn
+                    .get(&SHIPPING_ORDER_ITEMS, &ev.order_id)
+                    .map_err(retryable)?,
+            };
+            let Some(items) = items else {
                 return Err(retryable(format!(
                     "the items of order {} are not known yet (OrderCreated not seen)",
                     ev.order_id

@@ -84,8 +84,7 @@ async fn run(deps: &Deps, order: &Order) {
     {
         Ok(c) => c,
         Err(e) if e.class() == ErrorClass::Refused => {
-            deps.note(id, payment::SERVICE, "declined", Some(e.to_string()))
-                .await;
+            deps.note(id, payment::SERVICE, "declined", Some(e.to_string()));
             return undo(deps, id, None, e.to_string()).await;
         }
         Err(e) => {
@@ -99,8 +98,7 @@ async fn run(deps: &Deps, order: &Order) {
         payment::SERVICE,
         "charged",
         Some(charge.charge_id.clone()),
-    )
-    .await;
+    );
     // The order and its events, atomically.
     let created = OrderCreated {
         order_id: order.id.clone(),

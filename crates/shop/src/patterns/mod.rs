@@ -38,7 +38,7 @@ use tokio::sync::watch;
 
 use crate::order::{Order, OrderBook, Pattern};
 use crate::services::analytics::AnalyticsClient;
-use crate::services::inventory::InventoryClient;
+use crate::services::inventory::{Inventory, InventoryClient};
 use crate::services::notification::NotificationClient;
 use crate::services::payment::PaymentClient;
 use crate::services::shipping::ShippingClient;
@@ -88,9 +88,16 @@ impl Deps {
         CallOptions::new().idempotency_key(format!("{order_id}/{step}"))
     }
 
-    /// Appends to the order's timeline, logging (not failing) if the store refuses: the
-    /// timeline is for people, the outcome is what [`OrderBook::finish`] records.
-    pub async fn note(&self, order_id: &str, service: &str, what: &str, detail: Option<String>) {
+    /// Notes a step on the order's timeline (written with the order's next commit; see
+    /// [`OrderBook`]).
+    pub fn note(&self, order_id: &str, service: &str, what: &str, detail: Option<String>) {
+        self.book.note(order_id, service, what, detail);
+    }
+
+    /// Records on the order's timeline now (its own commit, with the entries noted before
+    /// it), logging (not failing) if the store refuses. For what a rerun after a crash
+    /// must see (`undoing`).
+    pub async fn record(&self, order_id: &str, service: &str, what: &str, detail: Option<String>) {
         if let Err(e) = self.book.record(order_id, service, what, detail).await {
             tracing::warn!(order = order_id, error = %e, "recording a timeline entry failed");
         }
@@ -212,7 +219,7 @@ pub const SHIPPING_ORDERS_GROUP: &str = "shipping-orders";
 pub const INVENTORY_SHIPMENTS_GROUP: &str = "inventory-shipments";
 
 /// Registers Shipping's reactions to order events on `router` (shipping store), group
-/// [`SHIPPING_ORDERS_GROUP`]: `OrderCreated` → remember the items
+/// [`SHIPPING_ORDERS_GROUP`]: `OrderCreated` of a hybrid order → remember the items
 /// ([`SHIPPING_ORDER_ITEMS`]); `OrderCompleted` of a **hybrid** order → create its
 /// shipment (with `ShipmentCreated` through the shipping outbox); `OrderFailed` → nothing.
 pub fn subscribe_shipping_orders(router: &mut Router) {
@@ -222,9 +229,13 @@ pub fn subscribe_shipping_orders(router: &mut Router) {
         ORDERS,
         SHIPPING_ORDERS_GROUP,
         |ctx: Context, ev: OrderCreated| async move {
-            ctx.txn
-                .put(&SHIPPING_ORDER_ITEMS, &ev.order_id, &ev.items)
-                .map_err(retryable)?;
+            // Only hybrid orders ship from `OrderCompleted`; the choreography's
+            // `InventoryReserved` carries its items.
+            if pattern_of(&ctx.envelope) == Some(Pattern::Hybrid) {
+                ctx.txn
+                    .put(&SHIPPING_ORDER_ITEMS, &ev.order_id, &ev.items)
+                    .map_err(retryable)?;
+            }
             Ok(())
         },
     );
@@ -264,32 +275,46 @@ pub fn subscribe_shipping_orders(router: &mut Router) {
 /// Registers Inventory's reaction to shipments on `router` (inventory store), group
 /// [`INVENTORY_SHIPMENTS_GROUP`]: `ShipmentCreated` → commit the order's reservation (the
 /// goods left; idempotent, and a no-op for an order without an open reservation).
-pub fn subscribe_inventory_shipments(router: &mut Router) {
+///
+/// `inventory` is the process's inventory core: its stock locks are held through the
+/// handler's commit.
+pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) {
     use crate::model::{LabelGenerated, SHIPPING, ShipmentCreated};
     use crate::services::inventory::{self, RESERVATIONS, ReservationState};
     router.on(
         SHIPPING,
         INVENTORY_SHIPMENTS_GROUP,
-        |ctx: Context, ev: ShipmentCreated| async move {
-            match ctx
-                .txn
-                .get(&RESERVATIONS, &ev.order_id)
-                .map_err(retryable)?
-            {
-                Some(r) if r.state == ReservationState::Reserved => {
-                    inventory::commit_in(&ctx.txn, &ev.order_id).map_err(|e| {
-                        match e.is_retryable() {
-                            true => retryable(e),
-                            false => HandlerError::Terminal(e.to_string()),
-                        }
-                    })?;
+        move |ctx: Context, ev: ShipmentCreated| {
+            let stock = inventory.clone();
+            async move {
+                // Lock the SKUs of an open reservation first (read outside the
+                // transaction), then read and write under the locks.
+                if let Some(r) = stock.reservation(&ev.order_id).map_err(retryable)?
+                    && r.state == ReservationState::Reserved
+                {
+                    let skus: Vec<String> = r.items.into_iter().map(|i| i.sku).collect();
+                    ctx.hold(stock.lock(&ev.order_id, &skus).await);
                 }
-                Some(r) if r.state == ReservationState::Released => {
-                    tracing::warn!(order = %ev.order_id, "a shipment was created for a released reservation");
+                match ctx
+                    .txn
+                    .get(&RESERVATIONS, &ev.order_id)
+                    .map_err(retryable)?
+                {
+                    Some(r) if r.state == ReservationState::Reserved => {
+                        inventory::commit_in(&ctx.txn, &ev.order_id).map_err(|e| {
+                            match e.is_retryable() {
+                                true => retryable(e),
+                                false => HandlerError::Terminal(e.to_string()),
+                            }
+                        })?;
+                    }
+                    Some(r) if r.state == ReservationState::Released => {
+                        tracing::warn!(order = %ev.order_id, "a shipment was created for a released reservation");
+                    }
+                    _ => {}
                 }
-                _ => {}
+                Ok(())
             }
-            Ok(())
         },
     );
     ignore::<LabelGenerated>(router, SHIPPING, INVENTORY_SHIPMENTS_GROUP);

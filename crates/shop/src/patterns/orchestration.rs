@@ -130,8 +130,7 @@ async fn settle_unknown_charge(
         payment::SERVICE,
         "refunded",
         Some(format!("{} (charge outcome was unknown)", r.refund_id)),
-    )
-    .await;
+    );
     Ok(())
 }
 
@@ -218,7 +217,7 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                                 format!("out of stock or inventory unavailable: {e}"),
                             )
                         })?;
-                    d.note(&o.id, inventory::SERVICE, "reserved", None).await;
+                    d.note(&o.id, inventory::SERVICE, "reserved", None);
                     Ok(())
                 }
             })
@@ -232,7 +231,7 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                         .await
                         .map_err(StepError::retryable)?;
                     if r.released_now {
-                        d.note(id, inventory::SERVICE, "released", None).await;
+                        d.note(id, inventory::SERVICE, "released", None);
                     }
                     Ok(())
                 }
@@ -250,14 +249,12 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                                 payment::SERVICE,
                                 "charged",
                                 Some(c.charge_id.clone()),
-                            )
-                            .await;
+                            );
                             Ok(c.charge_id)
                         }
                         Err(e) => {
                             if e.class() == ErrorClass::Refused {
-                                d.note(&o.id, payment::SERVICE, "declined", Some(e.to_string()))
-                                    .await;
+                                d.note(&o.id, payment::SERVICE, "declined", Some(e.to_string()));
                                 // Its text starts with DECLINED_MARK.
                                 return Err(StepError::failed(e));
                             }
@@ -275,8 +272,7 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                         .refund(id, &charge_id, &opts(&cx))
                         .await
                         .map_err(StepError::retryable)?;
-                    d.note(id, payment::SERVICE, "refunded", Some(r.refund_id))
-                        .await;
+                    d.note(id, payment::SERVICE, "refunded", Some(r.refund_id));
                     Ok(())
                 }
             }),
@@ -296,13 +292,12 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                         shipping::SERVICE,
                         "shipment_created",
                         Some(s.tracking),
-                    )
-                    .await;
+                    );
                     d.inventory
                         .commit(&o.id, &opts(&cx))
                         .await
                         .map_err(|e| StepError::retryable(format!("commit: {e}")))?;
-                    d.note(&o.id, inventory::SERVICE, "committed", None).await;
+                    d.note(&o.id, inventory::SERVICE, "committed", None);
                     Ok(())
                 }
             })

@@ -107,8 +107,7 @@ async fn run(deps: &Deps, order: &Order) {
             "order",
             "charge_requested",
             Some(format!("attempt {attempt}, key {id}/charge")),
-        )
-        .await;
+        );
         let reply = deps
             .requester
             .request_with::<_, ChargeReply>(
@@ -124,8 +123,7 @@ async fn run(deps: &Deps, order: &Order) {
                 break;
             }
             Err(e) if e.class() == ErrorClass::Refused => {
-                deps.note(id, payment::SERVICE, "declined", Some(e.to_string()))
-                    .await;
+                deps.note(id, payment::SERVICE, "declined", Some(e.to_string()));
                 return undo(deps, id, None, e.to_string()).await;
             }
             Err(e) => {
@@ -133,8 +131,7 @@ async fn run(deps: &Deps, order: &Order) {
                     timed_out = true;
                 }
                 last = e.to_string();
-                deps.note(id, payment::SERVICE, "no_reply", Some(last.clone()))
-                    .await;
+                deps.note(id, payment::SERVICE, "no_reply", Some(last.clone()));
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
             }
         }
@@ -153,8 +150,7 @@ async fn run(deps: &Deps, order: &Order) {
         payment::SERVICE,
         "charged",
         Some(charge.charge_id.clone()),
-    )
-    .await;
+    );
     if let Err(reason) = ship(deps, &order).await {
         return undo(deps, id, Some(&charge.charge_id), reason).await;
     }
@@ -206,8 +202,7 @@ async fn settle_unknown(deps: &Deps, order: &Order) -> Option<String> {
         .await;
     match refunded {
         Ok(r) => {
-            deps.note(id, payment::SERVICE, "refunded", Some(r.refund_id))
-                .await;
+            deps.note(id, payment::SERVICE, "refunded", Some(r.refund_id));
             None
         }
         Err(e) => {

@@ -82,7 +82,8 @@ pub(crate) fn undoing_reason(order: &Order) -> Option<String> {
 /// retrying each until it succeeds (a compensation is never dropped; a shutdown stops
 /// it, and the restart finishes it), then fails the order with `reason`.
 pub(crate) async fn undo(deps: &Deps, order_id: &str, charge_id: Option<&str>, reason: String) {
-    deps.note(order_id, ORDER_SERVICE, "undoing", Some(reason.clone()))
+    // Recorded, not noted: a rerun after a crash must undo, not carry on.
+    deps.record(order_id, ORDER_SERVICE, "undoing", Some(reason.clone()))
         .await;
     if let Some(charge) = charge_id {
         let refunded = retry(
@@ -101,8 +102,7 @@ pub(crate) async fn undo(deps: &Deps, order_id: &str, charge_id: Option<&str>, r
         )
         .await;
         if let Ok(r) = refunded {
-            deps.note(order_id, payment::SERVICE, "refunded", Some(r.refund_id))
-                .await;
+            deps.note(order_id, payment::SERVICE, "refunded", Some(r.refund_id));
         }
     }
     let released = retry(
@@ -123,8 +123,7 @@ pub(crate) async fn undo(deps: &Deps, order_id: &str, charge_id: Option<&str>, r
     if let Ok(r) = released
         && r.released_now
     {
-        deps.note(order_id, inventory::SERVICE, "released", None)
-            .await;
+        deps.note(order_id, inventory::SERVICE, "released", None);
     }
     finish(deps, order_id, Some(reason)).await;
 }
@@ -152,8 +151,7 @@ pub(crate) async fn reserve(deps: &Deps, order: &Order) -> Result<ReservationSta
     {
         Ok(r) => {
             if r.state == ReservationState::Reserved {
-                deps.note(&order.id, inventory::SERVICE, "reserved", None)
-                    .await;
+                deps.note(&order.id, inventory::SERVICE, "reserved", None);
             }
             Ok(r.state)
         }
@@ -193,8 +191,7 @@ pub(crate) async fn unknown_charge(
         payment::SERVICE,
         "charge_unknown",
         Some(error.to_string()),
-    )
-    .await;
+    );
     let opts = Deps::opts(&order.id, "charge");
     let req = charge_request(order);
     retry(
@@ -221,8 +218,7 @@ pub(crate) async fn ship(deps: &Deps, order: &Order) -> Result<(), String> {
         shipping::SERVICE,
         "shipment_created",
         Some(shipment.tracking),
-    )
-    .await;
+    );
     // The point of no return: the goods leave. A failing commit is retried, and done by
     // Inventory on `ShipmentCreated` anyway.
     let commit_opts = Deps::opts(id, "commit");
@@ -233,7 +229,7 @@ pub(crate) async fn ship(deps: &Deps, order: &Order) -> Result<(), String> {
     )
     .await
     {
-        Ok(_) => deps.note(id, inventory::SERVICE, "committed", None).await,
+        Ok(_) => deps.note(id, inventory::SERVICE, "committed", None),
         Err(e) => {
             tracing::warn!(order = %id, error = %e, "committing the stock failed; inventory commits it on ShipmentCreated")
         }
@@ -276,8 +272,7 @@ async fn run(deps: &Deps, order: &Order) {
     {
         Ok(c) => c,
         Err(e) if e.class() == ErrorClass::Refused => {
-            deps.note(id, payment::SERVICE, "declined", Some(e.to_string()))
-                .await;
+            deps.note(id, payment::SERVICE, "declined", Some(e.to_string()));
             return undo(deps, id, None, e.to_string()).await;
         }
         Err(e) => {
@@ -291,8 +286,7 @@ async fn run(deps: &Deps, order: &Order) {
         payment::SERVICE,
         "charged",
         Some(charge.charge_id.clone()),
-    )
-    .await;
+    );
     let to = format!("{}@{}", order.customer, notification::MAIL_DOMAIN);
     if let Err(e) = deps
         .notification
@@ -302,8 +296,7 @@ async fn run(deps: &Deps, order: &Order) {
         let reason = format!("notification unavailable: {e}");
         return undo(deps, id, Some(&charge.charge_id), reason).await;
     }
-    deps.note(id, notification::SERVICE, "confirmation_sent", None)
-        .await;
+    deps.note(id, notification::SERVICE, "confirmation_sent", None);
     if let Err(e) = deps
         .analytics
         .record(
@@ -316,7 +309,7 @@ async fn run(deps: &Deps, order: &Order) {
         let reason = format!("analytics unavailable: {e}");
         return undo(deps, id, Some(&charge.charge_id), reason).await;
     }
-    deps.note(id, analytics::SERVICE, "counted", None).await;
+    deps.note(id, analytics::SERVICE, "counted", None);
     if let Err(reason) = ship(deps, &order).await {
         return undo(deps, id, Some(&charge.charge_id), reason).await;
     }

@@ -7,9 +7,12 @@
 //! - `GET /stats` → [`Stats`]: totals per type and a per-minute series (the last
 //!   [`MINUTES_SERVED`] minutes that saw events).
 //!
-//! The counters are a few hot rows; in one process writers take turns (the handlers of
-//! each topic run one at a time, REST calls lock per type) rather than fail each
-//! other's optimistic commits.
+//! The counters are a few hot rows that every event would update. So nobody writes them
+//! on the event's path: counting an event writes a row of its own to [`PENDING`] (a key
+//! no other writer touches, so counts never conflict and commit in groups at any rate),
+//! and a folder task folds the pending rows into [`TOTALS`] and [`PER_MINUTE`] in one
+//! transaction every [`FOLD_EVERY`]. Reads add the pending rows, so every answer is
+//! exact at once.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,9 +32,7 @@ use switchyard_rpc::problem::types;
 use switchyard_rpc::{CallOptions, HttpClient, Problem, ServiceClient};
 use tokio::net::TcpListener;
 
-use super::{
-    ErrorClass, KeyLocks, Running, ServeError, atomically, class_of_call, problems, spawn_http,
-};
+use super::{ErrorClass, Running, ServeError, atomically, class_of_call, problems, spawn_http};
 use crate::model::{
     INVENTORY, Invalid, InventoryReleased, InventoryReserved, LabelGenerated, ORDERS,
     OrderCompleted, OrderCreated, OrderFailed, OutOfStock, PAYMENTS, PaymentCompleted,
@@ -58,6 +59,16 @@ pub const PER_MINUTE: Table<u64> = Table::new("analytics.per_minute");
 
 /// (order, type) pairs counted through `POST /events` (key: `<order_id>|<type>`).
 pub const SEEN: Table<u64> = Table::new("analytics.seen");
+
+/// Counted events not folded into the counters yet, one row each (key:
+/// `<unix minute start, 12 digits>|<event type>|<message or order id>`).
+pub const PENDING: Table<u64> = Table::new("analytics.pending");
+
+/// How often the folder folds [`PENDING`] into the counters.
+pub const FOLD_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The most pending rows one fold takes.
+pub const FOLD_BATCH: usize = 20_000;
 
 /// One minute of the series.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,14 +160,76 @@ fn minute_of(t: Timestamp) -> u64 {
     t.unix_micros() / 1_000_000 / 60 * 60
 }
 
-/// Counts one event of `event_type` that happened at `at`, in `txn`.
-pub fn count_in(txn: &Txn, event_type: &str, at: Timestamp) -> Result<(), AnalyticsError> {
-    let total = txn.get(&TOTALS, event_type)?.unwrap_or(0);
-    txn.put(&TOTALS, event_type, &(total + 1))?;
-    let key = format!("{:012}|{event_type}", minute_of(at));
-    let n = txn.get(&PER_MINUTE, &key)?.unwrap_or(0);
-    txn.put(&PER_MINUTE, &key, &(n + 1))?;
+/// Counts one event of `event_type` that happened at `at`, in `txn`: a [`PENDING`] row
+/// keyed by `unique` (the message id, or the order id for a once-per-(order, type) count).
+pub fn count_in(
+    txn: &Txn,
+    event_type: &str,
+    at: Timestamp,
+    unique: &str,
+) -> Result<(), AnalyticsError> {
+    let key = format!("{:012}|{event_type}|{unique}", minute_of(at));
+    txn.put(&PENDING, &key, &1)?;
     Ok(())
+}
+
+/// A [`PENDING`] key's minute and event type.
+fn pending_parts(key: &str) -> Option<(u64, &str)> {
+    let mut parts = key.splitn(3, '|');
+    let minute = parts.next()?.parse().ok()?;
+    let ty = parts.next()?;
+    Some((minute, ty))
+}
+
+/// Folds up to [`FOLD_BATCH`] pending counts into [`TOTALS`] and [`PER_MINUTE`] in one
+/// transaction; returns how many it folded.
+pub async fn fold(store: &Arc<dyn Store>) -> Result<usize, AnalyticsError> {
+    atomically(store, |txn| {
+        std::future::ready((|| {
+            let pending = txn.scan(&PENDING, "", FOLD_BATCH)?;
+            let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut minutes: BTreeMap<(u64, &str), u64> = BTreeMap::new();
+            for (key, n) in &pending {
+                if let Some((minute, ty)) = pending_parts(key) {
+                    *totals.entry(ty).or_default() += n;
+                    *minutes.entry((minute, ty)).or_default() += n;
+                }
+                txn.delete(&PENDING, key);
+            }
+            for (ty, n) in totals {
+                let total = txn.get(&TOTALS, ty)?.unwrap_or(0);
+                txn.put(&TOTALS, ty, &(total + n))?;
+            }
+            for ((minute, ty), n) in minutes {
+                let key = format!("{minute:012}|{ty}");
+                let before = txn.get(&PER_MINUTE, &key)?.unwrap_or(0);
+                txn.put(&PER_MINUTE, &key, &(before + n))?;
+            }
+            Ok(pending.len())
+        })())
+    })
+    .await
+}
+
+/// Folds every [`FOLD_EVERY`] until `stop` turns true (what is left is folded after the
+/// restart; reads count it meanwhile).
+async fn fold_until(store: Arc<dyn Store>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FOLD_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        loop {
+            match fold(&store).await {
+                Ok(n) if n == FOLD_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "folding the analytics counts failed; retrying later");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Counts one `event_type` event of `order_id` in `txn`, once per (order, type);
@@ -170,15 +243,16 @@ pub fn record_in(txn: &Txn, event_type: &str, order_id: &str) -> Result<bool, An
     }
     let now = Timestamp::now();
     txn.put(&SEEN, &key, &(now.unix_micros() / 1000))?;
-    count_in(txn, event_type, now)?;
+    count_in(txn, event_type, now, order_id)?;
     Ok(true)
 }
 
-/// The counters in `store`: totals and the latest [`MINUTES_SERVED`] minutes.
+/// The counters in `store` (folded and pending): totals and the latest
+/// [`MINUTES_SERVED`] minutes.
 pub fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
     let txn = Txn::new(store.clone());
-    let totals: BTreeMap<String, u64> = txn.scan(&TOTALS, "", usize::MAX)?.into_iter().collect();
-    let total = totals.values().sum();
+    let mut totals: BTreeMap<String, u64> =
+        txn.scan(&TOTALS, "", usize::MAX)?.into_iter().collect();
     let mut minutes: BTreeMap<u64, BTreeMap<String, u64>> = BTreeMap::new();
     for (key, n) in txn.scan(&PER_MINUTE, "", usize::MAX)? {
         let Some((minute, ty)) = key.split_once('|') else {
@@ -187,8 +261,23 @@ pub fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
         let Ok(minute) = minute.parse::<u64>() else {
             continue;
         };
-        minutes.entry(minute).or_default().insert(ty.to_string(), n);
+        *minutes
+            .entry(minute)
+            .or_default()
+            .entry(ty.to_string())
+            .or_default() += n;
     }
+    for (key, n) in txn.scan(&PENDING, "", usize::MAX)? {
+        if let Some((minute, ty)) = pending_parts(&key) {
+            *totals.entry(ty.to_string()).or_default() += n;
+            *minutes
+                .entry(minute)
+                .or_default()
+                .entry(ty.to_string())
+                .or_default() += n;
+        }
+    }
+    let total = totals.values().sum();
     let skip = minutes.len().saturating_sub(MINUTES_SERVED);
     let per_minute = minutes
         .into_iter()
@@ -206,7 +295,6 @@ pub fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
 #[derive(Clone)]
 pub struct Analytics {
     store: Arc<dyn Store>,
-    locks: KeyLocks,
 }
 
 impl std::fmt::Debug for Analytics {
@@ -218,15 +306,11 @@ impl std::fmt::Debug for Analytics {
 impl Analytics {
     /// The analytics core over `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Analytics {
-            store,
-            locks: KeyLocks::new(16),
-        }
+        Analytics { store }
     }
 
     /// Counts an event once per (order, type) (see [`record_in`]).
     pub async fn record(&self, event_type: &str, order_id: &str) -> Result<bool, AnalyticsError> {
-        let _guard = self.locks.lock([event_type]).await;
         atomically(&self.store, |txn| {
             std::future::ready(record_in(&txn, event_type, order_id))
         })
@@ -243,7 +327,8 @@ impl Analytics {
 
 fn count<E: Event>(router: &mut Router, topic: &str) {
     router.on(topic, GROUP, |ctx: Context, _ev: E| async move {
-        count_in(&ctx.txn, E::TYPE, ctx.envelope.time).map_err(|e| match e {
+        let id = ctx.envelope.id.to_string();
+        count_in(&ctx.txn, E::TYPE, ctx.envelope.time, &id).map_err(|e| match e {
             AnalyticsError::Invalid(i) => HandlerError::Terminal(i.to_string()),
             other => HandlerError::Retryable(other.to_string()),
         })
@@ -252,7 +337,7 @@ fn count<E: Event>(router: &mut Router, topic: &str) {
 
 /// Registers the counters on `router` (which must run on the analytics store): every
 /// event type of [`ORDERS`], [`PAYMENTS`], [`INVENTORY`] and [`SHIPPING`], group
-/// [`GROUP`], each topic's handlers one at a time (the counters are hot rows).
+/// [`GROUP`]. Run [`start`] (or [`fold`]) on the same store to fold the counts.
 pub fn subscribe(router: &mut Router) {
     count::<OrderCreated>(router, ORDERS);
     count::<OrderCompleted>(router, ORDERS);
@@ -265,9 +350,6 @@ pub fn subscribe(router: &mut Router) {
     count::<InventoryReleased>(router, INVENTORY);
     count::<ShipmentCreated>(router, SHIPPING);
     count::<LabelGenerated>(router, SHIPPING);
-    for topic in [ORDERS, PAYMENTS, INVENTORY, SHIPPING] {
-        router.concurrency(topic, GROUP, 1);
-    }
 }
 
 // ---------------------------------------------------------------- REST
@@ -302,8 +384,8 @@ pub fn routes(analytics: Analytics) -> axum::Router {
         .with_state(analytics)
 }
 
-/// Serves the REST API over `store` on `listener` until `shutdown` completes.
-/// Registers nothing.
+/// Serves the REST API over `store` on `listener`, and folds the counts (see the
+/// [module docs](self)), until `shutdown` completes. Registers nothing.
 pub async fn start(
     store: Arc<dyn Store>,
     listener: TcpListener,
@@ -311,7 +393,19 @@ pub async fn start(
 ) -> Result<Running, ServeError> {
     let mut opts = ServerOptions::new(SERVICE);
     opts.body_limit = BODY_LIMIT;
-    spawn_http(routes(Analytics::new(store)), opts, listener, shutdown)
+    let (stop_folding, stop) = tokio::sync::watch::channel(false);
+    let folder = tokio::spawn(fold_until(store.clone(), stop));
+    let mut running = spawn_http(routes(Analytics::new(store)), opts, listener, async move {
+        shutdown.await;
+        let _ = stop_folding.send(true);
+    })?;
+    let server = running.task;
+    running.task = tokio::spawn(async move {
+        let served = server.await;
+        let _ = folder.await;
+        served.unwrap_or_else(|e| Err(ServeError::Io(std::io::Error::other(e))))
+    });
+    Ok(running)
 }
 
 // ---------------------------------------------------------------- client

@@ -457,6 +457,10 @@ pub fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryErro
     }
 }
 
+/// In-process locks of an order and its SKUs (see [`Inventory::lock`]); released on drop.
+#[derive(Debug)]
+pub struct StockLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<()>>);
+
 /// The inventory's core over its store. Cheap to clone.
 #[derive(Clone)]
 pub struct Inventory {
@@ -475,7 +479,7 @@ impl Inventory {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Inventory {
             store,
-            locks: KeyLocks::new(64),
+            locks: KeyLocks::new(1024),
         }
     }
 
@@ -484,16 +488,24 @@ impl Inventory {
         &self.store
     }
 
-    /// Runs `f` atomically while holding the in-process locks of the order and of
-    /// `skus` (so concurrent writers of one SKU take turns instead of conflicting).
+    /// Takes the in-process locks of the order and of `skus`: writers of one SKU's stock
+    /// row take turns instead of failing each other's optimistic commits. Hold them until
+    /// the transaction that writes the rows is committed (in a router handler:
+    /// [`Context::hold`](switchyard::router::Context::hold)).
+    pub async fn lock(&self, order_id: &str, skus: &[String]) -> StockLocks {
+        StockLocks(
+            self.locks
+                .lock(std::iter::once(order_id).chain(skus.iter().map(String::as_str)))
+                .await,
+        )
+    }
+
+    /// Runs `f` atomically while holding [`lock`](Self::lock)'s locks.
     async fn locked<R, F>(&self, order_id: &str, skus: &[String], f: F) -> Result<R, InventoryError>
     where
         F: Fn(Txn) -> Result<R, InventoryError>,
     {
-        let _guards = self
-            .locks
-            .lock(std::iter::once(order_id).chain(skus.iter().map(String::as_str)))
-            .await;
+        let _locks = self.lock(order_id, skus).await;
         atomically(&self.store, |txn| std::future::ready(f(txn))).await
     }
 
@@ -651,7 +663,16 @@ pub async fn start(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ServeError> {
-    let inventory = Inventory::new(store);
+    start_with(Inventory::new(store), listener, shutdown).await
+}
+
+/// [`start`] with a given core, so that the process's other writers of the stock (the
+/// inventory's event handlers) share its in-process locks.
+pub async fn start_with(
+    inventory: Inventory,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Running, ServeError> {
     inventory
         .seed(&Catalog::standard())
         .await

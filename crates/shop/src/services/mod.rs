@@ -32,6 +32,7 @@ pub mod shipping;
 use std::collections::hash_map::DefaultHasher;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -276,6 +277,83 @@ impl KeyLocks {
         }
         guards
     }
+}
+
+/// Writes `contents` as `path` so that no reader ever sees part of it: to `staging`
+/// first (same file system), then renamed over `path`; the directories are created when
+/// missing. Not fsynced: a message or label lost in a crash is written again by the
+/// redelivery its unfinished commit causes.
+///
+/// The writes of the whole process go through one thread, one after the other: file
+/// creation in one directory serializes on the directory's lock in the kernel anyway,
+/// and many threads spinning on that lock (or handing each file to a pool thread and
+/// back) cost more than one thread that takes every queued write in turn.
+pub(crate) async fn write_atomically(
+    staging: PathBuf,
+    path: PathBuf,
+    contents: Vec<u8>,
+) -> std::io::Result<()> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = FileJob {
+        staging,
+        path,
+        contents,
+        reply,
+    };
+    file_writer()?
+        .send(job)
+        .map_err(|_| std::io::Error::other("the file writer thread stopped"))?;
+    answer
+        .await
+        .map_err(|_| std::io::Error::other("the file writer thread stopped"))?
+}
+
+/// One file for the file writer thread.
+struct FileJob {
+    staging: PathBuf,
+    path: PathBuf,
+    contents: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<std::io::Result<()>>,
+}
+
+impl FileJob {
+    fn run(self) {
+        let write = || {
+            std::fs::write(&self.staging, &self.contents)?;
+            std::fs::rename(&self.staging, &self.path)
+        };
+        let done = match write() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dirs = [self.staging.parent(), self.path.parent()];
+                dirs.into_iter()
+                    .flatten()
+                    .try_for_each(std::fs::create_dir_all)
+                    .and_then(|()| write())
+            }
+            done => done,
+        };
+        let _ = self.reply.send(done);
+    }
+}
+
+/// The sender to the process's file writer thread (started on first use).
+fn file_writer() -> std::io::Result<&'static std::sync::mpsc::Sender<FileJob>> {
+    static WRITER: std::sync::LazyLock<Option<std::sync::mpsc::Sender<FileJob>>> =
+        std::sync::LazyLock::new(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<FileJob>();
+            std::thread::Builder::new()
+                .name("shop-files".into())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job.run();
+                    }
+                })
+                .ok()?;
+            Some(tx)
+        });
+    WRITER
+        .as_ref()
+        .ok_or_else(|| std::io::Error::other("could not start the file writer thread"))
 }
 
 /// Milliseconds since the Unix epoch, now.

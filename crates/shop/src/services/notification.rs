@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 use super::{
     ErrorClass, KeyLocks, Running, ServeError, atomically, class_of_call, now_ms, problems,
-    spawn_http,
+    spawn_http, write_atomically,
 };
 use crate::model::{
     Invalid, LabelGenerated, ORDERS, OrderCompleted, OrderCreated, OrderFailed, SHIPPING,
@@ -241,22 +241,21 @@ fn message(order_id: &str, kind: MailKind, to: &str, detail: &str) -> String {
 }
 
 /// Writes `contents` as `<mail>/new/<name>` the maildir way (via `<mail>/tmp/<name>`).
-async fn deliver(mail_dir: &Path, name: &str, contents: &str) -> Result<(), NotificationError> {
-    let tmp_dir = mail_dir.join("tmp");
-    let new_dir = mail_dir.join("new");
-    let err = |path: PathBuf| move |source| NotificationError::Write { path, source };
-    for d in [&tmp_dir, &new_dir, &mail_dir.join("cur")] {
-        tokio::fs::create_dir_all(d).await.map_err(err(d.clone()))?;
+async fn deliver(mail_dir: &Path, name: &str, contents: String) -> Result<(), NotificationError> {
+    let dst = mail_dir.join("new").join(name);
+    let cur = mail_dir.join("cur");
+    if !cur.exists() {
+        tokio::fs::create_dir_all(&cur)
+            .await
+            .map_err(|source| NotificationError::Write { path: cur, source })?;
     }
-    let tmp = tmp_dir.join(name);
-    tokio::fs::write(&tmp, contents)
-        .await
-        .map_err(err(tmp.clone()))?;
-    let dst = new_dir.join(name);
-    tokio::fs::rename(&tmp, &dst)
-        .await
-        .map_err(err(dst.clone()))?;
-    Ok(())
+    write_atomically(
+        mail_dir.join("tmp").join(name),
+        dst.clone(),
+        contents.into_bytes(),
+    )
+    .await
+    .map_err(|source| NotificationError::Write { path: dst, source })
 }
 
 /// Sends the (order, kind) message once, in `txn`: if it was recorded before, answers
@@ -287,7 +286,7 @@ pub async fn send_in(
     deliver(
         &data_dir.join("mail"),
         &name,
-        &message(order_id, kind, to, detail),
+        message(order_id, kind, to, detail),
     )
     .await?;
     let mail = SentMail {

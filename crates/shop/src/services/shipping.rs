@@ -13,7 +13,7 @@
 //! - `GET /shipments/{order_id}` answers the shipment (404 if none).
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, State};
@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 
 use super::{
     Cause, ErrorClass, Running, ServeError, atomically, class_of_call, http_server, now_ms,
-    problems,
+    problems, write_atomically,
 };
 use crate::model::{
     Invalid, Item, LabelGenerated, SHIPPING, ShipmentCreated, normalize_items, validate_id,
@@ -218,20 +218,6 @@ pub fn label_path(tracking: &str) -> String {
     format!("labels/{tracking}.txt")
 }
 
-/// Writes `contents` to `dir/name` atomically: to `dir/.tmp-name` first, then renamed.
-pub(crate) async fn write_atomically(
-    dir: &Path,
-    name: &str,
-    contents: &[u8],
-) -> std::io::Result<PathBuf> {
-    tokio::fs::create_dir_all(dir).await?;
-    let tmp = dir.join(format!(".tmp-{name}"));
-    let path = dir.join(name);
-    tokio::fs::write(&tmp, contents).await?;
-    tokio::fs::rename(&tmp, &path).await?;
-    Ok(path)
-}
-
 async fn write_label(
     ctx: Context,
     ev: ShipmentCreated,
@@ -262,12 +248,11 @@ async fn write_label(
             .collect::<String>()
     );
     let dir = data_dir.join("labels");
-    write_atomically(&dir, &format!("{}.txt", ev.tracking), text.as_bytes())
+    let path = dir.join(format!("{}.txt", ev.tracking));
+    let staging = dir.join(format!(".tmp-{}.txt", ev.tracking));
+    write_atomically(staging, path.clone(), text.into_bytes())
         .await
-        .map_err(|source| ShippingError::Label {
-            path: dir.join(format!("{}.txt", ev.tracking)),
-            source,
-        })?;
+        .map_err(|source| ShippingError::Label { path, source })?;
     shipment.label = Some(rel.clone());
     ctx.txn.put(&SHIPMENTS, &ev.order_id, &shipment)?;
     ctx.publish(

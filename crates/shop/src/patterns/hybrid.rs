@@ -10,16 +10,20 @@
 //! Notification mails, Analytics counts — none of them can fail the order, and an outage
 //! of any of them only delays its part.
 //!
-//! A decline (or a dependency of the critical path down) releases the reservation
-//! synchronously and fails the order. `place` returns the order terminal for the
-//! customer; a restart re-runs the critical path of accepted orders with the same keys.
+//! A decline (or a dependency of the critical path down) releases the reservation (and
+//! refunds a charge) synchronously and fails the order — with its `OrderCreated` and
+//! `OrderFailed` events in the same commit, so the failure e-mail and the counts follow
+//! the same way. `place` returns the order terminal for the customer; a restart re-runs
+//! the critical path of accepted orders with the same keys.
 
 use async_trait::async_trait;
 use switchyard::store::transact;
 
-use super::sync::{charge_request, charged_id, reserve, undo, undoing_reason, unknown_charge};
+use super::sync::{
+    charge_request, charged_id, compensate, reserve, undoing_reason, unknown_charge,
+};
 use super::{Deps, Driven, ORDER_SERVICE, order_event};
-use crate::model::{ORDERS, OrderCompleted, OrderCreated};
+use crate::model::{ORDERS, OrderCompleted, OrderCreated, OrderFailed};
 use crate::order::{Flow, Order, OrderStatus, Pattern, PlaceError};
 use crate::services::ErrorClass;
 use crate::services::inventory::ReservationState;
@@ -67,15 +71,15 @@ async fn run(deps: &Deps, order: &Order) {
         _ => return,
     };
     if let Some(reason) = undoing_reason(&order) {
-        return undo(deps, id, charged_id(&order).as_deref(), reason).await;
+        return fail(deps, &order, charged_id(&order).as_deref(), reason).await;
     }
     match reserve(deps, &order).await {
         Ok(ReservationState::Reserved) | Ok(ReservationState::Committed) => {}
         Ok(ReservationState::Released) => {
             let reason = "the reservation was released".to_string();
-            return undo(deps, id, charged_id(&order).as_deref(), reason).await;
+            return fail(deps, &order, charged_id(&order).as_deref(), reason).await;
         }
-        Err(reason) => return undo(deps, id, None, reason).await,
+        Err(reason) => return fail(deps, &order, None, reason).await,
     }
     let charge = match deps
         .payment
@@ -85,12 +89,12 @@ async fn run(deps: &Deps, order: &Order) {
         Ok(c) => c,
         Err(e) if e.class() == ErrorClass::Refused => {
             deps.note(id, payment::SERVICE, "declined", Some(e.to_string()));
-            return undo(deps, id, None, e.to_string()).await;
+            return fail(deps, &order, None, e.to_string()).await;
         }
         Err(e) => {
             let charge = unknown_charge(deps, &order, &e).await;
             let reason = format!("payment unavailable: {e}");
-            return undo(deps, id, charge.as_deref(), reason).await;
+            return fail(deps, &order, charge.as_deref(), reason).await;
         }
     };
     deps.note(
@@ -99,7 +103,20 @@ async fn run(deps: &Deps, order: &Order) {
         "charged",
         Some(charge.charge_id.clone()),
     );
-    // The order and its events, atomically.
+    end(deps, &order, None).await;
+}
+
+/// Undoes what the critical path did (refund, release) and fails the order with its
+/// events.
+async fn fail(deps: &Deps, order: &Order, charge_id: Option<&str>, reason: String) {
+    compensate(deps, &order.id, charge_id, &reason).await;
+    end(deps, order, Some(reason)).await;
+}
+
+/// Ends the order — completed (`reason` None) or failed — and puts its `OrderCreated`
+/// and `OrderCompleted` / `OrderFailed` events in the outbox, in one commit.
+async fn end(deps: &Deps, order: &Order, reason: Option<String>) {
+    let id = order.id.as_str();
     let created = OrderCreated {
         order_id: order.id.clone(),
         customer: order.customer.clone(),
@@ -107,18 +124,33 @@ async fn run(deps: &Deps, order: &Order) {
         amount_cents: order.amount_cents,
         payment_token: order.payment_token.clone(),
     };
-    let completed = OrderCompleted {
-        order_id: order.id.clone(),
-    };
     let book = deps.book.clone();
     let committed = transact(book.store(), |txn| {
         let book = book.clone();
         let created = created.clone();
-        let completed = completed.clone();
+        let reason = reason.clone();
         async move {
             let first = order_event(&created, Pattern::Hybrid, id, None)?;
-            let second = order_event(&completed, Pattern::Hybrid, id, Some(&first))?;
-            let ended = book.finish_in(&txn, id, ORDER_SERVICE, None);
+            let second = match &reason {
+                None => order_event(
+                    &OrderCompleted {
+                        order_id: id.to_string(),
+                    },
+                    Pattern::Hybrid,
+                    id,
+                    Some(&first),
+                )?,
+                Some(why) => order_event(
+                    &OrderFailed {
+                        order_id: id.to_string(),
+                        reason: why.clone(),
+                    },
+                    Pattern::Hybrid,
+                    id,
+                    Some(&first),
+                )?,
+            };
+            let ended = book.finish_in(&txn, id, ORDER_SERVICE, reason);
             if matches!(ended, Ok(true)) {
                 txn.publish_envelope(ORDERS, first);
                 txn.publish_envelope(ORDERS, second);
@@ -130,9 +162,9 @@ async fn run(deps: &Deps, order: &Order) {
     deps.book.changed(id);
     match committed {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::warn!(order = id, error = %e, "completing the order failed"),
+        Ok(Err(e)) => tracing::warn!(order = id, error = %e, "ending the order failed"),
         Err(e) => {
-            tracing::warn!(order = id, error = %e, "completing the order failed; the restart completes it")
+            tracing::warn!(order = id, error = %e, "ending the order failed; the restart ends it")
         }
     }
 }

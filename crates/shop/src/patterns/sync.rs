@@ -82,8 +82,15 @@ pub(crate) fn undoing_reason(order: &Order) -> Option<String> {
 /// retrying each until it succeeds (a compensation is never dropped; a shutdown stops
 /// it, and the restart finishes it), then fails the order with `reason`.
 pub(crate) async fn undo(deps: &Deps, order_id: &str, charge_id: Option<&str>, reason: String) {
+    compensate(deps, order_id, charge_id, &reason).await;
+    finish(deps, order_id, Some(reason)).await;
+}
+
+/// What [`undo`] does before failing the order: records `undoing` (so that a rerun after
+/// a crash undoes too), refunds, releases.
+pub(crate) async fn compensate(deps: &Deps, order_id: &str, charge_id: Option<&str>, reason: &str) {
     // Recorded, not noted: a rerun after a crash must undo, not carry on.
-    deps.record(order_id, ORDER_SERVICE, "undoing", Some(reason.clone()))
+    deps.record(order_id, ORDER_SERVICE, "undoing", Some(reason.to_string()))
         .await;
     if let Some(charge) = charge_id {
         let refunded = retry(
@@ -125,7 +132,6 @@ pub(crate) async fn undo(deps: &Deps, order_id: &str, charge_id: Option<&str>, r
     {
         deps.note(order_id, inventory::SERVICE, "released", None);
     }
-    finish(deps, order_id, Some(reason)).await;
 }
 
 /// Ends the order, retrying the store a few times.

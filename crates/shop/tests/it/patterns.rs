@@ -224,6 +224,26 @@ async fn every_pattern_succeeds_declines_and_runs_out_of_stock_with_stock_and_mo
     assert!(report.is_settled(), "{report:#?}");
     assert_eq!(report.stock_units, report.initial_units);
 
+    // A failed hybrid order announces its failure like a completed one: its events
+    // bring the failure e-mail.
+    for id in ["hybrid-declined", "hybrid-rare", "hybrid-broke"] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mails = app.services().notifier.sent(id).unwrap();
+            if mails
+                .iter()
+                .any(|m| m.kind == shop::services::notification::MailKind::Failure)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no failure e-mail for {id}: {mails:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     // Every observed choreography flow matches the declared spec.
     let deadline = Instant::now() + WAIT;
     for id in [

@@ -10,7 +10,7 @@
 //! | [`ORDERS`] | [`OrderCreated`], [`OrderCompleted`], [`OrderFailed`] |
 //! | [`PAYMENTS`] | [`PaymentCompleted`], [`PaymentFailed`], [`PaymentRefunded`] |
 //! | [`INVENTORY`] | [`InventoryReserved`], [`OutOfStock`], [`InventoryReleased`] |
-//! | [`SHIPPING`] | [`ShipmentCreated`], [`LabelGenerated`] |
+//! | [`SHIPPING`] | [`ShipmentCreated`], [`LabelGenerated`], [`ShipmentCancelled`] |
 //! | [`PAYMENT_REQUESTS`] (transient, request/reply) | [`ChargeRequest`] → [`ChargeReply`], [`RefundRequest`] → [`RefundReply`] |
 
 use std::collections::BTreeMap;
@@ -349,6 +349,17 @@ order_event! {
         tracking: String,
         /// The label file (under the data directory).
         path: String,
+    }
+}
+
+order_event! {
+    /// A shipment was cancelled before it left (the order failed after all): the goods
+    /// go back on the shelf.
+    ShipmentCancelled = "shop.shipping.shipment_cancelled.v1" {
+        /// The order.
+        order_id: OrderId,
+        /// The cancelled shipment's tracking number.
+        tracking: String,
     }
 }
 

@@ -725,6 +725,7 @@ pub fn subscribe_order(router: &mut Router, book: OrderBook, stats: Arc<MonitorS
     );
     ignore::<InventoryReleased>(router, INVENTORY, ORDER_GROUP);
     ignore::<LabelGenerated>(router, SHIPPING, ORDER_GROUP);
+    ignore::<crate::model::ShipmentCancelled>(router, SHIPPING, ORDER_GROUP);
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -272,15 +272,17 @@ pub fn subscribe_shipping_orders(router: &mut Router) {
     ignore::<OrderFailed>(router, ORDERS, SHIPPING_ORDERS_GROUP);
 }
 
-/// Registers Inventory's reaction to shipments on `router` (inventory store), group
+/// Registers Inventory's reactions to shipments on `router` (inventory store), group
 /// [`INVENTORY_SHIPMENTS_GROUP`]: `ShipmentCreated` → commit the order's reservation (the
-/// goods left; idempotent, and a no-op for an order without an open reservation).
+/// goods left; idempotent, and a no-op for an order without an open reservation);
+/// `ShipmentCancelled` → put committed goods back (`InventoryReleased`).
 ///
 /// `inventory` is the process's inventory core: its stock locks are held through the
 /// handler's commit.
 pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) {
-    use crate::model::{LabelGenerated, SHIPPING, ShipmentCreated};
+    use crate::model::{LabelGenerated, SHIPPING, ShipmentCancelled, ShipmentCreated};
     use crate::services::inventory::{self, RESERVATIONS, ReservationState};
+    let inventory_for_cancel = inventory.clone();
     router.on(
         SHIPPING,
         INVENTORY_SHIPMENTS_GROUP,
@@ -318,4 +320,33 @@ pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) 
         },
     );
     ignore::<LabelGenerated>(router, SHIPPING, INVENTORY_SHIPMENTS_GROUP);
+    let stock = inventory_for_cancel;
+    router.on(
+        SHIPPING,
+        INVENTORY_SHIPMENTS_GROUP,
+        move |ctx: Context, ev: ShipmentCancelled| {
+            let stock = stock.clone();
+            async move {
+                if let Some(r) = stock.reservation(&ev.order_id).map_err(retryable)? {
+                    let skus: Vec<String> = r.items.into_iter().map(|i| i.sku).collect();
+                    ctx.hold(stock.lock(&ev.order_id, &skus).await);
+                }
+                if inventory::restock_in(&ctx.txn, &ev.order_id).map_err(|e| {
+                    match e.is_retryable() {
+                        true => retryable(e),
+                        false => HandlerError::Terminal(e.to_string()),
+                    }
+                })? {
+                    ctx.publish(
+                        crate::model::INVENTORY,
+                        &crate::model::InventoryReleased {
+                            order_id: ev.order_id,
+                        },
+                    )
+                    .map_err(retryable)?;
+                }
+                Ok(())
+            }
+        },
+    );
 }

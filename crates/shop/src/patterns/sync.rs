@@ -3,11 +3,14 @@
 //! (create), Inventory (commit). `place` returns once the order is terminal.
 //!
 //! Any dependency down fails the order (on purpose: this is the coupling the pattern is
-//! known for) and undoes what was done: refund, release. The calls that may fail the
-//! order (notification and analytics included) all come **before** the shipment: there
-//! is no cancel-shipment API, so creating the shipment is the point of no return (an
+//! known for) and undoes what was done: cancel the shipment (if it was asked for), refund,
+//! release. The calls that may fail the order (notification and analytics included) all
+//! come **before** the shipment, so a created shipment is the point of no return (an
 //! order that shipped completes; a commit that fails after it is done by Inventory when
-//! it sees `ShipmentCreated`).
+//! it sees `ShipmentCreated`). Only a create whose answer did not come (a timeout, the
+//! service going down) fails the order after the request: the undo then cancels the
+//! shipment — Shipping marks a created one cancelled (Inventory puts the goods back on
+//! `ShipmentCancelled`) or blocks one still on its way.
 //!
 //! Every call carries the idempotency key `<order id>/<step>`; a run cut by a shutdown is
 //! run again from the start after the restart ([`Driven`]), each step answering what it
@@ -92,6 +95,36 @@ pub(crate) async fn compensate(deps: &Deps, order_id: &str, charge_id: Option<&s
     // Recorded, not noted: a rerun after a crash must undo, not carry on.
     deps.record(order_id, ORDER_SERVICE, "undoing", Some(reason.to_string()))
         .await;
+    match shipment_asked(deps, order_id) {
+        ShipmentAsked::No => {}
+        // The create may have happened with its answer lost: cancel until Shipping
+        // answers — which also keeps a create still on its way from shipping a failed
+        // order.
+        ShipmentAsked::Unknown => {
+            let cancelled = retry(
+                u32::MAX,
+                |_| true,
+                || async {
+                    let r = cancel_shipment(deps, order_id).await;
+                    if let Err(e) = &r {
+                        tracing::warn!(order = order_id, error = %e, "cancelling the shipment failed; retrying");
+                    }
+                    r
+                },
+            )
+            .await;
+            note_cancelled(deps, order_id, cancelled);
+        }
+        // Shipping refused or was down: nothing should exist, but an earlier attempt of
+        // the call may have timed out; one cancel, best effort.
+        ShipmentAsked::Refused => {
+            let cancelled = cancel_shipment(deps, order_id).await;
+            if let Err(e) = &cancelled {
+                tracing::info!(order = order_id, error = %e, "best-effort shipment cancel failed");
+            }
+            note_cancelled(deps, order_id, cancelled);
+        }
+    }
     if let Some(charge) = charge_id {
         let refunded = retry(
             u32::MAX,
@@ -166,6 +199,61 @@ pub(crate) async fn reserve(deps: &Deps, order: &Order) -> Result<ReservationSta
     }
 }
 
+/// How far the flow got with the order's shipment (from its timeline).
+enum ShipmentAsked {
+    /// Not asked for.
+    No,
+    /// Asked for, and Shipping answered with an error or was down.
+    Refused,
+    /// Asked for, and the answer did not come (timeout, broken answer): it may exist.
+    Unknown,
+}
+
+fn shipment_asked(deps: &Deps, order_id: &str) -> ShipmentAsked {
+    let Ok(Some(order)) = deps.book.get(order_id) else {
+        return ShipmentAsked::No;
+    };
+    let has = |what: &str| {
+        order
+            .history
+            .iter()
+            .any(|e| e.service == ORDER_SERVICE && e.what == what)
+    };
+    if has("shipment_unknown") {
+        ShipmentAsked::Unknown
+    } else if has("shipment_requested") {
+        ShipmentAsked::Refused
+    } else {
+        ShipmentAsked::No
+    }
+}
+
+async fn cancel_shipment(
+    deps: &Deps,
+    order_id: &str,
+) -> Result<shipping::CancelOutcome, shipping::ShippingError> {
+    deps.shipping
+        .cancel(order_id, &Deps::opts(order_id, "cancel-shipment"))
+        .await
+}
+
+fn note_cancelled(
+    deps: &Deps,
+    order_id: &str,
+    cancelled: Result<shipping::CancelOutcome, shipping::ShippingError>,
+) {
+    if let Ok(c) = cancelled
+        && c.cancelled_now
+    {
+        deps.note(
+            order_id,
+            shipping::SERVICE,
+            "shipment_cancelled",
+            c.tracking,
+        );
+    }
+}
+
 /// The charge request of an order.
 pub(crate) fn charge_request(order: &Order) -> ChargeRequest {
     ChargeRequest {
@@ -211,14 +299,27 @@ pub(crate) async fn unknown_charge(
 }
 
 /// Creates the shipment and commits the stock; `Err(reason)` if the shipment could not be
-/// created (nothing shipped).
+/// created (the undo cancels it, in case it was created and only the answer was lost).
 pub(crate) async fn ship(deps: &Deps, order: &Order) -> Result<(), String> {
     let id = &order.id;
-    let shipment = deps
+    // From here an undo cancels the shipment (see `compensate`).
+    deps.note(id, ORDER_SERVICE, "shipment_requested", None);
+    let shipment = match deps
         .shipping
         .create(id, &order.items, &Deps::opts(id, "ship"))
         .await
-        .map_err(|e| format!("shipping unavailable: {e}"))?;
+    {
+        Ok(s) => s,
+        Err(e) => {
+            if matches!(
+                e.class(),
+                ErrorClass::DeadlineExceeded | ErrorClass::Internal
+            ) {
+                deps.note(id, ORDER_SERVICE, "shipment_unknown", Some(e.to_string()));
+            }
+            return Err(format!("shipping unavailable: {e}"));
+        }
+    };
     deps.note(
         id,
         shipping::SERVICE,

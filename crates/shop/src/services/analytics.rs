@@ -36,7 +36,7 @@ use super::{ErrorClass, Running, ServeError, atomically, class_of_call, problems
 use crate::model::{
     INVENTORY, Invalid, InventoryReleased, InventoryReserved, LabelGenerated, ORDERS,
     OrderCompleted, OrderCreated, OrderFailed, OutOfStock, PAYMENTS, PaymentCompleted,
-    PaymentFailed, PaymentRefunded, SHIPPING, ShipmentCreated, validate_id,
+    PaymentFailed, PaymentRefunded, SHIPPING, ShipmentCancelled, ShipmentCreated, validate_id,
 };
 
 /// The service's name (in the registry and in spans).
@@ -350,6 +350,7 @@ pub fn subscribe(router: &mut Router) {
     count::<InventoryReleased>(router, INVENTORY);
     count::<ShipmentCreated>(router, SHIPPING);
     count::<LabelGenerated>(router, SHIPPING);
+    count::<ShipmentCancelled>(router, SHIPPING);
 }
 
 // ---------------------------------------------------------------- REST

@@ -457,6 +457,38 @@ pub fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryErro
     }
 }
 
+/// Puts a committed reservation's units back on the shelf in `txn` (the shipment was
+/// cancelled before it left): `committed` → `available`, the reservation `released`.
+/// Returns whether it did (a no-op for a reservation that is not committed).
+pub fn restock_in(txn: &Txn, order_id: &str) -> Result<bool, InventoryError> {
+    validate_id("order_id", order_id)?;
+    let Some(mut r) = txn.get(&RESERVATIONS, order_id)? else {
+        return Ok(false);
+    };
+    if r.state != ReservationState::Committed {
+        return Ok(false);
+    }
+    for it in &r.items {
+        let qty = u64::from(it.qty);
+        let mut row = txn.get(&STOCK, &it.sku)?.ok_or_else(|| {
+            switchyard::Error::storage(
+                format!(
+                    "stock row `{}` of reservation `{order_id}` is missing",
+                    it.sku
+                ),
+                "inconsistent inventory store",
+            )
+        })?;
+        row.committed = row.committed.saturating_sub(qty);
+        row.available += qty;
+        txn.put(&STOCK, &it.sku, &row)?;
+    }
+    r.state = ReservationState::Released;
+    r.updated_ms = now_ms();
+    txn.put(&RESERVATIONS, order_id, &r)?;
+    Ok(true)
+}
+
 /// In-process locks of an order and its SKUs (see [`Inventory::lock`]); released on drop.
 #[derive(Debug)]
 pub struct StockLocks(#[allow(dead_code)] Vec<tokio::sync::OwnedMutexGuard<()>>);

@@ -62,6 +62,8 @@ pub mod problems {
         "https://switchyard.dev/problems/shop/reservation-released";
     /// The order has no shipment.
     pub const NO_SHIPMENT: &str = "https://switchyard.dev/problems/shop/no-shipment";
+    /// The order's shipment was cancelled: it cannot be created again.
+    pub const SHIPMENT_CANCELLED: &str = "https://switchyard.dev/problems/shop/shipment-cancelled";
     /// The service's store failed; retry later.
     pub const STORE_UNAVAILABLE: &str = "https://switchyard.dev/problems/shop/store-unavailable";
 }

@@ -35,7 +35,7 @@ use super::{
 };
 use crate::model::{
     Invalid, LabelGenerated, ORDERS, OrderCompleted, OrderCreated, OrderFailed, SHIPPING,
-    ShipmentCreated, validate_id,
+    ShipmentCancelled, ShipmentCreated, validate_id,
 };
 
 /// The service's name (in the registry and in spans).
@@ -435,6 +435,12 @@ pub fn subscribe(router: &mut Router, data_dir: impl Into<PathBuf>) {
         SHIPPING,
         GROUP,
         |_ctx: Context, _ev: LabelGenerated| async { Ok::<(), HandlerError>(()) },
+    );
+    // The order's `OrderFailed` (or the sync flow's answer) tells the customer.
+    router.on(
+        SHIPPING,
+        GROUP,
+        |_ctx: Context, _ev: ShipmentCancelled| async { Ok::<(), HandlerError>(()) },
     );
 }
 

@@ -10,6 +10,10 @@
 //!   `<data>/labels/<tracking>.txt` (to a temporary name, then renamed) and publishes
 //!   [`LabelGenerated`], once per shipment (the router's inbox drops redeliveries; the
 //!   shipment's `label` field drops copies).
+//! - `POST /shipments/{order_id}/cancel` cancels it (idempotent): a shipment that exists
+//!   is marked cancelled with a [`ShipmentCancelled`] event (Inventory puts the goods
+//!   back); for an order without one, a cancelled placeholder is recorded so that a
+//!   create still on its way is refused (409) rather than shipping a failed order.
 //! - `GET /shipments/{order_id}` answers the shipment (404 if none).
 
 use std::future::Future;
@@ -36,7 +40,8 @@ use super::{
     problems, write_atomically,
 };
 use crate::model::{
-    Invalid, Item, LabelGenerated, SHIPPING, ShipmentCreated, normalize_items, validate_id,
+    Invalid, Item, LabelGenerated, SHIPPING, ShipmentCancelled, ShipmentCreated, normalize_items,
+    validate_id,
 };
 
 /// The service's name (in the registry, in spans, and the `source` of its events).
@@ -65,6 +70,27 @@ pub struct Shipment {
     /// The label file, relative to the data directory, once written.
     #[serde(default)]
     pub label: Option<String>,
+    /// When it was cancelled (Unix ms), if it was. A cancelled shipment does not ship.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_ms: Option<u64>,
+}
+
+impl Shipment {
+    /// Whether it was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled_ms.is_some()
+    }
+}
+
+/// What `POST /shipments/{order_id}/cancel` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelOutcome {
+    /// The order.
+    pub order_id: String,
+    /// True if this call cancelled (false: cancelled before).
+    pub cancelled_now: bool,
+    /// The tracking number of the cancelled shipment (`None`: none had been created).
+    pub tracking: Option<String>,
 }
 
 /// Everything that can go wrong with a shipping operation (server and client).
@@ -76,6 +102,12 @@ pub enum ShippingError {
     /// The shipping store failed; retry later.
     #[error("the shipping store failed: {0}; retry later")]
     Store(#[from] switchyard::Error),
+    /// The order's shipment was cancelled; it cannot be created (409).
+    #[error("the shipment of order {order_id} was cancelled")]
+    Cancelled {
+        /// The order.
+        order_id: String,
+    },
     /// Writing the label file failed; check the data directory (the event is retried).
     #[error("writing the label {path} failed: {source}; check the data directory")]
     Label {
@@ -95,6 +127,7 @@ impl ShippingError {
     pub fn class(&self) -> ErrorClass {
         match self {
             ShippingError::Invalid(_) => ErrorClass::Invalid,
+            ShippingError::Cancelled { .. } => ErrorClass::Refused,
             ShippingError::Store(_) | ShippingError::Label { .. } => ErrorClass::Unavailable,
             ShippingError::Call(e) => class_of_call(e),
         }
@@ -111,6 +144,9 @@ impl ShippingError {
                 p.extension_str("field").unwrap_or_default(),
                 p.detail.clone().unwrap_or_default(),
             )),
+            Some(p) if p.type_uri == problems::SHIPMENT_CANCELLED => ShippingError::Cancelled {
+                order_id: p.extension_str("order_id").unwrap_or_default().to_string(),
+            },
             _ => ShippingError::Call(e),
         }
     }
@@ -120,6 +156,15 @@ impl IntoResponse for ShippingError {
     fn into_response(self) -> Response {
         match &self {
             ShippingError::Invalid(i) => Problem::validation(&i.field, &i.reason),
+            ShippingError::Cancelled { order_id } => Problem::new(
+                problems::SHIPMENT_CANCELLED,
+                StatusCode::CONFLICT,
+                "Shipment cancelled",
+            )
+            .with_detail(format!(
+                "the shipment of order `{order_id}` was cancelled; it cannot be created"
+            ))
+            .with("order_id", order_id.as_str()),
             _ => {
                 tracing::error!(error = %self, "shipping failed");
                 Problem::new(
@@ -147,6 +192,11 @@ pub fn create_in(
     validate_id("order_id", order_id)?;
     normalize_items(items)?;
     if let Some(s) = txn.get(&SHIPMENTS, order_id)? {
+        if s.is_cancelled() {
+            return Err(ShippingError::Cancelled {
+                order_id: order_id.to_string(),
+            });
+        }
         return Ok(s);
     }
     let shipment = Shipment {
@@ -155,6 +205,7 @@ pub fn create_in(
         items: items.to_vec(),
         created_ms: now_ms(),
         label: None,
+        cancelled_ms: None,
     };
     txn.put(&SHIPMENTS, order_id, &shipment)?;
     let event = ShipmentCreated {
@@ -165,6 +216,58 @@ pub fn create_in(
         .map_err(|e| switchyard::Error::InvalidArgument(e.to_string()))?;
     txn.publish_envelope(SHIPPING, cause.link(env));
     Ok(shipment)
+}
+
+/// Cancels the order's shipment in `txn` (see the [module docs](self)): a live one gets
+/// `cancelled_ms` and a [`ShipmentCancelled`] in the outbox, linked to `cause`; for an
+/// order without one, a cancelled placeholder (no tracking number, no items) blocks a
+/// later create. Idempotent.
+pub fn cancel_in(
+    txn: &Txn,
+    order_id: &str,
+    cause: Cause<'_>,
+) -> Result<CancelOutcome, ShippingError> {
+    validate_id("order_id", order_id)?;
+    let now = now_ms();
+    match txn.get(&SHIPMENTS, order_id)? {
+        Some(s) if s.is_cancelled() => Ok(CancelOutcome {
+            order_id: order_id.to_string(),
+            cancelled_now: false,
+            tracking: (!s.tracking.is_empty()).then_some(s.tracking),
+        }),
+        Some(mut s) => {
+            s.cancelled_ms = Some(now);
+            txn.put(&SHIPMENTS, order_id, &s)?;
+            let event = ShipmentCancelled {
+                order_id: order_id.to_string(),
+                tracking: s.tracking.clone(),
+            };
+            let env = codec::encode(&event, &format!("/{SERVICE}"))
+                .map_err(|e| switchyard::Error::InvalidArgument(e.to_string()))?;
+            txn.publish_envelope(SHIPPING, cause.link(env));
+            Ok(CancelOutcome {
+                order_id: order_id.to_string(),
+                cancelled_now: true,
+                tracking: Some(s.tracking),
+            })
+        }
+        None => {
+            let placeholder = Shipment {
+                order_id: order_id.to_string(),
+                tracking: String::new(),
+                items: Vec::new(),
+                created_ms: now,
+                label: None,
+                cancelled_ms: Some(now),
+            };
+            txn.put(&SHIPMENTS, order_id, &placeholder)?;
+            Ok(CancelOutcome {
+                order_id: order_id.to_string(),
+                cancelled_now: true,
+                tracking: None,
+            })
+        }
+    }
 }
 
 /// The shipping core over its store. Cheap to clone.
@@ -194,6 +297,18 @@ impl Shipping {
     ) -> Result<Shipment, ShippingError> {
         atomically(&self.store, |txn| {
             std::future::ready(create_in(&txn, order_id, items, cause))
+        })
+        .await
+    }
+
+    /// Cancels the order's shipment (see [`cancel_in`]).
+    pub async fn cancel(
+        &self,
+        order_id: &str,
+        cause: Cause<'_>,
+    ) -> Result<CancelOutcome, ShippingError> {
+        atomically(&self.store, |txn| {
+            std::future::ready(cancel_in(&txn, order_id, cause))
         })
         .await
     }
@@ -232,8 +347,8 @@ async fn write_label(
         )
         .into());
     };
-    if shipment.tracking != ev.tracking || shipment.label.is_some() {
-        // A copy of the event, or one for another shipment: nothing to do.
+    if shipment.tracking != ev.tracking || shipment.label.is_some() || shipment.is_cancelled() {
+        // A copy of the event, one for another shipment, or a cancelled one: nothing to do.
         return Ok(());
     }
     let rel = label_path(&ev.tracking);
@@ -290,6 +405,11 @@ pub fn subscribe(router: &mut Router, data_dir: impl Into<PathBuf>) {
         LABEL_GROUP,
         |_ctx: Context, _ev: LabelGenerated| async { Ok::<(), HandlerError>(()) },
     );
+    router.on(
+        SHIPPING,
+        LABEL_GROUP,
+        |_ctx: Context, _ev: ShipmentCancelled| async { Ok::<(), HandlerError>(()) },
+    );
 }
 
 // ---------------------------------------------------------------- REST
@@ -313,6 +433,14 @@ async fn http_create(
         .map(Json)
 }
 
+async fn http_cancel(
+    State(s): State<Shipping>,
+    ctx: CallContext,
+    UrlPath(order_id): UrlPath<String>,
+) -> Result<Json<CancelOutcome>, ShippingError> {
+    s.cancel(&order_id, Cause::Call(&ctx)).await.map(Json)
+}
+
 async fn http_get(
     State(s): State<Shipping>,
     UrlPath(order_id): UrlPath<String>,
@@ -331,6 +459,7 @@ pub fn routes(shipping: Shipping) -> axum::Router {
     axum::Router::new()
         .route("/shipments", post(http_create))
         .route("/shipments/{order_id}", get(http_get))
+        .route("/shipments/{order_id}/cancel", post(http_cancel))
         .with_state(shipping)
 }
 
@@ -405,6 +534,24 @@ impl ShippingClient {
         };
         self.svc
             .post_json_with("/shipments", &body, &opts.clone().idempotent())
+            .await
+            .map_err(ShippingError::from_call)
+    }
+
+    /// `POST /shipments/{order_id}/cancel`: cancels the order's shipment, or blocks its
+    /// creation (idempotent).
+    pub async fn cancel(
+        &self,
+        order_id: &str,
+        opts: &CallOptions,
+    ) -> Result<CancelOutcome, ShippingError> {
+        validate_id("order_id", order_id)?;
+        self.svc
+            .post_json_with(
+                &format!("/shipments/{order_id}/cancel"),
+                &serde_json::json!({}),
+                &opts.clone().idempotent(),
+            )
             .await
             .map_err(ShippingError::from_call)
     }

@@ -133,3 +133,51 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
         .count();
     assert_eq!(labels, 1);
 }
+
+#[tokio::test]
+async fn a_cancel_marks_a_shipment_cancelled_once_and_blocks_a_later_create() {
+    let mut h = Harness::new();
+    let bus = h.bus(true);
+    let store = h.store("shipping");
+    let seen = watch(&bus, SHIPPING).await;
+    let running = shipping::start(store.clone(), bus.clone(), listener().await, h.shutdown())
+        .await
+        .unwrap();
+    h.register(shipping::SERVICE, &running);
+    let client = ShippingClient::new(&h.http);
+    let items = [Item::new("sku-001", 1)];
+
+    // A created shipment: cancelled once, with one ShipmentCancelled.
+    let created = client
+        .create("c-1", &items, &CallOptions::new())
+        .await
+        .unwrap();
+    let first = client.cancel("c-1", &CallOptions::new()).await.unwrap();
+    assert!(first.cancelled_now);
+    assert_eq!(first.tracking.as_deref(), Some(created.tracking.as_str()));
+    let again = client.cancel("c-1", &CallOptions::new()).await.unwrap();
+    assert!(!again.cancelled_now, "a repeat changes nothing");
+    eventually("ShipmentCancelled", || {
+        count(&seen, "shop.shipping.shipment_cancelled.v1") == 1
+    })
+    .await;
+
+    // No shipment yet: the cancel blocks a create still on its way (409).
+    let blocked = client.cancel("c-2", &CallOptions::new()).await.unwrap();
+    assert!(blocked.cancelled_now && blocked.tracking.is_none());
+    let late = client
+        .create("c-2", &items, &CallOptions::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(late, shipping::ShippingError::Cancelled { ref order_id } if order_id == "c-2"),
+        "{late:?}"
+    );
+    assert_eq!(late.class(), shop::services::ErrorClass::Refused);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        count(&seen, "shop.shipping.shipment_cancelled.v1"),
+        1,
+        "nothing shipped for c-2, so nothing to announce"
+    );
+}

@@ -104,6 +104,9 @@ pub struct AppConfig {
     pub stall_after: Duration,
     /// How long one request over the bus waits for its reply (default 2 s).
     pub request_timeout: Duration,
+    /// Attempts of the orchestration's ship step before the saga gives up and
+    /// compensates (default 300, about ten minutes).
+    pub ship_attempts: u32,
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -115,6 +118,7 @@ impl std::fmt::Debug for AppConfig {
             .field("patterns", &self.patterns)
             .field("stall_after", &self.stall_after)
             .field("request_timeout", &self.request_timeout)
+            .field("ship_attempts", &self.ship_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -135,6 +139,7 @@ impl AppConfig {
             },
             stall_after: choreography::DEFAULT_STALL_AFTER,
             request_timeout: Duration::from_secs(2),
+            ship_attempts: orchestration::SHIP_ATTEMPTS,
         }
     }
 
@@ -458,6 +463,7 @@ impl ShopApp {
             analytics: AnalyticsClient::new(&http),
             requester: requester.clone(),
             request_timeout: config.request_timeout,
+            ship_attempts: config.ship_attempts,
             stop: flows_rx.clone(),
         };
         let cell: orchestration::OrchestratorCell = Arc::new(Mutex::new(None));

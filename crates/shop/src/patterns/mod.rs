@@ -71,6 +71,9 @@ pub struct Deps {
     pub requester: Arc<switchyard::reply::Requester>,
     /// How long one request over the bus waits for its reply.
     pub request_timeout: Duration,
+    /// Attempts of the orchestration's ship step (see
+    /// [`orchestration::SHIP_ATTEMPTS`]).
+    pub ship_attempts: u32,
     /// Set to true at shutdown: background flows stop where they are (and resume after
     /// the restart).
     pub stop: watch::Receiver<bool>,

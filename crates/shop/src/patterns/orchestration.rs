@@ -3,10 +3,10 @@
 //!
 //! | step | action | compensation |
 //! | --- | --- | --- |
-//! | `accept` | record the order in the book (if not yet) | settle a charge whose outcome is unknown (below), release any reservation left by a reserve that failed for good, fail the order with the saga's error |
+//! | `accept` | record the order in the book (if not yet) | cancel the shipment of a ship step that failed for good, settle a charge whose outcome is unknown (below), release any reservation left by a reserve that failed for good, fail the order with the saga's error |
 //! | `reserve` | Inventory reserve (REST) | Inventory release |
 //! | `charge` | Payment charge (gRPC) | Payment refund |
-//! | `ship` | Shipping create + Inventory commit (REST) | — (the point of no return; retried long) |
+//! | `ship` | Shipping create + Inventory commit (REST) | — (the point of no return; retried long, and if it still fails, the `accept` compensation cancels the shipment: its create may have happened with the answer lost) |
 //! | `complete` | complete the order | — |
 //!
 //! **Neither the order nor the saga is lost**: `place` first starts the saga under the
@@ -134,6 +134,37 @@ async fn settle_unknown_charge(
     Ok(())
 }
 
+/// When the ship step failed for good, its shipment may exist anyway (an answer lost):
+/// cancel it — Shipping marks a created one cancelled (Inventory puts the goods back) or
+/// blocks a create still on its way. Retried like every compensation.
+async fn settle_unknown_shipment(
+    d: &Deps,
+    cx: &StepContext<Order>,
+    rec: &SagaRecord,
+) -> Result<(), StepError> {
+    let ship_failed = rec
+        .steps
+        .iter()
+        .any(|s| s.name == "ship" && s.status == StepStatus::Failed);
+    if !ship_failed {
+        return Ok(());
+    }
+    let id = &cx.input().id;
+    let c = d
+        .shipping
+        .cancel(id, &opts(cx))
+        .await
+        .map_err(|e| StepError::retryable(format!("cancelling the shipment: {e}")))?;
+    if c.cancelled_now {
+        d.note(id, shipping::SERVICE, "shipment_cancelled", c.tracking);
+    }
+    Ok(())
+}
+
+/// Attempts of the ship step by default: with its backoff (0.1 s doubling to 2 s), about
+/// ten minutes of trying before the saga compensates.
+pub const SHIP_ATTEMPTS: u32 = 300;
+
 /// How a decline reads (`PaymentError::Declined`): the charge step's error starts with
 /// it when Payment said no, so settling knows nothing was charged.
 const DECLINED_MARK: &str = "payment declined:";
@@ -153,6 +184,7 @@ pub type OrchestratorCell = Arc<Mutex<Option<Orchestrator>>>;
 
 /// The saga definition over `deps`; `orchestrator` is set once the orchestrator is built.
 pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
+    let ship_attempts = deps.ship_attempts.max(1);
     let (d1, d2, d3, d4, d5, d6, d7, d8) = (
         deps.clone(),
         deps.clone(),
@@ -184,6 +216,7 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                         .clone();
                     let record = current.and_then(|o| o.get(cx.saga_id()).ok().flatten());
                     if let Some(rec) = &record {
+                        settle_unknown_shipment(&d, &cx, rec).await?;
                         settle_unknown_charge(&d, &cx, rec).await?;
                     }
                     let reason = record
@@ -304,7 +337,7 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
             // Past the shipment there is no way back: retry for about ten minutes.
             .policy(
                 StepPolicy::action()
-                    .attempts(300)
+                    .attempts(ship_attempts)
                     .backoff(Duration::from_millis(100), Duration::from_secs(2)),
             ),
         )

@@ -759,3 +759,54 @@ async fn a_shipment_whose_answer_was_lost_is_cancelled_when_the_sync_order_fails
     }
     app.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrated_ship_step_that_fails_for_good_cancels_its_shipment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = AppConfig::new(dir.path()).with_bus(chaos_bus(dir.path(), 12));
+    config.client.default_timeout = Duration::from_millis(300);
+    config.ship_attempts = 2;
+    let app = ShopApp::start(config).await.unwrap();
+    // The shipment exists (an earlier attempt created it) but no answer comes back.
+    let items = vec![Item::new("sku-008", 2)];
+    app.services()
+        .shipping
+        .create("lost-saga", &items, shop::services::Cause::None)
+        .await
+        .unwrap();
+    app.faults().shipping.set(FaultConfig {
+        latency_ms: 1_000,
+        ..FaultConfig::default()
+    });
+    let faults = app.faults().shipping.clone();
+    let healed = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        faults.clear();
+    });
+    let o = place_and_wait(
+        &app,
+        order("lost-saga", Pattern::Orchestration, "ada", items, "tok_ok"),
+    )
+    .await;
+    healed.await.unwrap();
+    assert_eq!(o.status, OrderStatus::Failed, "{:#?}", o.history);
+    let whats: Vec<&str> = o.history.iter().map(|e| e.what.as_str()).collect();
+    for step in ["shipment_cancelled", "refunded"] {
+        assert!(whats.contains(&step), "{step} missing: {whats:?}");
+    }
+    let shipment = app.services().shipping.get("lost-saga").unwrap().unwrap();
+    assert!(shipment.is_cancelled(), "{shipment:?}");
+    let report = settled(&app, WAIT).await;
+    assert!(report.is_settled(), "{report:#?}");
+    assert_eq!(report.stock_units, report.initial_units);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stock = app.services().inventory.stock("sku-008").unwrap().unwrap();
+        if (stock.available, stock.reserved, stock.committed) == (10_000, 0, 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stock not restored: {stock:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.shutdown().await.unwrap();
+}

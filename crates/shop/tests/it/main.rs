@@ -1,9 +1,10 @@
 //! Integration tests of the shop's services: real servers on loopback ports, embedded
 //! stores and bus in temporary directories.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod analytics;
 mod api;
+mod crash;
 mod faults;
 mod grpc_codegen;
 mod inventory;

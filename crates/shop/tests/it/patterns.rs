@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shop::api::grpc::proto::{self, orders_client::OrdersClient};
 use shop::app::{AppConfig, ShopApp};
 use shop::check::{CheckReport, check};
 use shop::faults::FaultConfig;
@@ -132,6 +133,38 @@ async fn every_pattern_succeeds_declines_and_runs_out_of_stock_with_stock_and_mo
     let dir = tempfile::tempdir().unwrap();
     let app = start(dir.path(), 1).await;
     let events = observe(app.bus()).await;
+    // Orders come in through the public API: REST and gRPC in turn.
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = shop::api::start(
+        app.desk().clone(),
+        Arc::new(shop::api::NoAdmin),
+        crate::support::listener().await,
+        crate::support::listener().await,
+        async move {
+            let _ = api_stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let mut grpc = OrdersClient::new(
+        tonic::transport::Channel::from_shared(api.grpc_url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let mut over_grpc = false;
+    let mut place_and_wait = async |app: &ShopApp, req: NewOrder| {
+        over_grpc = !over_grpc;
+        place_through_api(&api.rest_url, &mut grpc, over_grpc, &req).await;
+        let done = app
+            .book()
+            .wait(req.order_id.as_deref().unwrap(), WAIT)
+            .await
+            .unwrap();
+        assert!(done.status.is_terminal(), "{:#?}", done.history);
+        done
+    };
     let spec = ChoreographySpec::standard();
     for pattern in Pattern::ALL {
         let p = pattern.as_str();
@@ -262,7 +295,47 @@ async fn every_pattern_succeeds_declines_and_runs_out_of_stock_with_stock_and_mo
         }
     }
     assert_eq!(app.diverged_events(), 0);
+    let _ = stop_api.send(());
+    api.join().await.unwrap();
     app.shutdown().await.unwrap();
+}
+
+/// Places `req` through the Order API: `POST /orders` on `rest`, or `PlaceOrder` on
+/// `grpc`; the order must be accepted (201/202, or OK).
+async fn place_through_api(
+    rest: &str,
+    grpc: &mut OrdersClient<tonic::transport::Channel>,
+    over_grpc: bool,
+    req: &NewOrder,
+) {
+    if over_grpc {
+        grpc.place_order(proto::PlaceOrderRequest {
+            order_id: req.order_id.clone(),
+            customer: req.customer.clone(),
+            items: req
+                .items
+                .iter()
+                .map(|i| proto::Item {
+                    sku: i.sku.clone(),
+                    qty: i.qty,
+                })
+                .collect(),
+            payment_token: req.payment_token.clone(),
+            pattern: req.pattern.as_str().into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap();
+    } else {
+        let body = serde_json::to_vec(req).unwrap();
+        let r = crate::support::raw(rest, "POST", "/orders", Some("application/json"), &body).await;
+        assert!(
+            r.status == 201 || r.status == 202,
+            "{} {}",
+            r.status,
+            r.body
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

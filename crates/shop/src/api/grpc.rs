@@ -62,19 +62,20 @@ fn entry_to_proto(e: &TimelineEntry) -> proto::TimelineEntry {
     }
 }
 
+/// The proto form of an order line.
+pub fn item_to_proto(item: &crate::model::Item) -> proto::Item {
+    proto::Item {
+        sku: item.sku.clone(),
+        qty: item.qty,
+    }
+}
+
 /// The proto form of `order` (the payment token left out).
 pub fn order_to_proto(order: &Order) -> proto::Order {
     proto::Order {
         id: order.id.clone(),
         customer: order.customer.clone(),
-        items: order
-            .items
-            .iter()
-            .map(|i| proto::Item {
-                sku: i.sku.clone(),
-                qty: i.qty,
-            })
-            .collect(),
+        items: order.items.iter().map(item_to_proto).collect(),
         amount_cents: order.amount_cents,
         pattern: order.pattern.as_str().to_string(),
         status: status_to_proto(order.status) as i32,

@@ -203,6 +203,15 @@ pub(crate) fn order_event<E: Event>(
     })
 }
 
+/// A service error in a handler: retried if `retryable`, else to the DLQ at once.
+pub(crate) fn by_class(retryable: bool, e: impl std::fmt::Display) -> HandlerError {
+    if retryable {
+        HandlerError::Retryable(e.to_string())
+    } else {
+        HandlerError::Terminal(e.to_string())
+    }
+}
+
 /// A store error in a handler: retryable.
 pub(crate) fn retryable(e: impl std::fmt::Display) -> HandlerError {
     HandlerError::Retryable(e.to_string())
@@ -265,10 +274,7 @@ pub fn subscribe_shipping_orders(router: &mut Router) {
                 &items,
                 Cause::Message(&ctx.envelope),
             )
-            .map_err(|e| match e.is_retryable() {
-                true => retryable(e),
-                false => HandlerError::Terminal(e.to_string()),
-            })?;
+            .map_err(|e| by_class(e.is_retryable(), e))?;
             Ok(())
         },
     );
@@ -306,12 +312,8 @@ pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) 
                     .map_err(retryable)?
                 {
                     Some(r) if r.state == ReservationState::Reserved => {
-                        inventory::commit_in(&ctx.txn, &ev.order_id).map_err(|e| {
-                            match e.is_retryable() {
-                                true => retryable(e),
-                                false => HandlerError::Terminal(e.to_string()),
-                            }
-                        })?;
+                        inventory::commit_in(&ctx.txn, &ev.order_id)
+                            .map_err(|e| by_class(e.is_retryable(), e))?;
                     }
                     Some(r) if r.state == ReservationState::Released => {
                         tracing::warn!(order = %ev.order_id, "a shipment was created for a released reservation");
@@ -334,12 +336,9 @@ pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) 
                     let skus: Vec<String> = r.items.into_iter().map(|i| i.sku).collect();
                     ctx.hold(stock.lock(&ev.order_id, &skus).await);
                 }
-                if inventory::restock_in(&ctx.txn, &ev.order_id).map_err(|e| {
-                    match e.is_retryable() {
-                        true => retryable(e),
-                        false => HandlerError::Terminal(e.to_string()),
-                    }
-                })? {
+                if inventory::restock_in(&ctx.txn, &ev.order_id)
+                    .map_err(|e| by_class(e.is_retryable(), e))?
+                {
                     ctx.publish(
                         crate::model::INVENTORY,
                         &crate::model::InventoryReleased {

@@ -315,10 +315,7 @@ async fn place_through_api(
             items: req
                 .items
                 .iter()
-                .map(|i| proto::Item {
-                    sku: i.sku.clone(),
-                    qty: i.qty,
-                })
+                .map(shop::api::grpc::item_to_proto)
                 .collect(),
             payment_token: req.payment_token.clone(),
             pattern: req.pattern.as_str().into(),
@@ -769,18 +766,28 @@ async fn an_orchestrated_charge_with_an_unknown_outcome_is_refunded() {
     app.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shipment_whose_answer_was_lost_is_cancelled_when_the_sync_order_fails() {
+/// A shipment whose create answer is lost: the shipment exists (an earlier attempt
+/// created it) and every call to Shipping outlasts the caller's 300 ms deadline until
+/// `heal_after`. The `pattern` order over it must fail with the shipment cancelled
+/// (`steps` on its timeline), a late create refused, the goods back on the shelf, money
+/// whole and no live shipment for a failed order.
+async fn lost_shipment_answer(
+    id: &str,
+    pattern: Pattern,
+    sku: &str,
+    ship_attempts: u32,
+    heal_after: Duration,
+    steps: &[&str],
+) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = AppConfig::new(dir.path()).with_bus(chaos_bus(dir.path(), 11));
     config.client.default_timeout = Duration::from_millis(300);
+    config.ship_attempts = ship_attempts;
     let app = ShopApp::start(config).await.unwrap();
-    // The shipment exists (an earlier attempt created it) but no answer comes back:
-    // every call to Shipping now outlasts the caller's deadline.
-    let items = vec![Item::new("sku-007", 3)];
-    app.services()
-        .shipping
-        .create("lost-sync", &items, shop::services::Cause::None)
+    let items = vec![Item::new(sku, 3)];
+    let shipping = &app.services().shipping;
+    shipping
+        .create(id, &items, shop::services::Cause::None)
         .await
         .unwrap();
     app.faults().shipping.set(FaultConfig {
@@ -789,41 +796,30 @@ async fn a_shipment_whose_answer_was_lost_is_cancelled_when_the_sync_order_fails
     });
     let faults = app.faults().shipping.clone();
     let healed = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        tokio::time::sleep(heal_after).await;
         faults.clear();
     });
-    let o = place_and_wait(
-        &app,
-        order("lost-sync", Pattern::Sync, "ada", items, "tok_ok"),
-    )
-    .await;
+    let o = place_and_wait(&app, order(id, pattern, "ada", items.clone(), "tok_ok")).await;
     healed.await.unwrap();
     assert_eq!(o.status, OrderStatus::Failed, "{:#?}", o.history);
     let whats: Vec<&str> = o.history.iter().map(|e| e.what.as_str()).collect();
-    for step in ["shipment_unknown", "shipment_cancelled", "refunded"] {
-        assert!(whats.contains(&step), "{step} missing: {whats:?}");
+    for step in steps {
+        assert!(whats.contains(step), "{step} missing: {whats:?}");
     }
-    let shipment = app.services().shipping.get("lost-sync").unwrap().unwrap();
-    assert!(shipment.is_cancelled(), "{shipment:?}");
-    // A create still on its way is refused now.
-    let late = app
-        .services()
-        .shipping
-        .create(
-            "lost-sync",
-            &[Item::new("sku-007", 3)],
-            shop::services::Cause::None,
-        )
+    assert!(shipping.get(id).unwrap().unwrap().is_cancelled());
+    let late = shipping
+        .create(id, &items, shop::services::Cause::None)
         .await;
-    assert!(late.is_err(), "{late:?}");
-    // Inventory put the goods back (the cancelled shipment's event), money is whole, and
-    // no live shipment belongs to a failed order.
+    assert!(
+        late.is_err(),
+        "a create still on its way is refused: {late:?}"
+    );
     let report = settled(&app, WAIT).await;
     assert!(report.is_settled(), "{report:#?}");
     assert_eq!(report.stock_units, report.initial_units);
     let deadline = Instant::now() + WAIT;
     loop {
-        let stock = app.services().inventory.stock("sku-007").unwrap().unwrap();
+        let stock = app.services().inventory.stock(sku).unwrap().unwrap();
         if (stock.available, stock.reserved, stock.committed) == (10_000, 0, 0) {
             break;
         }
@@ -834,52 +830,28 @@ async fn a_shipment_whose_answer_was_lost_is_cancelled_when_the_sync_order_fails
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_orchestrated_ship_step_that_fails_for_good_cancels_its_shipment() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = AppConfig::new(dir.path()).with_bus(chaos_bus(dir.path(), 12));
-    config.client.default_timeout = Duration::from_millis(300);
-    config.ship_attempts = 2;
-    let app = ShopApp::start(config).await.unwrap();
-    // The shipment exists (an earlier attempt created it) but no answer comes back.
-    let items = vec![Item::new("sku-008", 2)];
-    app.services()
-        .shipping
-        .create("lost-saga", &items, shop::services::Cause::None)
-        .await
-        .unwrap();
-    app.faults().shipping.set(FaultConfig {
-        latency_ms: 1_000,
-        ..FaultConfig::default()
-    });
-    let faults = app.faults().shipping.clone();
-    let healed = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
-        faults.clear();
-    });
-    let o = place_and_wait(
-        &app,
-        order("lost-saga", Pattern::Orchestration, "ada", items, "tok_ok"),
+async fn a_shipment_whose_answer_was_lost_is_cancelled_when_the_sync_order_fails() {
+    let steps = ["shipment_unknown", "shipment_cancelled", "refunded"];
+    lost_shipment_answer(
+        "lost-sync",
+        Pattern::Sync,
+        "sku-007",
+        1,
+        Duration::from_millis(1_500),
+        &steps,
     )
     .await;
-    healed.await.unwrap();
-    assert_eq!(o.status, OrderStatus::Failed, "{:#?}", o.history);
-    let whats: Vec<&str> = o.history.iter().map(|e| e.what.as_str()).collect();
-    for step in ["shipment_cancelled", "refunded"] {
-        assert!(whats.contains(&step), "{step} missing: {whats:?}");
-    }
-    let shipment = app.services().shipping.get("lost-saga").unwrap().unwrap();
-    assert!(shipment.is_cancelled(), "{shipment:?}");
-    let report = settled(&app, WAIT).await;
-    assert!(report.is_settled(), "{report:#?}");
-    assert_eq!(report.stock_units, report.initial_units);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let stock = app.services().inventory.stock("sku-008").unwrap().unwrap();
-        if (stock.available, stock.reserved, stock.committed) == (10_000, 0, 0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "stock not restored: {stock:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrated_ship_step_that_fails_for_good_cancels_its_shipment() {
+    lost_shipment_answer(
+        "lost-saga",
+        Pattern::Orchestration,
+        "sku-008",
+        2,
+        Duration::from_millis(2_500),
+        &["shipment_cancelled", "refunded"],
+    )
+    .await;
 }

@@ -36,9 +36,15 @@ fn count(seen: &Mutex<Vec<Envelope>>, ty: &str) -> usize {
         .count()
 }
 
-#[tokio::test]
-async fn tracking_is_idempotent_and_the_label_is_written_once() {
-    let mut h = Harness::new();
+/// Serves shipping (REST + its outbox relay) on a fresh bus and store, registered in
+/// `h`; returns the bus, the store and a watch on the shipping topic.
+async fn serve_shipping(
+    h: &mut Harness,
+) -> (
+    Arc<dyn Bus>,
+    Arc<dyn switchyard::store::Store>,
+    Arc<Mutex<Vec<Envelope>>>,
+) {
     let bus = h.bus(true);
     let store = h.store("shipping");
     let seen = watch(&bus, SHIPPING).await;
@@ -46,6 +52,13 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
         .await
         .unwrap();
     h.register(shipping::SERVICE, &running);
+    (bus, store, seen)
+}
+
+#[tokio::test]
+async fn tracking_is_idempotent_and_the_label_is_written_once() {
+    let mut h = Harness::new();
+    let (bus, store, seen) = serve_shipping(&mut h).await;
     let mut router = Router::new(shipping::SERVICE, bus.clone(), store.clone());
     shipping::subscribe(&mut router, h.data_dir());
     let _router = h.run_router(router).await;
@@ -137,13 +150,7 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
 #[tokio::test]
 async fn a_cancel_marks_a_shipment_cancelled_once_and_blocks_a_later_create() {
     let mut h = Harness::new();
-    let bus = h.bus(true);
-    let store = h.store("shipping");
-    let seen = watch(&bus, SHIPPING).await;
-    let running = shipping::start(store.clone(), bus.clone(), listener().await, h.shutdown())
-        .await
-        .unwrap();
-    h.register(shipping::SERVICE, &running);
+    let (_bus, _store, seen) = serve_shipping(&mut h).await;
     let client = ShippingClient::new(&h.http);
     let items = [Item::new("sku-001", 1)];
 

@@ -10,6 +10,7 @@ mod inventory;
 mod notification;
 mod patterns;
 mod payment;
+mod serve;
 mod shipping;
 mod support;
 mod up;

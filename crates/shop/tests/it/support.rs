@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -181,4 +182,33 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `shop` binary, without the caller's `SHOP_*` and `SWITCHYARD_SERVICES`.
+pub fn shop_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shop"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHOP_") || k == "SWITCHYARD_SERVICES" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs the `shop` binary with `args` against `url` (see [`shop_command`]).
+pub async fn shop_cli(url: &str, args: &[&str]) -> Output {
+    let mut all: Vec<String> = vec!["--url".into(), url.into()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || shop_command().args(&all).output().unwrap())
+        .await
+        .unwrap()
+}
+
+pub fn out(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

@@ -34,41 +34,29 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard::Bus;
-use switchyard::relay::OutboxRelay;
 use switchyard::reply::Requester;
-use switchyard::router::Router;
-use switchyard::saga::{Orchestrator, SagaState};
-use switchyard::store::Store;
-use switchyard_embedded::{EmbeddedBus, EmbeddedStore, StoreConfig};
-use switchyard_rpc::grpc::GrpcClient;
+use switchyard::saga::Orchestrator;
+use switchyard_embedded::EmbeddedBus;
+use switchyard_rpc::ClientConfig;
 use switchyard_rpc::registry::{InProcessRegistry, Registration};
-use switchyard_rpc::{ClientConfig, HttpClient};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::faults::Faults;
-use crate::model::Catalog;
-use crate::order::{OrderBook, OrderDesk, OrderStatus, Pattern};
-use crate::patterns::choreography::{self, ChoreographyFlow, MonitorStats};
-use crate::patterns::hybrid::HybridFlow;
-use crate::patterns::orchestration::{self, OrchestrationFlow};
-use crate::patterns::request_reply::RequestReplyFlow;
-use crate::patterns::sync::SyncFlow;
-use crate::patterns::{self, Deps, Driven};
-use crate::services::analytics::{self, Analytics, AnalyticsClient};
-use crate::services::inventory::{self, Inventory, InventoryClient};
-use crate::services::notification::{self, NotificationClient, Notifier};
-use crate::services::payment::{self, PaymentClient, Payments};
-use crate::services::shipping::{self, Shipping, ShippingClient};
-use crate::services::{Running, ServeError};
+use crate::order::{OrderBook, OrderDesk, Pattern};
+use crate::patterns::choreography::{self, MonitorStats};
+use crate::services::ServeError;
+use crate::services::analytics::{self, Analytics};
+use crate::services::inventory::{self, Inventory};
+use crate::services::notification::{self, Notifier};
+use crate::services::payment::{self, Payments};
+use crate::services::shipping::{self, Shipping};
+use crate::wiring::{self, Backing, OrderService, OrderSettings, Stores, Tasks};
 
 /// The ports of the five backing servers on 127.0.0.1 (0: any free port).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -139,7 +127,7 @@ impl AppConfig {
             },
             stall_after: choreography::DEFAULT_STALL_AFTER,
             request_timeout: Duration::from_secs(2),
-            ship_attempts: orchestration::SHIP_ATTEMPTS,
+            ship_attempts: crate::patterns::orchestration::SHIP_ATTEMPTS,
         }
     }
 
@@ -282,44 +270,25 @@ impl std::ops::Sub for DiskStats {
 
 /// The running shop. See the [module docs](self).
 pub struct ShopApp {
-    desk: OrderDesk,
-    book: OrderBook,
+    order: OrderService,
     services: Services,
     urls: Urls,
     faults: ServiceFaults,
-    orchestrator: Orchestrator,
-    saga_cell: orchestration::OrchestratorCell,
     monitor: Arc<MonitorStats>,
     bus: Arc<dyn Bus>,
-    stores: Vec<(&'static str, PathBuf, EmbeddedStore)>,
+    stores: Stores,
     /// The embedded bus, when the app opened it (not given one).
     embedded_bus: Option<EmbeddedBus>,
-    /// Stops flows, routers, the orchestrator and the monitor.
-    stop_flows: watch::Sender<bool>,
-    /// Stops the relays (after the routers).
-    stop_relays: watch::Sender<bool>,
-    /// Stops the servers (last).
-    stop_servers: watch::Sender<bool>,
-    flow_tasks: Vec<(String, JoinHandle<()>)>,
-    relay_tasks: Vec<JoinHandle<()>>,
-    servers: Vec<(&'static str, Running)>,
+    tasks: Tasks,
     _registrations: Vec<Registration>,
-    requester: Arc<Requester>,
 }
 
 impl std::fmt::Debug for ShopApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShopApp")
             .field("urls", &self.urls)
-            .field("patterns", &self.desk.patterns())
+            .field("patterns", &self.order.desk.patterns())
             .finish_non_exhaustive()
-    }
-}
-
-fn stopped(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mut rx = rx.clone();
-    async move {
-        let _ = rx.wait_for(|s| *s).await;
     }
 }
 
@@ -337,29 +306,14 @@ impl ShopApp {
     /// Starts the shop (see the [module docs](self)).
     pub async fn start(config: AppConfig) -> Result<ShopApp, AppError> {
         let dir = config.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| AppError::DataDir {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut stores = Vec::new();
-        let mut open = |service: &'static str| -> Result<Arc<dyn Store>, AppError> {
-            let path = dir.join(service);
-            let store = EmbeddedStore::open(&path, StoreConfig::default()).map_err(|source| {
-                AppError::Store {
-                    service,
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-            stores.push((service, path, store.clone()));
-            Ok(Arc::new(store))
-        };
-        let order_store = open("order")?;
-        let inventory_store = open(inventory::SERVICE)?;
-        let payment_store = open(payment::SERVICE)?;
-        let shipping_store = open(shipping::SERVICE)?;
-        let notification_store = open(notification::SERVICE)?;
-        let analytics_store = open(analytics::SERVICE)?;
+        wiring::create_data_dir(&dir)?;
+        let mut stores = Stores::default();
+        let order_store = stores.open(&dir, wiring::ORDER)?;
+        let inventory_store = stores.open(&dir, inventory::SERVICE)?;
+        let payment_store = stores.open(&dir, payment::SERVICE)?;
+        let shipping_store = stores.open(&dir, shipping::SERVICE)?;
+        let notification_store = stores.open(&dir, notification::SERVICE)?;
+        let analytics_store = stores.open(&dir, analytics::SERVICE)?;
         let (bus, embedded_bus): (Arc<dyn Bus>, _) = match &config.bus {
             Some(b) => (b.clone(), None),
             None => {
@@ -367,54 +321,57 @@ impl ShopApp {
                 (Arc::new(b.clone()), Some(b))
             }
         };
+        let mut tasks = Tasks::new();
 
-        let (stop_flows, flows_rx) = watch::channel(false);
-        let (stop_relays, relays_rx) = watch::channel(false);
-        let (stop_servers, servers_rx) = watch::channel(false);
-        let serve_err = |service| move |source| AppError::Serve { service, source };
-
-        // The five servers.
+        // The five servers. One inventory core for the server and the event handlers:
+        // they share its in-process stock locks.
         let ports = config.ports;
-        // One inventory core for the server and the event handlers: they share its
-        // in-process stock locks.
         let inventory_core = Inventory::new(inventory_store.clone());
-        let inv = inventory::start_with(
-            inventory_core.clone(),
-            bind(inventory::SERVICE, ports.inventory).await?,
-            stopped(&servers_rx),
-        )
-        .await
-        .map_err(serve_err(inventory::SERVICE))?;
-        let pay = payment::start(
-            payment_store.clone(),
-            bind(payment::SERVICE, ports.payment).await?,
-            stopped(&servers_rx),
-        )
-        .await
-        .map_err(serve_err(payment::SERVICE))?;
-        let ship = shipping::start(
-            shipping_store.clone(),
-            bus.clone(),
-            bind(shipping::SERVICE, ports.shipping).await?,
-            stopped(&servers_rx),
-        )
-        .await
-        .map_err(serve_err(shipping::SERVICE))?;
-        let notif = notification::start(
-            notification_store.clone(),
-            dir.clone(),
-            bind(notification::SERVICE, ports.notification).await?,
-            stopped(&servers_rx),
-        )
-        .await
-        .map_err(serve_err(notification::SERVICE))?;
-        let anal = analytics::start(
-            analytics_store.clone(),
-            bind(analytics::SERVICE, ports.analytics).await?,
-            stopped(&servers_rx),
-        )
-        .await
-        .map_err(serve_err(analytics::SERVICE))?;
+        let inventory_svc = Backing::Inventory(inventory_core.clone());
+        let payment_svc = Backing::Payment(payment_store.clone());
+        let shipping_svc = Backing::Shipping(shipping_store.clone());
+        let notification_svc = Backing::Notification(notification_store.clone());
+        let analytics_svc = Backing::Analytics(analytics_store.clone());
+        let inv = inventory_svc
+            .start(
+                &bus,
+                &dir,
+                bind(inventory::SERVICE, ports.inventory).await?,
+                tasks.servers_stopped(),
+            )
+            .await?;
+        let pay = payment_svc
+            .start(
+                &bus,
+                &dir,
+                bind(payment::SERVICE, ports.payment).await?,
+                tasks.servers_stopped(),
+            )
+            .await?;
+        let ship = shipping_svc
+            .start(
+                &bus,
+                &dir,
+                bind(shipping::SERVICE, ports.shipping).await?,
+                tasks.servers_stopped(),
+            )
+            .await?;
+        let notif = notification_svc
+            .start(
+                &bus,
+                &dir,
+                bind(notification::SERVICE, ports.notification).await?,
+                tasks.servers_stopped(),
+            )
+            .await?;
+        let anal = analytics_svc
+            .start(
+                &bus,
+                &dir,
+                bind(analytics::SERVICE, ports.analytics).await?,
+                tasks.servers_stopped(),
+            )
+            .await?;
         let urls = Urls {
             inventory: inv.url.clone(),
             payment: pay.url.clone(),
@@ -437,197 +394,64 @@ impl ShopApp {
             registry.register(notification::SERVICE, &urls.notification),
             registry.register(analytics::SERVICE, &urls.analytics),
         ];
-        let servers = vec![
+        for (service, running) in [
             (inventory::SERVICE, inv),
             (payment::SERVICE, pay),
             (shipping::SERVICE, ship),
             (notification::SERVICE, notif),
             (analytics::SERVICE, anal),
+        ] {
+            tasks.add_server(service, running);
+        }
+        let backing = [
+            inventory_svc,
+            payment_svc,
+            shipping_svc,
+            notification_svc,
+            analytics_svc,
         ];
 
         // The Order service's clients and flows.
-        let http = HttpClient::with_config(Arc::new(registry.clone()), config.client.clone());
-        let grpc = GrpcClient::with_config(Arc::new(registry.clone()), config.client.clone());
-        let requester = Arc::new(
-            Requester::new("order", bus.clone())
-                .await
-                .map_err(AppError::Start)?,
-        );
-        let book = OrderBook::new(order_store.clone());
-        let deps = Deps {
-            book: book.clone(),
-            inventory: InventoryClient::new(&http),
-            payment: PaymentClient::new(&grpc),
-            shipping: ShippingClient::new(&http),
-            notification: NotificationClient::new(&http),
-            analytics: AnalyticsClient::new(&http),
-            requester: requester.clone(),
-            request_timeout: config.request_timeout,
-            ship_attempts: config.ship_attempts,
-            stop: flows_rx.clone(),
-        };
-        let cell: orchestration::OrchestratorCell = Arc::new(Mutex::new(None));
-        let observed_book = book.clone();
-        let orchestrator = Orchestrator::builder("order", order_store.clone())
-            .saga(orchestration::saga(deps.clone(), cell.clone()))
-            .on_transition(move |rec| {
-                if rec.state == SagaState::NeedsAttention {
-                    let book = observed_book.clone();
-                    let id = rec.id.clone();
-                    let error = rec.error.clone();
-                    tokio::spawn(async move {
-                        let _ = book
-                            .record(&id, "order", "saga_needs_attention", error)
-                            .await;
-                    });
-                }
-            })
-            .build()
-            .map_err(AppError::Start)?;
-        *cell.lock().unwrap_or_else(|p| p.into_inner()) = Some(orchestrator.clone());
-
-        let enabled = |p: Pattern| config.patterns.contains(&p);
-        let mut desk = OrderDesk::new(Arc::new(Catalog::standard()), book.clone());
-        let mut drivers: HashMap<Pattern, Arc<dyn Driven>> = HashMap::new();
-        if enabled(Pattern::Sync) {
-            let f = SyncFlow::new(deps.clone());
-            drivers.insert(Pattern::Sync, Arc::new(f.clone()));
-            desk = desk.with_flow(Arc::new(f));
-        }
-        if enabled(Pattern::Choreography) {
-            desk = desk.with_flow(Arc::new(ChoreographyFlow::new(deps.clone())));
-        }
-        if enabled(Pattern::RequestReply) {
-            let f = RequestReplyFlow::new(deps.clone());
-            drivers.insert(Pattern::RequestReply, Arc::new(f.clone()));
-            desk = desk.with_flow(Arc::new(f));
-        }
-        if enabled(Pattern::Orchestration) {
-            desk = desk.with_flow(Arc::new(OrchestrationFlow::new(
-                deps.clone(),
-                orchestrator.clone(),
-            )));
-        }
-        if enabled(Pattern::Hybrid) {
-            let f = HybridFlow::new(deps.clone());
-            drivers.insert(Pattern::Hybrid, Arc::new(f.clone()));
-            desk = desk.with_flow(Arc::new(f));
-        }
+        let order = OrderService::build(
+            order_store.clone(),
+            &bus,
+            Arc::new(registry.clone()),
+            &OrderSettings {
+                client: config.client.clone(),
+                request_timeout: config.request_timeout,
+                ship_attempts: config.ship_attempts,
+                patterns: config.patterns.clone(),
+            },
+            tasks.flows_rx(),
+        )
+        .await?;
 
         // Routers, one per service store.
         let monitor = Arc::new(MonitorStats::default());
-        let choreo = enabled(Pattern::Choreography);
-        let changed_book = book.clone();
-        let mut order_router = Router::new("order", bus.clone(), order_store.clone()).on_committed(
-            move |_consumer, env| {
-                if let Some(id) = &env.subject {
-                    changed_book.changed(id);
-                }
-            },
-        );
-        let mut payment_router = Router::new(payment::SERVICE, bus.clone(), payment_store.clone());
-        let mut inventory_router =
-            Router::new(inventory::SERVICE, bus.clone(), inventory_store.clone());
-        let mut shipping_router =
-            Router::new(shipping::SERVICE, bus.clone(), shipping_store.clone());
-        let mut notification_router = Router::new(
-            notification::SERVICE,
-            bus.clone(),
-            notification_store.clone(),
-        );
-        let mut analytics_router =
-            Router::new(analytics::SERVICE, bus.clone(), analytics_store.clone());
-        if enabled(Pattern::RequestReply) {
-            payment::respond(&mut payment_router);
+        if let Some(router) = order.router(&bus, &order_store, &monitor) {
+            tasks.spawn_router(wiring::ORDER, router).await?;
         }
-        if choreo {
-            choreography::subscribe_order(&mut order_router, book.clone(), monitor.clone());
-            choreography::subscribe_payment(&mut payment_router);
-            choreography::subscribe_inventory(&mut inventory_router, inventory_core.clone());
-            choreography::subscribe_shipping(&mut shipping_router);
-        }
-        patterns::subscribe_inventory_shipments(&mut inventory_router, inventory_core.clone());
-        patterns::subscribe_shipping_orders(&mut shipping_router);
-        shipping::subscribe(&mut shipping_router, dir.clone());
-        notification::subscribe(&mut notification_router, dir.clone());
-        analytics::subscribe(&mut analytics_router);
-
-        let mut flow_tasks = Vec::new();
-        let mut routers = vec![
-            ("order", order_router),
-            (inventory::SERVICE, inventory_router),
-            (shipping::SERVICE, shipping_router),
-            (notification::SERVICE, notification_router),
-            (analytics::SERVICE, analytics_router),
-        ];
-        if choreo || enabled(Pattern::RequestReply) {
-            routers.push((payment::SERVICE, payment_router));
-        }
-        for (name, router) in routers {
-            if !choreo && name == "order" {
-                continue;
+        for service in &backing {
+            if let Some(router) = service.router(&bus, &dir, &config.patterns) {
+                tasks.spawn_router(service.name(), router).await?;
             }
-            let bound = router.bind().await.map_err(AppError::Start)?;
-            let shutdown = stopped(&flows_rx);
-            flow_tasks.push((
-                format!("{name} router"),
-                tokio::spawn(async move {
-                    if let Err(e) = bound.run(shutdown).await {
-                        tracing::error!(router = name, error = %e, "router stopped with an error");
-                    }
-                }),
-            ));
         }
 
         // Relays of the stores whose handlers or flows publish (shipping runs its own).
-        let mut relay_tasks = Vec::new();
-        for store in [&order_store, &payment_store, &inventory_store] {
-            let relay = OutboxRelay::new(store.clone(), bus.clone());
-            relay_tasks.push(tokio::spawn(relay.run(stopped(&relays_rx))));
-        }
-
-        // The orchestrator (resumes unfinished sagas first) and the monitor.
-        let orch = orchestrator.clone();
-        let shutdown = stopped(&flows_rx);
-        flow_tasks.push((
-            "orchestrator".into(),
-            tokio::spawn(async move {
-                if let Err(e) = orch.run(shutdown).await {
-                    tracing::error!(error = %e, "the orchestrator stopped with an error");
-                }
-            }),
-        ));
-        if choreo {
-            flow_tasks.push((
-                "choreography monitor".into(),
-                tokio::spawn(choreography::run_monitor(
-                    book.clone(),
-                    monitor.clone(),
-                    config.stall_after,
-                    flows_rx.clone(),
-                )),
-            ));
-        }
-
-        // Resume the in-memory flows of orders still accepted.
-        let accepted = book
-            .list(OrderStatus::Accepted, usize::MAX)
-            .map_err(|e| AppError::Start(switchyard::Error::InvalidArgument(e.to_string())))?;
-        let mut resumed = 0;
-        for order in accepted {
-            if let Some(driver) = drivers.get(&order.pattern) {
-                let driver = driver.clone();
-                resumed += 1;
-                tokio::spawn(async move { driver.drive(order).await });
+        tasks.spawn_relay(&order_store, &bus);
+        for service in &backing {
+            if service.relayed() {
+                tasks.spawn_relay(&service.store(), &bus);
             }
         }
-        if resumed > 0 {
-            tracing::info!(orders = resumed, "resuming orders in flight");
-        }
+
+        // The orchestrator (resumes unfinished sagas first) and the monitor; then the
+        // in-memory flows of orders still accepted.
+        order.spawn_background(&mut tasks, &monitor, config.stall_after);
+        order.resume_accepted()?;
 
         Ok(ShopApp {
-            desk,
-            book,
+            order,
             services: Services {
                 inventory: inventory_core,
                 payments: Payments::new(payment_store),
@@ -637,19 +461,11 @@ impl ShopApp {
             },
             urls,
             faults,
-            orchestrator,
-            saga_cell: cell,
             monitor,
             bus,
             stores,
-            stop_flows,
-            stop_relays,
-            stop_servers,
-            flow_tasks,
-            relay_tasks,
-            servers,
+            tasks,
             _registrations: registrations,
-            requester,
             embedded_bus,
         })
     }
@@ -660,7 +476,7 @@ impl ShopApp {
     pub fn disk_stats(&self) -> DiskStats {
         use std::sync::atomic::Ordering::Relaxed;
         let mut d = DiskStats::default();
-        for (_, _, store) in &self.stores {
+        for store in self.stores.iter() {
             d.store_commits += store.stats().commits.load(Relaxed);
             d.store_syncs += store.stats().groups.load(Relaxed);
         }
@@ -674,12 +490,12 @@ impl ShopApp {
 
     /// The order desk, with the flow of every running pattern.
     pub fn desk(&self) -> &OrderDesk {
-        &self.desk
+        &self.order.desk
     }
 
     /// The Order service's order book.
     pub fn book(&self) -> &OrderBook {
-        &self.book
+        &self.order.book
     }
 
     /// The backing services' core handles (stock, ledger, shipments, mail, counters).
@@ -699,7 +515,7 @@ impl ShopApp {
 
     /// The saga orchestrator of the orchestration pattern.
     pub fn orchestrator(&self) -> &Orchestrator {
-        &self.orchestrator
+        &self.order.orchestrator
     }
 
     /// The bus.
@@ -724,56 +540,14 @@ impl ShopApp {
 
     /// The Order service's requester (its counters show timeouts and late replies).
     pub fn requester(&self) -> &Arc<Requester> {
-        &self.requester
+        &self.order.requester
     }
 
     /// Stops everything cleanly, in order: the flows, routers, orchestrator and monitor
     /// (orders in flight stop where they are and resume at the next start), then the
     /// relays, then the servers; then closes the bus and the stores.
     pub async fn shutdown(self) -> Result<(), AppError> {
-        let _ = self.stop_flows.send(true);
-        for (name, task) in self.flow_tasks {
-            if let Err(e) = task.await {
-                tracing::warn!(task = %name, error = %e, "task failed");
-            }
-        }
-        let _ = self.stop_relays.send(true);
-        for task in self.relay_tasks {
-            let _ = task.await;
-        }
-        let _ = self.stop_servers.send(true);
-        for (name, running) in self.servers {
-            match running.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(service = name, error = %e, "server stopped with an error")
-                }
-                Err(e) => tracing::warn!(service = name, error = %e, "server task failed"),
-            }
-        }
-        drop(self.desk);
-        drop(self.requester);
-        // Break the orchestrator <-> saga cycle so that everything holding the bus goes.
-        self.saga_cell
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        drop(self.orchestrator);
-        // Let flows cut at an await point drop their handles before the stores close.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.bus.close().await.map_err(AppError::Bus)?;
-        let mut first = Ok(());
-        for (service, path, store) in self.stores {
-            if let Err(source) = store.close().await
-                && first.is_ok()
-            {
-                first = Err(AppError::Store {
-                    service,
-                    path,
-                    source,
-                });
-            }
-        }
-        first
+        self.tasks.stop().await;
+        wiring::close(Some(self.order), self.bus, self.stores).await
     }
 }

@@ -1,6 +1,6 @@
 //! `shop up`: the whole shop ([`ShopApp`]) behind the Order service's public API, wired
 //! to the command line — plus the operator endpoints ([`api::Admin`]) and the demo
-//! orders.
+//! orders. `shop serve <service>`: one service in its own process ([`crate::serve`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,25 +16,19 @@ use crate::api::{
     ServiceInfo,
 };
 use crate::app::{AppConfig, Ports, ShopApp};
-use crate::cli::up::{LaunchError, Launched, Launcher, Shutdown, UpConfig};
+use crate::cli::up::{LaunchError, Launched, Launcher, ServeConfig, Shutdown, UpConfig};
 use crate::model::{Item, RARE_SKU, TOPICS};
 use crate::order::{NewOrder, OrderDesk, OrderStatus};
 
-/// Runs the shop for `shop up` (see [`crate::cli::up::Launcher`]).
+/// Runs the shop for `shop up` and one service for `shop serve` (see
+/// [`crate::cli::up::Launcher`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AppLauncher;
 
 #[async_trait]
 impl Launcher for AppLauncher {
     async fn up(&self, c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
-        if c.bus != "embedded" || c.store != "embedded" {
-            return Err(format!(
-                "this build runs the shop on the embedded bus and stores only (got --bus {} --store {}); \
-                 the NATS and PostgreSQL backends come with the distributed mode",
-                c.bus, c.store
-            )
-            .into());
-        }
+        crate::serve::embedded_only(&c.bus, &c.store)?;
         let mut config = AppConfig::new(&c.data_dir).with_patterns(&c.patterns);
         if c.port != 0 {
             config.ports = Ports {
@@ -81,6 +75,10 @@ impl Launcher for AppLauncher {
                 app.shutdown().await.map_err(|e| e.to_string())
             }),
         })
+    }
+
+    async fn serve(&self, c: ServeConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
+        Ok(crate::serve::serve(c, shutdown).await?)
     }
 }
 

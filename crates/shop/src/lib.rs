@@ -21,7 +21,9 @@
 //! | [`cli`] | the `shop` command line (clap): `order`, `status`, `orders`, `fault`, `sagas`, `dlq`, `check`, `up`, `serve` |
 //! | [`patterns`] | the five flows (sync, choreography with its declared spec and monitor, request-reply, orchestration, hybrid) |
 //! | [`app`] | the whole shop in one process: stores, bus, servers, routers, relays, orchestrator, the order desk |
-//! | [`launch`] | `shop up`: the app behind the Order API, the operator endpoints, the demo orders |
+//! | `wiring` | (crate-private) the pieces `app` and `serve` are both assembled from: stores, backing services, the Order service, background tasks |
+//! | [`launch`] | `shop up` and `shop serve`: the app behind the Order API, the operator endpoints, the demo orders |
+//! | [`serve`] | `shop serve <service>`: one service in its own process, the others found through a static registry |
 //! | [`check`] | global invariants (stock, money, shipments, orders in flight) over a running shop |
 //!
 //! Every service starts the same way — its store, a `TcpListener`, a shutdown future —
@@ -54,4 +56,6 @@ pub mod launch;
 pub mod model;
 pub mod order;
 pub mod patterns;
+pub mod serve;
 pub mod services;
+mod wiring;

@@ -1,6 +1,7 @@
 //! The `shop` binary: see [`shop::cli`] for the commands and their configuration.
 //!
-//! `shop up` runs the whole shop in this process through [`shop::launch::AppLauncher`].
+//! `shop up` runs the whole shop in this process, and `shop serve <service>` one of its
+//! services, through [`shop::launch::AppLauncher`].
 
 use std::process::ExitCode;
 

@@ -6,7 +6,7 @@
 //!
 //! | item | what |
 //! | --- | --- |
-//! | [`Child`] | a child process with its stdout lines as a channel; SIGKILL by pid; killed on drop |
+//! | [`Child`] | a child process with its stdout lines as a channel; SIGTERM or SIGKILL by pid; killed on drop |
 //! | [`Ledger`] | what was acknowledged vs what was observed: lost, duplicated, out of order |
 //! | [`peak_rss_kb`] | this process's peak resident memory (VmHWM) |
 //! | [`chaos_bus::ChaosBus`] | a `Bus` wrapper injecting duplicate deliveries, redeliveries and delays (seeded) to test your handlers |
@@ -95,9 +95,43 @@ impl Child {
         Ok(())
     }
 
+    /// Sends SIGTERM to the child by its pid (asking it to stop cleanly); reap it with
+    /// [`wait`](Self::wait).
+    pub fn terminate(&self) -> std::io::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "kill -TERM {} failed: {status}",
+                self.child.id()
+            )))
+        }
+    }
+
     /// Waits for the child to exit and returns its status.
     pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
         self.child.wait()
+    }
+
+    /// Waits at most `timeout` for the child to exit: its status, or `None` if it still
+    /// runs.
+    pub fn wait_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> std::io::Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Remaining stdout lines, until the child closes its output or `timeout` passes.

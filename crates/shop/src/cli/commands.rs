@@ -467,6 +467,7 @@ pub fn serve_config(r: &Resolved, a: ServeArgs) -> Result<ServeConfig, CliError>
         grpc_listen: a.grpc_listen,
         registry: a.registry,
         patterns: patterns_of(r, &a.patterns)?,
+        patterns_explicit: !a.patterns.is_empty() || r.file.up.patterns.is_some(),
         bus: a
             .bus
             .or_else(|| f.bus.clone())

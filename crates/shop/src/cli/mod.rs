@@ -225,7 +225,8 @@ pub struct ServeArgs {
     /// Where the other services are: name=http://host:port[,…];…
     #[arg(long, env = "SWITCHYARD_SERVICES")]
     pub registry: Option<String>,
-    /// The patterns to run (the Order service), comma-separated [default: all].
+    /// The patterns to run (the Order service), comma-separated [default: all that work
+    /// across processes on the bus; with the embedded bus: sync, orchestration].
     #[arg(long, env = "SHOP_PATTERNS", value_delimiter = ',', value_parser = parse_pattern)]
     pub patterns: Vec<Pattern>,
     /// The bus: embedded, or a broker URL [default: embedded].

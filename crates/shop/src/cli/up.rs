@@ -118,6 +118,11 @@ pub struct ServeConfig {
     pub registry: Option<String>,
     /// The patterns to run (the Order service).
     pub patterns: Vec<Pattern>,
+    /// Whether [`patterns`](Self::patterns) was asked for (flag, environment or config
+    /// file) rather than left at the default: a pattern that cannot run in this mode is
+    /// then an error instead of being left out with a warning.
+    #[serde(default)]
+    pub patterns_explicit: bool,
     /// The bus: `embedded` or a broker URL.
     pub bus: String,
     /// The store: `embedded` or a database URL.
@@ -332,6 +337,7 @@ mod tests {
             grpc_listen: None,
             registry: None,
             patterns: Vec::new(),
+            patterns_explicit: false,
             bus: "embedded".into(),
             store: "embedded".into(),
         };

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +12,8 @@ use std::time::{Duration, Instant};
 use shop::api::grpc::proto::{self, orders_client::OrdersClient};
 use shop::order::Pattern;
 use switchyard_testkit::Child;
+
+use crate::support::{printed_urls, shop_command, stop_child};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -25,34 +26,16 @@ struct Shop {
 
 /// Starts `shop up` on free ports over `dir`, without demo orders; returns once it serves.
 fn start(dir: &Path) -> Shop {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shop"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("SHOP_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = shop_command();
     cmd.args(["up", "--port", "0", "--no-demo", "--data-dir"])
         .arg(dir)
         .env("RUST_LOG", "warn");
     let child = Child::spawn(cmd).unwrap();
-    let (mut rest, mut grpc) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Some(line) = child.next_line(Duration::from_secs(60)) else {
-            break;
-        };
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        match cols.as_slice() {
-            ["order", "http", url] => rest = Some(url.to_string()),
-            ["order-grpc", "grpc", url] => grpc = Some(url.to_string()),
-            _ if line.contains("is running") => break,
-            _ => {}
-        }
-    }
+    let urls = printed_urls(&child, "up");
     Shop {
         child,
-        rest: rest.expect("shop up printed no Order REST URL"),
-        grpc: grpc.expect("shop up printed no Order gRPC URL"),
+        rest: urls["order"].clone(),
+        grpc: urls["order-grpc"].clone(),
     }
 }
 
@@ -140,7 +123,7 @@ async fn place(
 
 /// Runs `shop check` against `url`; true when it passes.
 fn check_passes(url: &str) -> (bool, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_shop"))
+    let o = shop_command()
         .args(["check", "--url", url])
         .output()
         .unwrap();
@@ -210,9 +193,5 @@ async fn a_shop_killed_in_the_middle_of_a_batch_finishes_every_order_after_a_res
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // A clean stop (SIGTERM by pid) exits 0.
-    let mut second = second;
-    let pid = second.child.pid().to_string();
-    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(term.success());
-    assert!(second.child.wait().unwrap().success());
+    stop_child(second.child, "up");
 }

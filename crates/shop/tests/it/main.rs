@@ -11,6 +11,7 @@ mod inventory;
 mod notification;
 mod patterns;
 mod payment;
+mod serve;
 mod shipping;
 mod support;
 mod up;

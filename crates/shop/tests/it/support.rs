@@ -1,8 +1,10 @@
 //! The test harness: a temp data directory, embedded stores and bus in it, an
 //! in-process registry with HTTP and gRPC clients, and one shutdown switch.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use switchyard_embedded::{EmbeddedBus, EmbeddedConfig, EmbeddedStore, StoreConfi
 use switchyard_rpc::grpc::GrpcClient;
 use switchyard_rpc::registry::{InProcessRegistry, Registration};
 use switchyard_rpc::{ClientConfig, HttpClient};
+use switchyard_testkit::Child;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -181,4 +184,65 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The `shop` binary, without the caller's `SHOP_*` and `SWITCHYARD_SERVICES`.
+pub fn shop_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shop"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHOP_") || k == "SWITCHYARD_SERVICES" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs the `shop` binary with `args` against `url` (see [`shop_command`]).
+pub async fn shop_cli(url: &str, args: &[&str]) -> Output {
+    let mut all: Vec<String> = vec!["--url".into(), url.into()];
+    all.extend(args.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || shop_command().args(&all).output().unwrap())
+        .await
+        .unwrap()
+}
+
+pub fn out(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// How long a `shop` process may take to start or to stop (a debug build on a busy
+/// machine).
+pub const PROCESS_PATIENCE: Duration = Duration::from_secs(120);
+
+/// The URL table a `shop up` / `shop serve` process prints once it serves: name → URL.
+pub fn printed_urls(child: &Child, what: &str) -> HashMap<String, String> {
+    let mut urls = HashMap::new();
+    loop {
+        let line = child
+            .next_line(PROCESS_PATIENCE)
+            .unwrap_or_else(|| panic!("`shop {what}` printed no URL table"));
+        if line.contains("is running;") {
+            return urls;
+        }
+        if let [name, _protocol, url] = line.split_whitespace().collect::<Vec<_>>()[..]
+            && url.starts_with("http://")
+        {
+            urls.insert(name.to_string(), url.to_string());
+        }
+    }
+}
+
+/// Asks `child` to stop (SIGTERM, by pid) and checks that it exits 0.
+pub fn stop_child(mut child: Child, what: &str) {
+    child.terminate().unwrap();
+    let status = child
+        .wait_timeout(PROCESS_PATIENCE)
+        .unwrap()
+        .unwrap_or_else(|| panic!("`shop {what}` did not stop after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "`shop {what}` exited {status}");
 }

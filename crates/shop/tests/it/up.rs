@@ -2,7 +2,6 @@
 //! pattern), driven from the outside: the `shop` binary against its REST API, and the
 //! gRPC API. What a user does after reading the README.
 
-use std::process::Output;
 use std::time::Duration;
 
 use shop::api::grpc::proto::{self, orders_client::OrdersClient};
@@ -10,31 +9,7 @@ use shop::cli::up::{Launcher, UpConfig};
 use shop::launch::AppLauncher;
 use shop::order::Pattern;
 
-/// Runs the `shop` binary with `args` against `url` (the caller's `SHOP_*` removed).
-async fn shop_cli(url: &str, args: &[&str]) -> Output {
-    let mut all: Vec<String> = vec!["--url".into(), url.into()];
-    all.extend(args.iter().map(|s| s.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_shop"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("SHOP_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.args(&all).output().unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-fn out(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::support::{out, shop_cli};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_pattern_through_the_public_api_then_the_check_passes() {

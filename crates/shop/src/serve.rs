@@ -1,0 +1,523 @@
+//! `shop serve <service>`: one service of the shop in its own process, wired the way
+//! [`ShopApp`](crate::app::ShopApp) wires it (the same pieces, from the crate's
+//! `wiring` module), so `shop up` and `shop serve` can take turns on one data
+//! directory.
+//!
+//! - A **backing service** (`inventory`, `payment`, `shipping`, `notification`,
+//!   `analytics`) opens its store at `<data_dir>/<service>` and its own embedded bus at
+//!   `<data_dir>/bus-<service>`, serves on `--listen`, and runs its router handlers and
+//!   the outbox relay its store needs.
+//! - **`order`** opens the order store and `<data_dir>/bus-order`, finds the five
+//!   backing services through a [`StaticRegistry`] (`--registry`, the format of
+//!   `SWITCHYARD_SERVICES`), and serves the public API (REST on `--listen`, gRPC on
+//!   `--grpc-listen`) over the flows, the saga orchestrator (resuming unfinished sagas)
+//!   and the orders its in-memory flows left accepted.
+//!
+//! The embedded bus is a directory one process locks, so each process has a private
+//! one: events do not cross processes. The patterns that work this way are those in
+//! which the Order service calls every service itself ([`CROSS_PROCESS`]: sync, and
+//! orchestration, whose saga lives in the order store). Choreography, request-reply and
+//! hybrid need a bus the services share: asked for explicitly, they are refused with
+//! an error; by default they are left out with a warning.
+//!
+//! ```text
+//! shop serve inventory --listen 127.0.0.1:7102
+//! shop serve order --listen 127.0.0.1:7000 \
+//!     --registry "inventory=http://127.0.0.1:7102;payment=http://127.0.0.1:7103;…"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use switchyard::Bus;
+use switchyard::store::Store;
+use switchyard_embedded::EmbeddedBus;
+use switchyard_rpc::registry::{Registry, RegistryConfigError, StaticRegistry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, NoAdmin, ServiceInfo};
+use crate::app::{AppConfig, AppError};
+use crate::cli::up::{Launched, ServeConfig, ServiceName, Shutdown};
+use crate::order::Pattern;
+use crate::patterns::choreography::MonitorStats;
+use crate::services::inventory::Inventory;
+use crate::services::{ServeError, analytics, inventory, notification, payment, shipping};
+use crate::wiring::{self, Backing, OrderService, OrderSettings, Stores, Tasks};
+
+/// The bus and store setting of this build's only backend.
+pub const EMBEDDED: &str = "embedded";
+
+/// The patterns that run with a bus private to each process: the Order service calls
+/// every service over HTTP/gRPC itself (sync), or from its saga (orchestration).
+pub const CROSS_PROCESS: [Pattern; 2] = [Pattern::Sync, Pattern::Orchestration];
+
+/// The services the Order service calls, which `--registry` must name.
+pub const ORDER_NEEDS: [&str; 5] = [
+    inventory::SERVICE,
+    payment::SERVICE,
+    shipping::SERVICE,
+    notification::SERVICE,
+    analytics::SERVICE,
+];
+
+/// An example `--registry` value, for error messages.
+const REGISTRY_EXAMPLE: &str = "inventory=http://127.0.0.1:7102;payment=http://127.0.0.1:7103;\
+shipping=http://127.0.0.1:7104;notification=http://127.0.0.1:7105;analytics=http://127.0.0.1:7106";
+
+/// Why one service could not start (each variant says what to do).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A backend other than the embedded one was asked for.
+    #[error(
+        "this build runs the shop on the embedded bus and stores only (got --bus {bus} --store {store}); \
+         the NATS and PostgreSQL backends come with the distributed mode"
+    )]
+    Backend {
+        /// The `--bus` given.
+        bus: String,
+        /// The `--store` given.
+        store: String,
+    },
+    /// Patterns were asked for that need a bus shared by the services' processes.
+    #[error(
+        "{} {} {} a bus shared by the services' processes; run {} in one process with `shop up`, \
+         or in the distributed mode (here only {} run: pass `--patterns sync,orchestration` or leave \
+         --patterns out)",
+        if patterns.len() == 1 { "pattern" } else { "patterns" },
+        list(patterns),
+        if patterns.len() == 1 { "needs" } else { "need" },
+        if patterns.len() == 1 { "it" } else { "them" },
+        list(&CROSS_PROCESS)
+    )]
+    NeedsSharedBus {
+        /// The patterns refused.
+        patterns: Vec<Pattern>,
+    },
+    /// The Order service was started without a registry.
+    #[error(
+        "`shop serve order` needs to know where the services it calls are: pass --registry (or set \
+         SWITCHYARD_SERVICES) naming {} as `name=http://host:port[,…];…`, e.g. --registry \"{REGISTRY_EXAMPLE}\"",
+        ORDER_NEEDS.join(", ")
+    )]
+    NoRegistry,
+    /// The registry does not parse.
+    #[error("--registry: {0}")]
+    Registry(#[from] RegistryConfigError),
+    /// The registry leaves out services the Order service calls.
+    #[error(
+        "--registry names no {}; the order service calls {}: add `<name>=http://host:port` for each",
+        missing.join(", "),
+        ORDER_NEEDS.join(", ")
+    )]
+    MissingServices {
+        /// The services not in the registry.
+        missing: Vec<&'static str>,
+    },
+    /// `--grpc-listen` was left to its default but `--listen`'s port has no successor.
+    #[error("--listen port {port} leaves no room for the gRPC port (+1); pass --grpc-listen")]
+    GrpcPort {
+        /// `--listen`'s port.
+        port: u16,
+    },
+    /// An address could not be bound.
+    #[error("cannot listen for {service} on {addr}: {source}; choose another address, or port 0")]
+    Bind {
+        /// The service.
+        service: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service's bus could not be opened.
+    #[error(
+        "the bus at {} failed: {source}; is another `shop serve {service}` using that data directory?",
+        path.display()
+    )]
+    Bus {
+        /// The service.
+        service: &'static str,
+        /// The bus directory.
+        path: PathBuf,
+        /// The bus's error.
+        #[source]
+        source: switchyard::Error,
+    },
+    /// The store, a server or the Order service's machinery failed to start.
+    #[error(transparent)]
+    App(#[from] AppError),
+    /// The Order API could not start.
+    #[error("the order API failed to start: {0}")]
+    Api(#[source] ServeError),
+}
+
+fn list(patterns: &[Pattern]) -> String {
+    patterns
+        .iter()
+        .map(|p| p.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Refuses backends other than the embedded one (the only one this build has); shared
+/// by `shop up` and `shop serve`.
+pub fn embedded_only(bus: &str, store: &str) -> Result<(), StartError> {
+    if bus != EMBEDDED || store != EMBEDDED {
+        return Err(StartError::Backend {
+            bus: bus.to_string(),
+            store: store.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The patterns a process of `config` runs, and those left out: with the embedded bus
+/// only [`CROSS_PROCESS`] (an explicit request for another one is an error).
+pub fn patterns_to_run(config: &ServeConfig) -> Result<(Vec<Pattern>, Vec<Pattern>), StartError> {
+    if config.bus != EMBEDDED {
+        return Ok((config.patterns.clone(), Vec::new()));
+    }
+    let (run, left_out): (Vec<Pattern>, Vec<Pattern>) = config
+        .patterns
+        .iter()
+        .partition(|p| CROSS_PROCESS.contains(p));
+    if config.patterns_explicit && !left_out.is_empty() {
+        return Err(StartError::NeedsSharedBus { patterns: left_out });
+    }
+    Ok((run, left_out))
+}
+
+/// The registry of the Order service: `--registry`, naming every service in
+/// [`ORDER_NEEDS`].
+pub fn order_registry(config: &ServeConfig) -> Result<StaticRegistry, StartError> {
+    let text = config
+        .registry
+        .as_deref()
+        .filter(|r| !r.trim().is_empty())
+        .ok_or(StartError::NoRegistry)?;
+    let registry = StaticRegistry::parse(text)?;
+    let missing: Vec<&'static str> = ORDER_NEEDS
+        .into_iter()
+        .filter(|s| registry.instances(s).is_empty())
+        .collect();
+    if !missing.is_empty() {
+        return Err(StartError::MissingServices { missing });
+    }
+    Ok(registry)
+}
+
+/// The Order service's gRPC address: `--grpc-listen`, else `--listen`'s port + 1 (or
+/// port 0 if `--listen`'s is 0).
+pub fn grpc_addr(config: &ServeConfig) -> Result<SocketAddr, StartError> {
+    if let Some(addr) = config.grpc_listen {
+        return Ok(addr);
+    }
+    let mut addr = config.listen;
+    if addr.port() != 0 {
+        let port = addr.port();
+        addr.set_port(port.checked_add(1).ok_or(StartError::GrpcPort { port })?);
+    }
+    Ok(addr)
+}
+
+async fn bind(service: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            service,
+            addr,
+            source,
+        })
+}
+
+/// Starts the service of `config`; returns once it serves (the table of its URLs in
+/// [`Launched::services`]). It stops cleanly when `shutdown` completes: the Order API
+/// first, then flows and routers, relays, the server, and last the bus and the store.
+pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, StartError> {
+    embedded_only(&config.bus, &config.store)?;
+    let (patterns, left_out) = patterns_to_run(&config)?;
+    let name = config.service.as_str();
+    // Check the Order service's registry and bind the addresses before opening anything.
+    let listen = config.listen;
+    let backing = |make: fn(Arc<dyn Store>) -> Backing| async move {
+        Ok::<_, StartError>(Role::Backing {
+            make,
+            listener: bind(name, listen).await?,
+        })
+    };
+    let role = match config.service {
+        ServiceName::Order => {
+            let registry = order_registry(&config)?;
+            let grpc = grpc_addr(&config)?;
+            Role::Order {
+                registry,
+                rest: bind(api::SERVICE, config.listen).await?,
+                grpc: bind(api::GRPC_SERVICE, grpc).await?,
+            }
+        }
+        ServiceName::Inventory => {
+            backing(|store| Backing::Inventory(Inventory::new(store))).await?
+        }
+        ServiceName::Payment => backing(Backing::Payment).await?,
+        ServiceName::Shipping => backing(Backing::Shipping).await?,
+        ServiceName::Notification => backing(Backing::Notification).await?,
+        ServiceName::Analytics => backing(Backing::Analytics).await?,
+    };
+    if !left_out.is_empty() {
+        let why = "they need a bus shared by the services' processes (the embedded bus is \
+                   private to each); run them with `shop up`, or in the distributed mode";
+        if config.service == ServiceName::Order {
+            tracing::warn!(service = name, left_out = %list(&left_out), running = %list(&patterns), "patterns left out: {why}");
+        } else {
+            tracing::debug!(service = name, left_out = %list(&left_out), "handlers of patterns left out: {why}");
+        }
+    }
+
+    let dir = config.data_dir.clone();
+    wiring::create_data_dir(&dir)?;
+    let mut stores = Stores::default();
+    let store = stores.open(&dir, name)?;
+    let bus_dir = dir.join(format!("bus-{name}"));
+    let bus: Arc<dyn Bus> =
+        Arc::new(
+            EmbeddedBus::open(&bus_dir).map_err(|source| StartError::Bus {
+                service: name,
+                path: bus_dir.clone(),
+                source,
+            })?,
+        );
+    let parts = Parts {
+        dir,
+        stores,
+        store,
+        bus,
+        patterns,
+    };
+    match role {
+        Role::Order {
+            registry,
+            rest,
+            grpc,
+        } => serve_order(registry, rest, grpc, parts, shutdown).await,
+        Role::Backing { make, listener } => {
+            let service = make(parts.store.clone());
+            serve_backing(service, listener, parts, shutdown).await
+        }
+    }
+}
+
+/// What a process serves: the Order service with its registry and its two listeners,
+/// or a backing service (built over its store once open) and its listener.
+enum Role {
+    Order {
+        registry: StaticRegistry,
+        rest: TcpListener,
+        grpc: TcpListener,
+    },
+    Backing {
+        make: fn(Arc<dyn Store>) -> Backing,
+        listener: TcpListener,
+    },
+}
+
+/// What every service's process opens first.
+struct Parts {
+    dir: PathBuf,
+    stores: Stores,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    patterns: Vec<Pattern>,
+}
+
+async fn serve_backing(
+    service: Backing,
+    listener: TcpListener,
+    parts: Parts,
+    shutdown: Shutdown,
+) -> Result<Launched, StartError> {
+    let Parts {
+        dir,
+        stores,
+        store,
+        bus,
+        patterns,
+    } = parts;
+    let name = service.name();
+    let mut tasks = Tasks::new();
+    let running = service
+        .start(&bus, &dir, listener, tasks.servers_stopped())
+        .await?;
+    let info = ServiceInfo::new(name, &running.url, service.protocol());
+    tasks.add_server(name, running);
+    if let Some(router) = service.router(&bus, &dir, &patterns) {
+        tasks.spawn_router(name, router).await?;
+    }
+    if service.relayed() {
+        tasks.spawn_relay(&store, &bus);
+    }
+    Ok(Launched {
+        services: vec![info],
+        stopped: Box::pin(async move {
+            shutdown.await;
+            tasks.stop().await;
+            wiring::close(None, bus, stores)
+                .await
+                .map_err(|e| e.to_string())
+        }),
+    })
+}
+
+async fn serve_order(
+    registry: StaticRegistry,
+    rest: TcpListener,
+    grpc: TcpListener,
+    parts: Parts,
+    shutdown: Shutdown,
+) -> Result<Launched, StartError> {
+    let Parts {
+        dir,
+        stores,
+        store,
+        bus,
+        patterns,
+    } = parts;
+    // The same client settings, reply timeout and stall limit as `shop up`.
+    let defaults = AppConfig::new(&dir);
+    let mut tasks = Tasks::new();
+    let order = OrderService::build(
+        store.clone(),
+        &bus,
+        Arc::new(registry),
+        &OrderSettings {
+            client: defaults.client,
+            request_timeout: defaults.request_timeout,
+            ship_attempts: defaults.ship_attempts,
+            patterns,
+        },
+        tasks.flows_rx(),
+    )
+    .await?;
+    let monitor = Arc::new(MonitorStats::default());
+    if let Some(router) = order.router(&bus, &store, &monitor) {
+        tasks.spawn_router(wiring::ORDER, router).await?;
+    }
+    tasks.spawn_relay(&store, &bus);
+    order.spawn_background(&mut tasks, &monitor, defaults.stall_after);
+    order.resume_accepted()?;
+
+    let (stop_api, api_stopped) = watch::channel(false);
+    let api = api::start(
+        order.desk.clone(),
+        Arc::new(NoAdmin),
+        rest,
+        grpc,
+        wiring::stopped(&api_stopped),
+    )
+    .await
+    .map_err(StartError::Api)?;
+    let services = vec![
+        ServiceInfo::new(api::SERVICE, &api.rest_url, "http"),
+        ServiceInfo::new(api::GRPC_SERVICE, &api.grpc_url, "grpc"),
+    ];
+    Ok(Launched {
+        services,
+        stopped: Box::pin(async move {
+            shutdown.await;
+            let _ = stop_api.send(true);
+            let api_stopped = api.join().await;
+            tasks.stop().await;
+            let closed = wiring::close(Some(order), bus, stores).await;
+            api_stopped.map_err(|e| format!("the order API stopped badly: {e}"))?;
+            closed.map_err(|e| e.to_string())
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn config(service: ServiceName) -> ServeConfig {
+        ServeConfig {
+            service,
+            data_dir: "unused".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            grpc_listen: None,
+            registry: None,
+            patterns: Pattern::ALL.to_vec(),
+            patterns_explicit: false,
+            bus: EMBEDDED.into(),
+            store: EMBEDDED.into(),
+        }
+    }
+
+    #[test]
+    fn by_default_only_the_cross_process_patterns_run() {
+        let (run, left) = patterns_to_run(&config(ServiceName::Order)).unwrap();
+        assert_eq!(run, CROSS_PROCESS.to_vec());
+        assert_eq!(
+            left,
+            vec![
+                Pattern::Choreography,
+                Pattern::RequestReply,
+                Pattern::Hybrid
+            ]
+        );
+    }
+
+    #[test]
+    fn explicit_patterns_that_need_a_shared_bus_are_refused() {
+        let mut c = config(ServiceName::Order);
+        c.patterns = vec![Pattern::Sync, Pattern::Hybrid];
+        c.patterns_explicit = true;
+        let e = patterns_to_run(&c).unwrap_err().to_string();
+        assert!(e.starts_with("pattern hybrid needs a bus shared"), "{e}");
+        assert!(e.contains("shop up"), "{e}");
+        c.patterns = vec![Pattern::Orchestration];
+        assert_eq!(
+            patterns_to_run(&c).unwrap(),
+            (vec![Pattern::Orchestration], vec![])
+        );
+    }
+
+    #[test]
+    fn the_order_service_needs_every_service_in_its_registry() {
+        let mut c = config(ServiceName::Order);
+        let e = order_registry(&c).unwrap_err().to_string();
+        for s in ORDER_NEEDS {
+            assert!(e.contains(s), "{s} not named: {e}");
+        }
+        assert!(e.contains("name=http://host:port"), "{e}");
+        c.registry = Some("inventory=http://127.0.0.1:1;payment=http://127.0.0.1:2".into());
+        let e = order_registry(&c).unwrap_err().to_string();
+        assert!(e.contains("no shipping, notification, analytics"), "{e}");
+        c.registry = Some("inventory".into());
+        assert!(matches!(order_registry(&c), Err(StartError::Registry(_))));
+        c.registry = Some(REGISTRY_EXAMPLE.into());
+        assert!(order_registry(&c).is_ok());
+    }
+
+    #[test]
+    fn the_grpc_port_follows_the_rest_port() {
+        let mut c = config(ServiceName::Order);
+        assert_eq!(grpc_addr(&c).unwrap().port(), 0);
+        c.listen = "127.0.0.1:7000".parse().unwrap();
+        assert_eq!(grpc_addr(&c).unwrap().port(), 7001);
+        c.listen = "127.0.0.1:65535".parse().unwrap();
+        assert!(matches!(grpc_addr(&c), Err(StartError::GrpcPort { .. })));
+        c.grpc_listen = Some("127.0.0.1:9000".parse().unwrap());
+        assert_eq!(grpc_addr(&c).unwrap().port(), 9000);
+    }
+
+    #[test]
+    fn other_backends_are_refused() {
+        let e = embedded_only("nats://127.0.0.1:4222", EMBEDDED).unwrap_err();
+        assert!(e.to_string().contains("--bus nats://"), "{e}");
+        assert!(embedded_only(EMBEDDED, EMBEDDED).is_ok());
+    }
+}

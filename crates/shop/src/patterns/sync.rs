@@ -194,7 +194,7 @@ pub(crate) async fn reserve(deps: &Deps, order: &Order) -> Result<ReservationSta
             }
             Ok(r.state)
         }
-        Err(e) if e.class() == ErrorClass::Refused => Err(format!("out of stock: {e}")),
+        Err(e) if e.class() == ErrorClass::Refused => Err(e.to_string()),
         Err(e) => Err(format!("inventory unavailable: {e}")),
     }
 }

@@ -103,12 +103,14 @@ pub fn status_kind(status: &tonic::Status) -> ErrorKind {
 }
 
 /// Encodes `d` as a `grpc-timeout` value, rounded down (the callee never gets more
-/// budget than the caller has): microseconds while they fit in 8 digits, then coarser.
+/// budget than the caller has): microseconds under one second, milliseconds from one
+/// second on (at most 0.1 % less budget), seconds past eight digits. Whole milliseconds
+/// repeat from call to call, so HPACK sends most of them as an index into the
+/// connection's table instead of a new literal each time.
 pub fn encode_timeout(d: Duration) -> String {
     const MAX: u128 = 99_999_999;
-    let us = d.as_micros();
-    if us <= MAX {
-        return format!("{us}u");
+    if d < Duration::from_secs(1) {
+        return format!("{}u", d.as_micros());
     }
     let ms = d.as_millis();
     if ms <= MAX {
@@ -154,7 +156,8 @@ mod tests {
     #[test]
     fn timeout_round_trip_rounds_down() {
         let d = Duration::from_nanos(1_234_567_891);
-        assert_eq!(encode_timeout(d), "1234567u");
+        assert_eq!(encode_timeout(d), "1234m");
+        assert_eq!(encode_timeout(Duration::from_nanos(999_999_999)), "999999u");
         assert_eq!(
             parse_timeout("1234567u"),
             Some(Duration::from_micros(1_234_567))

@@ -11,8 +11,10 @@
 //! | [`peak_rss_kb`] | this process's peak resident memory (VmHWM) |
 //! | [`chaos_bus::ChaosBus`] | a `Bus` wrapper injecting duplicate deliveries, redeliveries and delays (seeded) to test your handlers |
 //! | [`require_binary`] | finds a server binary, or fails loudly under `CI=true` |
+//! | [`servers::NatsServer`], [`servers::Postgres`] | `nats-server -js` and PostgreSQL on a free loopback port, data in a temp dir, stopped by pid |
 
 pub mod chaos_bus;
+pub mod servers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};

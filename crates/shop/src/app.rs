@@ -243,6 +243,20 @@ pub struct ServiceFaults {
     pub analytics: Faults,
 }
 
+impl ServiceFaults {
+    /// The handle of service `name` (`inventory`, `payment`, …), if it is one of them.
+    pub fn of(&self, name: &str) -> Option<Faults> {
+        Some(match name {
+            inventory::SERVICE => self.inventory.clone(),
+            payment::SERVICE => self.payment.clone(),
+            shipping::SERVICE => self.shipping.clone(),
+            notification::SERVICE => self.notification.clone(),
+            analytics::SERVICE => self.analytics.clone(),
+            _ => return None,
+        })
+    }
+}
+
 /// Totals of durable writes since the app started (see [`ShopApp::disk_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DiskStats {
@@ -432,7 +446,8 @@ impl ShopApp {
             tasks.spawn_router(wiring::ORDER, router).await?;
         }
         for service in &backing {
-            if let Some(router) = service.router(&bus, &dir, &config.patterns) {
+            let service_faults = faults.of(service.name()).unwrap_or_default();
+            if let Some(router) = service.router(&bus, &dir, &config.patterns, &service_faults) {
                 tasks.spawn_router(service.name(), router).await?;
             }
         }

@@ -13,6 +13,9 @@
 //! | `DELETE /admin/fault` | clears them |
 //! | `GET /admin/fault` | the settings and the down time left |
 //!
+//! The same settings apply to the service's event handlers and responders through
+//! [`Faults::gate`] (set as each service router's gate).
+//!
 //! Per call, in order: while down, answer unavailable at once (no latency); else wait
 //! `latency_ms`; then fail with probability `error_rate`. Unavailable is HTTP 503
 //! problem+json (type [`UNAVAILABLE`]) or gRPC `UNAVAILABLE`, so callers see exactly
@@ -179,6 +182,28 @@ impl Faults {
             return Err(Injected::Error(format!("{rate}")));
         }
         Ok(())
+    }
+}
+
+impl Faults {
+    /// The same faults for the service's event handlers and responders (a router's
+    /// gate): while down, its messages wait on the bus (deferred until it is up again,
+    /// as they would for a stopped process) and its responders do not answer; latency is
+    /// added before each handler; the error rate fails attempts (retried with backoff).
+    pub async fn gate(&self) -> switchyard::router::GateDecision {
+        use switchyard::router::{GateDecision, HandlerError};
+        match self.apply().await {
+            Ok(()) => GateDecision::Pass,
+            Err(Injected::Down(left)) => GateDecision::Defer {
+                // Come back right after the outage (not before: that would only use up
+                // attempts).
+                delay: left + Duration::from_millis(50),
+                reason: Injected::Down(left).to_string(),
+            },
+            Err(e @ Injected::Error(_)) => {
+                GateDecision::Fail(HandlerError::Retryable(e.to_string()))
+            }
+        }
     }
 }
 

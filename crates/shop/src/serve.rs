@@ -351,8 +351,9 @@ async fn serve_backing(
         .start(&bus, &dir, listener, tasks.servers_stopped())
         .await?;
     let info = ServiceInfo::new(name, &running.url, service.protocol());
+    let faults = running.faults.clone();
     tasks.add_server(name, running);
-    if let Some(router) = service.router(&bus, &dir, &patterns) {
+    if let Some(router) = service.router(&bus, &dir, &patterns, &faults) {
         tasks.spawn_router(name, router).await?;
     }
     if service.relayed() {

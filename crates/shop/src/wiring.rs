@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::app::AppError;
+use crate::faults::Faults;
 use crate::model::Catalog;
 use crate::order::{OrderBook, OrderDesk, OrderStatus, Pattern};
 use crate::patterns::choreography::{self, ChoreographyFlow, MonitorStats};
@@ -237,17 +238,23 @@ impl Backing {
         }
     }
 
-    /// Its router on `bus` with its handlers for `enabled`, if it has any.
+    /// Its router on `bus` with its handlers for `enabled`, if it has any, gated by the
+    /// service's `faults` (an injected outage pauses its handlers too).
     pub(crate) fn router(
         &self,
         bus: &Arc<dyn Bus>,
         dir: &Path,
         enabled: &[Pattern],
+        faults: &Faults,
     ) -> Option<Router> {
         if !self.has_router(enabled) {
             return None;
         }
-        let mut router = Router::new(self.name(), bus.clone(), self.store());
+        let faults = faults.clone();
+        let mut router = Router::new(self.name(), bus.clone(), self.store()).gate(move |_| {
+            let faults = faults.clone();
+            async move { faults.gate().await }
+        });
         self.subscribe(&mut router, dir, enabled);
         Some(router)
     }

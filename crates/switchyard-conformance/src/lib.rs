@@ -444,6 +444,7 @@ pub const ROUTER_CASES: &[(&str, Option<Capability>)] = &[
         None,
     ),
     ("what_a_handler_holds_is_dropped_after_its_commit", None),
+    ("a_closed_gate_defers_messages_until_it_opens", None),
     (
         "outbox_relay_loses_and_duplicates_nothing_across_sigkills",
         Some(Capability::CrashSafe),
@@ -590,6 +591,7 @@ macro_rules! router_suite {
             a_lost_ack_after_the_commit_does_not_repeat_the_effect,
             an_inbox_window_shorter_than_the_redelivery_horizon_is_refused,
             what_a_handler_holds_is_dropped_after_its_commit,
+            a_closed_gate_defers_messages_until_it_opens,
             outbox_relay_loses_and_duplicates_nothing_across_sigkills,
             router_killed_between_commit_and_ack_applies_the_effect_once
         );

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchyard::relay::OutboxRelay;
-use switchyard::router::{Context, HandlerError, Router};
+use switchyard::router::{Context, GateDecision, HandlerError, Router};
 use switchyard::store::{Store, Table, Txn};
 use switchyard::{Bus, Envelope, Event, RedeliveryPolicy, SubscribeOptions, codec};
 use switchyard_testkit::Child;
@@ -51,6 +51,7 @@ pub(crate) async fn dispatch<B: BusFactory, S: StoreFactory>(
             short_inbox_window(bf, sf, dir).await
         }
         "what_a_handler_holds_is_dropped_after_its_commit" => held_until_commit(bf, sf, dir).await,
+        "a_closed_gate_defers_messages_until_it_opens" => gated(bf, sf, dir).await,
         "outbox_relay_loses_and_duplicates_nothing_across_sigkills" => {
             relay_across_sigkills(bf, sf, dir, entry).await
         }
@@ -304,6 +305,76 @@ async fn held_until_commit<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
         stats.retried.load(Ordering::Relaxed),
         0,
         "writers of the hot row took turns: no conflict, no redelivery"
+    );
+    stop.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    drop(store);
+    close_both(&raw_bus, sf, &raw_store).await;
+}
+
+async fn gated<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
+    let raw_bus = open_bus(bf, dir, &Settings::default());
+    let raw_store = open_store(sf, dir);
+    let bus: Arc<dyn Bus> = Arc::new(raw_bus.clone());
+    let store: Arc<dyn Store> = raw_store.clone();
+    // A paused service: its gate defers every message for 400 ms while closed.
+    let open = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU32::new(0));
+    let gate_open = open.clone();
+    let mut router = Router::new("shipping", bus.clone(), store.clone()).gate(move |_env| {
+        let open = gate_open.load(Ordering::SeqCst);
+        async move {
+            if open {
+                GateDecision::Pass
+            } else {
+                GateDecision::Defer {
+                    delay: Duration::from_millis(400),
+                    reason: "paused".into(),
+                }
+            }
+        }
+    });
+    router.options("payments", "shipping", fast());
+    {
+        let calls = calls.clone();
+        router.on("payments", "shipping", move |ctx: Context, ev: Paid| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let total = ctx.txn.get(&TOTALS, &ev.order)?.unwrap_or(0);
+                ctx.txn.put(&TOTALS, &ev.order, &(total + ev.cents))?;
+                Ok(())
+            }
+        });
+    }
+    let stats = router.stats();
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(router.run(async move {
+        let _ = rx.changed().await;
+    }));
+    for i in 0..5u32 {
+        bus.publish("payments", paid(&format!("g{i}"), 1, 10))
+            .await
+            .unwrap();
+    }
+    eventually("every message deferred once", || {
+        stats.retried.load(Ordering::Relaxed) >= 5
+    })
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "no handler ran while closed"
+    );
+    open.store(true, Ordering::SeqCst);
+    eventually("every message handled once the gate opened", || {
+        (0..5).all(|i| total(&store, &format!("g{i}")) == 10)
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 5, "each handled once");
+    assert!(
+        bus.dead_letters("payments", 10).await.unwrap().is_empty(),
+        "a deferral within the attempts does not dead-letter"
     );
     stop.send(true).unwrap();
     running.await.unwrap().unwrap();

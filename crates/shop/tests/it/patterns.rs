@@ -855,3 +855,40 @@ async fn an_orchestrated_ship_step_that_fails_for_good_cancels_its_shipment() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_outage_pauses_the_service_s_event_handlers_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = start(dir.path(), 13).await;
+    // Payment "down": its API refuses calls and its handlers leave their events on the
+    // bus, as a stopped process would.
+    app.faults().payment.set(FaultConfig {
+        down_ms: 1_500,
+        ..FaultConfig::default()
+    });
+    let started = Instant::now();
+    let o = place_and_wait(
+        &app,
+        order(
+            "down-choreo",
+            Pattern::Choreography,
+            "ada",
+            vec![Item::new("sku-009", 1)],
+            "tok_ok",
+        ),
+    )
+    .await;
+    assert_eq!(o.status, OrderStatus::Completed, "{:#?}", o.history);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_400),
+        "the order completed during Payment's outage ({:?})",
+        started.elapsed()
+    );
+    for topic in model::TOPICS {
+        let dead = app.bus().dead_letters(topic, 10).await.unwrap();
+        assert!(dead.is_empty(), "{topic}: {dead:?}");
+    }
+    let report = settled(&app, WAIT).await;
+    assert!(report.is_settled(), "{report:#?}");
+    app.shutdown().await.unwrap();
+}

@@ -189,6 +189,27 @@ struct Route {
     concurrency: usize,
 }
 
+/// What a router's gate ([`Router::gate`]) decides for one message before its handler.
+#[derive(Debug, Clone)]
+pub enum GateDecision {
+    /// Handle it now.
+    Pass,
+    /// Not now: the delivery goes back to the bus and comes again after `delay` (one
+    /// attempt used). A request on the transient channel is not answered.
+    Defer {
+        /// When to try again.
+        delay: Duration,
+        /// Why (kept with the delivery, and in the DLQ if attempts run out).
+        reason: String,
+    },
+    /// Fail this attempt as the handler would have (retried with backoff, or to the DLQ).
+    Fail(HandlerError),
+}
+
+/// The check every message of a router passes before its handler (see [`Router::gate`]).
+pub type Gate =
+    Arc<dyn Fn(&Envelope) -> Pin<Box<dyn Future<Output = GateDecision> + Send>> + Send + Sync>;
+
 /// Runs typed handlers against a bus and a store. See the [module docs](self).
 pub struct Router {
     service: Arc<str>,
@@ -198,6 +219,7 @@ pub struct Router {
     inbox_window: Duration,
     stats: Arc<RouterStats>,
     observer: Option<CommitObserver>,
+    gate: Option<Gate>,
 }
 
 /// How many times a commit conflict re-runs the handler before the message is nacked.
@@ -214,12 +236,29 @@ impl Router {
             inbox_window: Duration::from_secs(24 * 3600),
             stats: Arc::new(RouterStats::default()),
             observer: None,
+            gate: None,
         }
     }
 
     /// Calls `f` after each committed effect, before the ack.
     pub fn on_committed(mut self, f: impl Fn(&str, &Envelope) + Send + Sync + 'static) -> Self {
         self.observer = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets a check every message passes before its handler (durable events and
+    /// requests alike): a service that is paused — for maintenance, or a fault injected
+    /// to see how its callers cope — defers its messages rather than handling them, so
+    /// they wait on the bus like they would for a stopped process, and come back when it
+    /// is up. It may also add latency (await inside it) or fail an attempt.
+    pub fn gate<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(&Envelope) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = GateDecision> + Send + 'static,
+    {
+        self.gate = Some(Arc::new(move |env: &Envelope| {
+            Box::pin(f(env)) as Pin<Box<dyn Future<Output = GateDecision> + Send>>
+        }));
         self
     }
 
@@ -373,6 +412,7 @@ impl Router {
                     concurrency: route.concurrency,
                     observer: self.observer.clone(),
                     policy: route.options.redelivery.clone(),
+                    gate: self.gate.clone(),
                 };
                 workers.push(Worker::Transient(worker, sub));
             }
@@ -391,6 +431,7 @@ impl Router {
                 stats: self.stats.clone(),
                 concurrency: route.concurrency,
                 observer: self.observer.clone(),
+                gate: self.gate.clone(),
             };
             workers.push(Worker::Durable(worker, sub));
         }
@@ -494,6 +535,7 @@ struct RouteWorker {
     stats: Arc<RouterStats>,
     concurrency: usize,
     observer: Option<CommitObserver>,
+    gate: Option<Gate>,
 }
 
 impl RouteWorker {
@@ -548,6 +590,22 @@ impl RouteWorker {
 
     async fn process(&self, delivery: Delivery) {
         let env = delivery.envelope_arc();
+        if let Some(gate) = &self.gate {
+            match gate(&env).await {
+                GateDecision::Pass => {}
+                GateDecision::Defer { delay, reason } => {
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    self.settle(delivery.nack(Some(delay), reason).await);
+                    return;
+                }
+                GateDecision::Fail(HandlerError::Retryable(reason)) => {
+                    return self.retry(delivery, reason).await;
+                }
+                GateDecision::Fail(HandlerError::Terminal(reason)) => {
+                    return self.dead_letter(delivery, reason).await;
+                }
+            }
+        }
         let Some(handler) = self.handlers.get(env.event_type.as_str()).cloned() else {
             let mut known: Vec<_> = self.handlers.keys().copied().collect();
             known.sort();

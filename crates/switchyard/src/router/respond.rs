@@ -35,6 +35,8 @@ pub(super) struct RespondWorker {
     pub(super) observer: Option<CommitObserver>,
     /// In-place retries of retryable failures (bounded by each request's deadline).
     pub(super) policy: RedeliveryPolicy,
+    /// The router's gate (see [`Router::gate`](super::Router::gate)).
+    pub(super) gate: Option<super::Gate>,
 }
 
 /// How a reply came about.
@@ -114,6 +116,28 @@ impl RespondWorker {
 
     /// Answers one request.
     async fn handle(&self, env: Arc<Envelope>) {
+        if let Some(gate) = &self.gate {
+            match gate(&env).await {
+                super::GateDecision::Pass => {}
+                // A paused responder does not answer (the requester times out, as with
+                // a stopped process); a failed attempt is answered as a retryable error.
+                super::GateDecision::Defer { reason, .. } => {
+                    tracing::debug!(consumer = %self.consumer, id = %env.id, %reason, "request not answered: the gate deferred it");
+                    return;
+                }
+                super::GateDecision::Fail(e) => {
+                    if let Some(replyto) = env.replyto.clone() {
+                        let (kind, reason) = match e {
+                            HandlerError::Retryable(r) => (RemoteErrorKind::Retryable, r),
+                            HandlerError::Terminal(r) => (RemoteErrorKind::Terminal, r),
+                        };
+                        let reply = StoredReply::error(kind, &reason, env.id);
+                        self.send(&env, &replyto, &reply, Sent::First).await;
+                    }
+                    return;
+                }
+            }
+        }
         let Some(replyto) = env.replyto.clone() else {
             self.stats
                 .requests_without_replyto

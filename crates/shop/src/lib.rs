@@ -52,6 +52,7 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod faults;
+pub mod lab;
 pub mod launch;
 pub mod model;
 pub mod order;

@@ -21,6 +21,7 @@
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod lab;
 pub mod table;
 pub mod up;
 
@@ -95,6 +96,9 @@ pub enum Command {
     /// Check the shop's invariants (orders placed = orders terminal, no duplicate
     /// charge, inventory conserved, no lost event).
     Check(CheckArgs),
+    /// Measure every pattern under load and faults: latency, throughput, coupling,
+    /// consistency (fresh shops of its own; needs no running shop).
+    Lab(lab::LabArgs),
 }
 
 /// `shop order`.
@@ -302,7 +306,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 500ms, 10s"))
 }
 
-fn parse_pattern(s: &str) -> Result<Pattern, String> {
+pub(crate) fn parse_pattern(s: &str) -> Result<Pattern, String> {
     s.parse::<Pattern>().map_err(|e| e.reason)
 }
 
@@ -484,6 +488,7 @@ pub async fn run(cli: Cli, launcher: Option<&dyn up::Launcher>) -> Result<(), Cl
         Command::Sagas(a) => commands::sagas(&r, a).await,
         Command::Dlq(a) => commands::dlq(&r, a).await,
         Command::Check(a) => commands::check(&r, a).await,
+        Command::Lab(a) => lab::lab(a).await,
         Command::Up(a) => up::up(launcher, commands::up_config(&r, a)?).await,
         Command::Serve(a) => up::serve(launcher, commands::serve_config(&r, a)?).await,
     }
@@ -496,6 +501,8 @@ pub fn main(launcher: Option<&dyn up::Launcher>) -> ExitCode {
     let cli = Cli::parse();
     init_logs(match cli.command {
         Command::Up(_) | Command::Serve(_) => "info,fjall=warn,lsm_tree=warn",
+        // The lab injects faults on purpose: the warnings they cause are expected.
+        Command::Lab(_) => "error",
         _ => "warn",
     });
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod grpc_codegen;
 mod inventory;
+mod lab;
 mod notification;
 mod patterns;
 mod payment;

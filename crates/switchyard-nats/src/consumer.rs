@@ -60,6 +60,18 @@ impl GroupState {
         *lock(&self.policy) = policy;
     }
 
+    /// Hands every unsettled delivery back to the group at once (a `-NAK` without delay:
+    /// it counts as an attempt); later settles of them fail as stale.
+    pub(crate) async fn release_all(&self) {
+        let entries: Vec<_> = lock(&self.inflight).drain().collect();
+        for (seq, f) in entries {
+            if let Err(e) = f.message.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(topic = %self.topic, group = %self.group, seq, error = %e,
+                    "releasing an unsettled delivery on close failed; it returns after ack_wait");
+            }
+        }
+    }
+
     fn policy(&self) -> RedeliveryPolicy {
         lock(&self.policy).clone()
     }

@@ -123,6 +123,10 @@ pub(crate) struct Inner {
     /// In-flight state of each (topic, group) used through this bus.
     groups: Mutex<HashMap<(String, String), Arc<GroupState>>>,
     pub(crate) closed: watch::Sender<bool>,
+    /// Transient members dropped whose unsubscribe is not handed to the connection yet.
+    pub(crate) leaving: watch::Sender<usize>,
+    /// Transient members whose forwarding task still runs.
+    pub(crate) live_members: watch::Sender<usize>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +146,8 @@ impl NatsBus {
                 streams: Default::default(),
                 groups: Default::default(),
                 closed: watch::channel(false).0,
+                leaving: watch::channel(0).0,
+                live_members: watch::channel(0).0,
             }),
         }
     }
@@ -382,12 +388,24 @@ impl Bus for NatsBus {
         if self.inner.closed.send_replace(true) {
             return Ok(());
         }
-        if let Some((client, _)) = self.inner.conn.get() {
-            // Sends what is buffered (acks, naks) before the connection is left.
-            client
-                .flush()
-                .await
-                .map_err(|e| Error::Unavailable(format!("flushing on close: {e}")))?;
+        let Some((client, _)) = self.inner.conn.get() else {
+            return Ok(());
+        };
+        // Transient members unsubscribe; wait for them (bounded).
+        let mut live = self.inner.live_members.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0)).await;
+        // Unsettled deliveries go back to the group now instead of after their ack_wait.
+        let groups: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
+        for g in groups {
+            g.release_all().await;
+        }
+        // A barrier: the server has processed every ack, nak and unsubscribe sent above,
+        // so a bus opened next on another connection sees their effect.
+        transient::round_trip(client, None)
+            .await
+            .map_err(|e| Error::Unavailable(format!("closing the NATS bus: {e}")))?;
+        if let Err(e) = client.drain().await {
+            tracing::debug!(error = %e, "draining the NATS connection on close");
         }
         Ok(())
     }

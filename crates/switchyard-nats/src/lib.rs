@@ -57,8 +57,8 @@ use async_trait::async_trait;
 use switchyard::bus::{REPLAY_GROUP_EXTENSION, dlq_topic};
 use switchyard::error::validate_name;
 use switchyard::{
-    Bus, Capabilities, Capability, DeadLetter, Envelope, Error, Published, ReplayFilter, Result,
-    StartPosition, SubscribeOptions, Subscription, TransientSubscription,
+    Bus, Capabilities, DeadLetter, Envelope, Error, Published, ReplayFilter, Result, StartPosition,
+    SubscribeOptions, Subscription, TransientSubscription,
 };
 use tokio::sync::{OnceCell, watch};
 
@@ -253,12 +253,10 @@ impl Inner {
 #[async_trait]
 impl Bus for NatsBus {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::all().without(
-            Capability::CrashSafe,
-            "acknowledged publishes are in the server's memory and page cache: nats-server 2.9.10 \
-             never fsyncs JetStream data, so a power loss or host crash can lose them (a SIGKILL \
-             of a client loses nothing acknowledged); use a server with `sync_interval: always`",
-        )
+        // Durable, CrashSafe (a SIGKILL of a client loses nothing acknowledged), Reopen
+        // and bounded memory all hold: the server keeps the data and the positions. Power
+        // loss is another matter (no `Capability` names it): see the crate docs.
+        Capabilities::all()
     }
 
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Published> {

@@ -33,7 +33,9 @@
 //! server, but not a power loss; run a server with `sync_interval: always` for that.
 //!
 //! **Not provided yet:** per-subject ordering within a group (JetStream hands out the
-//! next message of a subject while an earlier one is unsettled); see the decision doc.
+//! next message of a subject while an earlier one is unsettled), and prompt redelivery
+//! of a dead consumer's messages (they come back after their `ack_wait`); see
+//! `docs/decisions/0009-nats-bus.md` for these and the smaller limits.
 //!
 //! | module | what |
 //! | --- | --- |

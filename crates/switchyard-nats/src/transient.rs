@@ -35,10 +35,10 @@ pub(crate) async fn publish(inner: &Inner, topic: &str, envelope: Envelope) -> R
     // Bounded: a member whose task died without unsubscribing must not stall publishes.
     let _ = tokio::time::timeout(ROUND_TRIP, leaving.wait_for(|n| *n == 0)).await;
     let (client, _) = inner.conn().await?;
-    let (answered_real, _) = round_trip(client, Some((inner.names.transient(topic), envelope)))
+    let nobody = round_trip(client, Some((inner.names.transient(topic), envelope)))
         .await
         .map_err(|e| fail(topic, e))?;
-    if answered_real {
+    if nobody {
         return Err(Error::NoSubscribers {
             topic: topic.to_string(),
         });
@@ -52,7 +52,7 @@ pub(crate) async fn publish(inner: &Inner, topic: &str, envelope: Envelope) -> R
 pub(crate) async fn round_trip(
     client: &async_nats::Client,
     message: Option<(String, Envelope)>,
-) -> std::result::Result<(bool, ()), async_nats::Error> {
+) -> std::result::Result<bool, async_nats::Error> {
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(format!("{inbox}.*")).await?;
     let real_reply = format!("{inbox}.m");
@@ -75,7 +75,7 @@ pub(crate) async fn round_trip(
         if m.subject.as_str() == real_reply {
             nobody |= m.status == Some(async_nats::StatusCode::NO_RESPONDERS);
         } else if m.subject.as_str() == probe_reply {
-            return Ok((nobody, ()));
+            return Ok(nobody);
         }
     }
 }

@@ -67,6 +67,16 @@ macro_rules! cases {
                 );
             }
         )*
+
+        /// Every case of the suite has a test here (a new case cannot be missed silently).
+        #[test]
+        fn every_bus_case_is_generated() {
+            let mut generated = vec![$(stringify!($case)),*];
+            let mut listed: Vec<&str> = switchyard_conformance::CASES.iter().map(|(n, _)| *n).collect();
+            generated.sort_unstable();
+            listed.sort_unstable();
+            assert_eq!(generated, listed, "add the new conformance case to cases! below");
+        }
     };
 }
 

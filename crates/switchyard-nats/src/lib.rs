@@ -1,0 +1,412 @@
+//! # switchyard-nats
+//!
+//! The NATS JetStream backend of the [`switchyard::Bus`] contract, for the distributed
+//! mode: every service process connects to one nats-server (or cluster) instead of
+//! sharing an embedded log.
+//!
+//! ```no_run
+//! # async fn demo() -> switchyard::Result<()> {
+//! use switchyard::{Bus, Envelope};
+//! use switchyard_nats::{NatsBus, NatsConfig};
+//!
+//! let bus = NatsBus::new(NatsConfig::new("nats://127.0.0.1:4222"));
+//! let e = Envelope::new("order.created.v1", "/orders", "application/json", "{}");
+//! bus.publish("orders", e).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Mapping (decision 0009)
+//!
+//! | contract | JetStream |
+//! | --- | --- |
+//! | topic `t` | stream `SY_<t escaped>` with the one subject `sy.t` |
+//! | offset | the stream sequence |
+//! | publisher dedup | `Nats-Msg-Id` = envelope id, the stream's duplicate window |
+//! | durable publish | the JetStream publish ack is awaited |
+//! | group | a durable pull consumer, explicit ack, `max_deliver` = attempts + 1 |
+//! | nack with delay | `-NAK` with a delay (policy backoff when none is given) |
+//! | last attempt | the client publishes to the `<t>.dlq` stream, then terminates (`+TERM`) |
+//! | transient channel | core NATS `syt.t` with queue groups; no responders = no subscribers |
+//!
+//! Durability is the server's: nats-server 2.9.10 (Debian) never fsyncs JetStream data,
+//! so an acknowledged publish survives a crash of any client process and a restart of the
+//! server, but not a power loss; run a server with `sync_interval: always` for that.
+//!
+//! **Not provided yet:** per-subject ordering within a group (JetStream hands out the
+//! next message of a subject while an earlier one is unsettled), and prompt redelivery
+//! of a dead consumer's messages (they come back after their `ack_wait`); see
+//! `docs/decisions/0009-nats-bus.md` for these and the smaller limits.
+//!
+//! | module | what |
+//! | --- | --- |
+//! | `names` | topic and group names to stream, consumer and subject names |
+//! | `consumer` | the delivery source and settler of a group |
+//! | `transient` | the transient channel on core NATS |
+//! | `error` | this crate's error type |
+
+mod consumer;
+mod error;
+mod names;
+mod transient;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy};
+use async_trait::async_trait;
+use switchyard::bus::{REPLAY_GROUP_EXTENSION, dlq_topic};
+use switchyard::error::validate_name;
+use switchyard::{
+    Bus, Capabilities, DeadLetter, Envelope, Error, Published, ReplayFilter, Result, StartPosition,
+    SubscribeOptions, Subscription, TransientSubscription,
+};
+use tokio::sync::{OnceCell, watch};
+
+pub use error::{NatsError, NatsErrorKind};
+
+use consumer::{GroupState, Source};
+use names::Names;
+
+/// How to reach the server and how to lay out topics on it.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Optional namespace put into every stream and subject name, so several independent
+    /// buses (tests, tenants) can share one server. Letters, digits, `-` and `_` only.
+    pub namespace: Option<String>,
+    /// Publisher-dedup window set on the streams this bus creates.
+    pub dedup_window: Duration,
+    /// Largest envelope accepted (see [`Envelope::encoded_len`]).
+    pub max_message_bytes: usize,
+    /// Capacity of one transient member's queue.
+    pub transient_queue: usize,
+}
+
+impl NatsConfig {
+    /// Defaults for `url`: no namespace, a 2-minute dedup window, 1 MiB messages.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsConfig {
+            url: url.into(),
+            namespace: None,
+            dedup_window: Duration::from_secs(120),
+            max_message_bytes: switchyard::bus::DEFAULT_MAX_MESSAGE_BYTES,
+            transient_queue: switchyard::bus::DEFAULT_TRANSIENT_QUEUE,
+        }
+    }
+}
+
+/// A [`Bus`] on NATS JetStream. Cheap to clone; clones share one connection.
+///
+/// The connection is made on first use, so [`NatsBus::new`] never blocks; an unreachable
+/// server shows as an `Unavailable` error from the first operation.
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NatsBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsBus")
+            .field("url", &self.inner.config.url)
+            .field("namespace", &self.inner.config.namespace)
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: NatsConfig,
+    pub(crate) names: Names,
+    conn: OnceCell<(async_nats::Client, jetstream::Context)>,
+    /// Streams known to exist (created or looked up once).
+    streams: tokio::sync::Mutex<HashMap<String, jetstream::stream::Stream>>,
+    /// In-flight state of each (topic, group) used through this bus.
+    groups: Mutex<HashMap<(String, String), Arc<GroupState>>>,
+    pub(crate) closed: watch::Sender<bool>,
+    /// Transient members dropped whose unsubscribe is not handed to the connection yet.
+    pub(crate) leaving: watch::Sender<usize>,
+    /// Transient members whose forwarding task still runs.
+    pub(crate) live_members: watch::Sender<usize>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Plain maps behind the lock: a panic elsewhere leaves them consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NatsBus {
+    /// A bus for `config`; connects on first use.
+    pub fn new(config: NatsConfig) -> Self {
+        let names = Names::new(config.namespace.as_deref());
+        NatsBus {
+            inner: Arc::new(Inner {
+                config,
+                names,
+                conn: OnceCell::new(),
+                streams: Default::default(),
+                groups: Default::default(),
+                closed: watch::channel(false).0,
+                leaving: watch::channel(0).0,
+                live_members: watch::channel(0).0,
+            }),
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if *self.closed.borrow() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn check_size(&self, e: &Envelope) -> Result<()> {
+        let size = e.encoded_len();
+        let limit = self.config.max_message_bytes;
+        if size > limit {
+            return Err(Error::PayloadTooLarge { size, limit });
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn conn(&self) -> Result<&(async_nats::Client, jetstream::Context)> {
+        self.check_open()?;
+        self.conn
+            .get_or_try_init(|| async {
+                let client = async_nats::ConnectOptions::new()
+                    .name("switchyard")
+                    .connect(self.config.url.as_str())
+                    .await
+                    .map_err(|e| NatsError::connect(&self.config.url, e))?;
+                let js = jetstream::new(client.clone());
+                Ok::<_, Error>((client, js))
+            })
+            .await
+    }
+
+    /// The stream of `topic`, created when missing.
+    pub(crate) async fn stream(&self, topic: &str) -> Result<jetstream::stream::Stream> {
+        let mut streams = self.streams.lock().await;
+        if let Some(s) = streams.get(topic) {
+            return Ok(s.clone());
+        }
+        let (_, js) = self.conn().await?;
+        let config = jetstream::stream::Config {
+            name: self.names.stream(topic),
+            subjects: vec![self.names.subject(topic)],
+            duplicate_window: self.config.dedup_window,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let s = js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| NatsError::stream(topic, e))?;
+        streams.insert(topic.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Publishes `envelopes` to `topic` (plus optional per-message id overrides), sending
+    /// all before awaiting the acks.
+    pub(crate) async fn publish_all(
+        &self,
+        topic: &str,
+        envelopes: Vec<(Envelope, Option<String>, async_nats::HeaderMap)>,
+    ) -> Result<Vec<Published>> {
+        self.stream(topic).await?;
+        let (_, js) = self.conn().await?;
+        let subject = self.names.subject(topic);
+        let mut futures = Vec::with_capacity(envelopes.len());
+        for (e, msg_id, mut headers) in envelopes {
+            let msg_id = msg_id.unwrap_or_else(|| e.id.to_string());
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            let f = js
+                .publish_with_headers(subject.clone(), headers, e.to_bytes())
+                .await
+                .map_err(|err| NatsError::publish(topic, err))?;
+            futures.push((e.id, f));
+        }
+        let mut out = Vec::with_capacity(futures.len());
+        for (id, f) in futures {
+            let ack = f.await.map_err(|err| NatsError::publish(topic, err))?;
+            out.push(Published {
+                id,
+                offset: ack.sequence,
+                duplicate: ack.duplicate,
+            });
+        }
+        Ok(out)
+    }
+
+    fn group_state(&self, topic: &str, group: &str, options: &SubscribeOptions) -> Arc<GroupState> {
+        let mut groups = lock(&self.groups);
+        let g = groups
+            .entry((topic.to_string(), group.to_string()))
+            .or_insert_with(|| Arc::new(GroupState::new(topic, group)))
+            .clone();
+        g.set_policy(options.redelivery.clone());
+        g
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn capabilities(&self) -> Capabilities {
+        // Durable, CrashSafe (a SIGKILL of a client loses nothing acknowledged), Reopen
+        // and bounded memory all hold: the server keeps the data and the positions. Power
+        // loss is another matter (no `Capability` names it): see the crate docs.
+        Capabilities::all()
+    }
+
+    async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Published> {
+        let mut v = self.publish_batch(topic, vec![envelope]).await?;
+        v.pop()
+            .ok_or_else(|| Error::Unavailable("the server acknowledged nothing".into()))
+    }
+
+    async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<Vec<Published>> {
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        for e in &envelopes {
+            self.inner.check_size(e)?;
+        }
+        let batch = envelopes
+            .into_iter()
+            .map(|e| (e, None, async_nats::HeaderMap::new()))
+            .collect();
+        self.inner.publish_all(topic, batch).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        group: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription> {
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        if group.starts_with('$') {
+            return Err(Error::InvalidName {
+                what: "group",
+                name: group.to_string(),
+                reason: "names starting with `$` are reserved for the bus",
+            });
+        }
+        let stream = self.inner.stream(topic).await?;
+        let config = jetstream::consumer::pull::Config {
+            durable_name: Some(self.inner.names.consumer(group)),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            // One delivery more than the policy allows: the client sees the extra one,
+            // dead-letters it and terminates it (an ack timeout on the last attempt).
+            max_deliver: i64::from(options.redelivery.max_attempts.max(1)) + 1,
+            max_ack_pending: i64::try_from(options.max_pending.max(1)).unwrap_or(i64::MAX),
+            deliver_policy: match options.start {
+                StartPosition::Earliest => DeliverPolicy::All,
+                StartPosition::Latest => DeliverPolicy::New,
+            },
+            ..Default::default()
+        };
+        let consumer = match stream.create_consumer(config.clone()).await {
+            Ok(c) => c,
+            // An existing group whose settings cannot change (e.g. its start): keep it.
+            Err(first) => stream
+                .get_consumer(&self.inner.names.consumer(group))
+                .await
+                .map_err(|_| NatsError::consumer(topic, group, first))?,
+        };
+        let state = self.inner.group_state(topic, group, &options);
+        Ok(Subscription::new(Box::new(Source::new(
+            self.inner.clone(),
+            consumer,
+            state,
+        ))))
+    }
+
+    async fn dead_letters(&self, topic: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        let entries = consumer::read_dead_letters(&self.inner, topic, limit).await?;
+        Ok(entries.into_iter().map(|(_, d)| d).collect())
+    }
+
+    async fn replay_dead_letters(&self, topic: &str, filter: ReplayFilter) -> Result<usize> {
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        let entries = consumer::read_dead_letters(&self.inner, topic, usize::MAX).await?;
+        let dlq = self.inner.stream(&dlq_topic(topic)).await?;
+        let mut replayed = 0;
+        for (seq, dl) in entries {
+            let group_ok = filter.group.as_deref().is_none_or(|g| g == dl.group);
+            let id_ok = filter
+                .ids
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&dl.envelope.id));
+            if !(group_ok && id_ok && dl.topic == topic) {
+                continue;
+            }
+            let mut e = dl.envelope;
+            e.extensions
+                .insert(REPLAY_GROUP_EXTENSION.to_string(), dl.group.clone());
+            // A fresh dedup key: the original id is still within the window.
+            let msg_id = format!("{}.replay.{seq}", e.id);
+            // Published first, then removed from the DLQ: a crash between the two replays
+            // twice (at least once), never zero times.
+            self.inner
+                .publish_all(topic, vec![(e, Some(msg_id), async_nats::HeaderMap::new())])
+                .await?;
+            dlq.delete_message(seq)
+                .await
+                .map_err(|err| NatsError::stream(&dlq_topic(topic), err))?;
+            replayed += 1;
+        }
+        if replayed > 0 {
+            tracing::info!(topic, replayed, group = ?filter.group, "replayed dead letters");
+        }
+        Ok(replayed)
+    }
+
+    async fn publish_transient(&self, topic: &str, envelope: Envelope) -> Result<()> {
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        self.inner.check_size(&envelope)?;
+        transient::publish(&self.inner, topic, envelope).await
+    }
+
+    async fn subscribe_transient(&self, topic: &str, group: &str) -> Result<TransientSubscription> {
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        transient::subscribe(&self.inner, topic, group).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.send_replace(true) {
+            return Ok(());
+        }
+        let Some((client, _)) = self.inner.conn.get() else {
+            return Ok(());
+        };
+        // Transient members unsubscribe; wait for them (bounded).
+        let mut live = self.inner.live_members.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0)).await;
+        // Unsettled deliveries go back to the group now instead of after their ack_wait.
+        let groups: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
+        for g in groups {
+            g.release_all().await;
+        }
+        // A barrier: the server has processed every ack, nak and unsubscribe sent above,
+        // so a bus opened next on another connection sees their effect.
+        transient::round_trip(client, None)
+            .await
+            .map_err(|e| Error::Unavailable(format!("closing the NATS bus: {e}")))?;
+        if let Err(e) = client.drain().await {
+            tracing::debug!(error = %e, "draining the NATS connection on close");
+        }
+        Ok(())
+    }
+}

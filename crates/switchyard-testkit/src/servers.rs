@@ -63,6 +63,40 @@ fn stop_child(child: &mut Child, graceful: &str, patience: Duration) -> std::io:
     Ok(())
 }
 
+/// Starts `cmd` (output discarded) and waits until `ready` says so; fails if it exits
+/// first or is not ready within [`STARTUP`] (then it is killed).
+fn spawn_until_ready(
+    mut cmd: Command,
+    what: &str,
+    port: u16,
+    ready: impl Fn() -> bool,
+) -> std::io::Result<Child> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(std::io::Error::other(format!(
+                "{what} on port {port} exited at start: {status}"
+            )));
+        }
+        if ready() {
+            return Ok(child);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "{what} on port {port} did not get ready in {STARTUP:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 // ---------------------------------------------------------------- NATS
 
 /// A `nats-server -js` on 127.0.0.1, its JetStream store in a temporary directory.
@@ -96,32 +130,10 @@ impl NatsServer {
     }
 
     fn spawn(bin: &Path, port: u16, store: &Path) -> std::io::Result<Child> {
-        let mut child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Err(std::io::Error::other(format!(
-                    "nats-server on port {port} exited at start: {status}"
-                )));
-            }
-            if Self::ready(port) {
-                return Ok(child);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(std::io::Error::other(format!(
-                    "nats-server on port {port} did not get ready in {STARTUP:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut cmd = Command::new(bin);
+        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store);
+        spawn_until_ready(cmd, "nats-server", port, || Self::ready(port))
     }
 
     /// Whether a client connecting to `port` gets the server's `INFO` with JetStream on.
@@ -313,35 +325,13 @@ impl Postgres {
         sockets: &Path,
         port: u16,
     ) -> std::io::Result<Child> {
-        let mut child = as_postgres_user(&bin.join("postgres"), root)
-            .arg("-D")
+        let mut cmd = as_postgres_user(&bin.join("postgres"), root);
+        cmd.arg("-D")
             .arg(data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-k")
-            .arg(sockets)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Err(std::io::Error::other(format!(
-                    "postgres on port {port} exited at start: {status}"
-                )));
-            }
-            if Self::ready(data) {
-                return Ok(child);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(std::io::Error::other(format!(
-                    "postgres on port {port} did not get ready in {STARTUP:?}"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .arg(sockets);
+        spawn_until_ready(cmd, "postgres", port, || Self::ready(data))
     }
 
     /// Whether the postmaster says it is ready (`postmaster.pid`'s status line).

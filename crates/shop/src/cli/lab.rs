@@ -165,6 +165,7 @@ pub fn scenario_table(results: &[RunResult], scenario: Scenario) -> Table {
         "CONSISTENT p50/p99 ms",
         "COMPENSATIONS",
         "DLQ",
+        "STUCK",
         "INVARIANTS",
     ]);
     for r in results.iter().filter(|r| r.scenario == scenario) {
@@ -180,6 +181,7 @@ pub fn scenario_table(results: &[RunResult], scenario: Scenario) -> Table {
             format!("{}/{}", ms(f.consistency_p50_ms), ms(f.consistency_p99_ms)),
             r.compensations.to_string(),
             r.dead_letters.to_string(),
+            r.stuck.to_string(),
             if r.invariants_hold {
                 "ok".into()
             } else {

@@ -37,6 +37,7 @@ async fn a_payment_outage_fails_sync_orders_and_delays_choreography_ones() {
         );
         assert!(r.figures.orders > 0, "{r:?}");
         assert_eq!(r.dead_letters, 0, "{r:?}");
+        assert_eq!(r.stuck, 0, "{r:?}");
     }
     for p in [Pattern::Sync, Pattern::Choreography] {
         let base = find(&results, p, Scenario::Baseline);

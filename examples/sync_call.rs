@@ -462,6 +462,7 @@ async fn main() -> Result<(), BoxError> {
     let cfg = ClientConfig {
         breaker: BreakerConfig {
             failure_threshold: 3,
+            failure_rate_percent: 50,
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
         },

@@ -93,6 +93,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = ClientConfig {
         breaker: BreakerConfig {
             failure_threshold: 3,
+            failure_rate_percent: 50,
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
         },

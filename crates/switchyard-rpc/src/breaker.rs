@@ -1,7 +1,11 @@
 //! The circuit breaker: a pure state machine (time is passed in), one per instance.
 //!
-//! - **Closed**: calls pass; failures are counted in a sliding `window`. When
-//!   `failure_threshold` failures fall within the window, the breaker opens.
+//! - **Closed**: calls pass; failures and successes are counted in a sliding `window`.
+//!   When at least `failure_threshold` failures fall within the window **and** they are
+//!   at least `failure_rate_percent` of the window's calls, the breaker opens. The rate
+//!   keeps a busy caller's breaker closed through a few scattered failures (20 % of
+//!   thousands of calls reach any count quickly), which would otherwise turn a flaky
+//!   dependency into a dead one for every cool-off.
 //! - **Open**: calls fail fast (no request is sent) until `open_for` has passed.
 //! - **Half-open**: one probe call passes; success closes the breaker, failure opens it
 //!   again for another `open_for`. A probe whose outcome is never reported (its caller
@@ -15,8 +19,10 @@ use std::time::{Duration, Instant};
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
-    /// Failures within `window` that open the breaker.
+    /// Failures within `window` that open the breaker (with the rate below).
     pub failure_threshold: u32,
+    /// The share of the window's calls that must have failed, in percent (1–100).
+    pub failure_rate_percent: u8,
     /// The sliding window failures are counted in.
     pub window: Duration,
     /// How long the breaker stays open before a probe is let through.
@@ -27,6 +33,7 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         BreakerConfig {
             failure_threshold: 5,
+            failure_rate_percent: 50,
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
         }
@@ -60,9 +67,36 @@ pub enum Admit {
 
 #[derive(Debug, Clone)]
 enum Inner {
-    Closed { failures: VecDeque<Instant> },
-    Open { until: Instant },
-    HalfOpen { probe_since: Option<Instant> },
+    Closed {
+        failures: VecDeque<Instant>,
+        /// Successes in the window, in buckets of a tenth of it: (bucket start, count).
+        successes: VecDeque<(Instant, u32)>,
+    },
+    Open {
+        until: Instant,
+    },
+    HalfOpen {
+        probe_since: Option<Instant>,
+    },
+}
+
+impl Inner {
+    fn closed() -> Self {
+        Inner::Closed {
+            failures: VecDeque::new(),
+            successes: VecDeque::new(),
+        }
+    }
+}
+
+/// Drops the entries of `q` (oldest first) older than `window` at `now`.
+fn prune<T>(q: &mut VecDeque<T>, now: Instant, window: Duration, at: impl Fn(&T) -> Instant) {
+    while q
+        .front()
+        .is_some_and(|e| now.saturating_duration_since(at(e)) > window)
+    {
+        q.pop_front();
+    }
 }
 
 /// One circuit breaker.
@@ -77,9 +111,7 @@ impl Breaker {
     pub fn new(cfg: BreakerConfig) -> Self {
         Breaker {
             cfg,
-            inner: Inner::Closed {
-                failures: VecDeque::new(),
-            },
+            inner: Inner::closed(),
         }
     }
 
@@ -134,16 +166,19 @@ impl Breaker {
     }
 
     /// Records a successful call.
-    pub fn on_success(&mut self, _now: Instant) {
+    pub fn on_success(&mut self, now: Instant) {
+        let bucket = self.cfg.window / 10;
         match &mut self.inner {
-            Inner::Closed { .. } => {}
+            Inner::Closed { successes, .. } => {
+                match successes.back_mut() {
+                    Some((start, n)) if now.saturating_duration_since(*start) < bucket => *n += 1,
+                    _ => successes.push_back((now, 1)),
+                }
+                prune(successes, now, self.cfg.window, |(t, _)| *t);
+            }
             // A success closes a half-open breaker (and one from a call admitted before
             // the breaker opened is ignored while it is open).
-            Inner::HalfOpen { .. } => {
-                self.inner = Inner::Closed {
-                    failures: VecDeque::new(),
-                }
-            }
+            Inner::HalfOpen { .. } => self.inner = Inner::closed(),
             Inner::Open { .. } => {}
         }
     }
@@ -154,15 +189,19 @@ impl Breaker {
             until: now + self.cfg.open_for,
         };
         match &mut self.inner {
-            Inner::Closed { failures } => {
+            Inner::Closed {
+                failures,
+                successes,
+            } => {
                 failures.push_back(now);
-                while failures
-                    .front()
-                    .is_some_and(|t| now.saturating_duration_since(*t) > self.cfg.window)
+                prune(failures, now, self.cfg.window, |t| *t);
+                prune(successes, now, self.cfg.window, |(t, _)| *t);
+                let failed = failures.len() as u64;
+                let calls = failed + successes.iter().map(|(_, n)| u64::from(*n)).sum::<u64>();
+                let rate = u64::from(self.cfg.failure_rate_percent.clamp(1, 100));
+                if failed >= u64::from(self.cfg.failure_threshold.max(1))
+                    && failed * 100 >= rate * calls
                 {
-                    failures.pop_front();
-                }
-                if failures.len() >= self.cfg.failure_threshold.max(1) as usize {
                     self.inner = open;
                 }
             }
@@ -179,6 +218,7 @@ mod tests {
     fn cfg() -> BreakerConfig {
         BreakerConfig {
             failure_threshold: 3,
+            failure_rate_percent: 50,
             window: Duration::from_secs(10),
             open_for: Duration::from_secs(5),
         }
@@ -213,6 +253,33 @@ mod tests {
         b.on_failure(t0 + s(1));
         b.on_failure(t0 + s(20));
         assert_eq!(b.state(t0 + s(20)), BreakerState::Closed);
+    }
+
+    #[test]
+    fn scattered_failures_among_many_successes_do_not_open_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Breaker::new(cfg());
+        // 20 % of 500 calls over 5 s fail: 100 failures, far past the count, under the rate.
+        for i in 0..500u64 {
+            let t = t0 + ms(i * 10);
+            if i % 5 == 0 {
+                b.on_failure(t);
+            } else {
+                b.on_success(t);
+            }
+            assert_eq!(b.state(t), BreakerState::Closed, "call {i}");
+        }
+        // Then the dependency dies: failures take over the window and it opens.
+        let mut t = t0 + ms(5_000);
+        let mut calls = 0;
+        while b.state(t) == BreakerState::Closed {
+            t += ms(10);
+            b.on_failure(t);
+            calls += 1;
+            assert!(calls < 1_000, "never opened");
+        }
+        assert_eq!(b.state(t), BreakerState::Open);
     }
 
     #[test]

@@ -233,6 +233,7 @@ async fn grpc_breaker_opens_fails_fast_half_opens_and_closes() {
     let cfg = ClientConfig {
         breaker: BreakerConfig {
             failure_threshold: 3,
+            failure_rate_percent: 50,
             window: Duration::from_secs(60),
             open_for: Duration::from_millis(300),
         },

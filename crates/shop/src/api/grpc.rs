@@ -9,18 +9,15 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
-use tonic_health::ServingStatus;
 
 use super::{
     ApiError, BODY_LIMIT, DEFAULT_LIMIT, MAX_LIMIT, MAX_WAIT, SERVICE, list_orders, settle,
 };
-use crate::faults::{self, FaultLayer, Faults};
+use crate::faults::{FaultLayer, Faults};
 use crate::model::{Invalid, Item, validate_id};
 use crate::order::{NewOrder, Order, OrderDesk, OrderStatus, Pattern, TimelineEntry};
 use crate::services::ServeError;
-use switchyard_rpc::grpc::ContextLayer;
 
 /// The generated gRPC code of `proto/order.proto` (messages, client, server).
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
@@ -193,39 +190,8 @@ pub(super) async fn spawn(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<JoinHandle<Result<(), ServeError>>, ServeError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
     let server = proto::orders_server::OrdersServer::new(OrdersService::new(desk))
         .max_decoding_message_size(BODY_LIMIT);
-    let names = [
-        String::new(),
-        SERVICE.to_string(),
-        <proto::orders_server::OrdersServer<OrdersService> as tonic::server::NamedService>::NAME
-            .to_string(),
-    ];
-    for n in &names {
-        health.set_service_status(n, ServingStatus::Serving).await;
-    }
     let orders = tower::Layer::layer(&FaultLayer::new(faults.clone()), server);
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(orders)
-        .into_axum_router()
-        .merge(faults::admin_routes(faults));
-    let shutdown = async move {
-        shutdown.await;
-        for n in names {
-            health
-                .set_service_status(n, ServingStatus::NotServing)
-                .await;
-        }
-    };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Ok(tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .accept_http1(true)
-            .layer(ContextLayer::new(SERVICE))
-            .add_routes(tonic::service::Routes::from(routes))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
-        Ok(())
-    }))
+    Ok(crate::services::spawn_grpc(SERVICE, orders, faults, listener, shutdown).await)
 }

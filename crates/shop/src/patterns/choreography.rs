@@ -38,9 +38,7 @@ use switchyard::Event;
 use switchyard::router::{Context, HandlerError, Router};
 use switchyard::store::{Table, Txn, transact};
 
-use super::{
-    Deps, ORDER_SERVICE, SHIPPING_ORDER_ITEMS, ignore, order_event, pattern_of, retryable,
-};
+use super::{Deps, ORDER_SERVICE, ignore, order_event, pattern_of, retryable};
 use crate::model::{
     INVENTORY, InventoryReleased, InventoryReserved, LabelGenerated, ORDERS, OrderCompleted,
     OrderCreated, OrderFailed, OutOfStock, PAYMENTS, PaymentCompleted, PaymentFailed,
@@ -49,7 +47,7 @@ use crate::model::{
 use crate::order::{Flow, Order, OrderBook, OrderStatus, Pattern, PlaceError};
 use crate::services::inventory::{self, Inventory, InventoryError};
 use crate::services::payment::{self, CHARGE_KEYS, PaymentError};
-use crate::services::{Cause, shipping};
+use crate::services::shipping;
 
 /// The service name of the monitor's timeline entries.
 pub const MONITOR: &str = "choreography-monitor";
@@ -603,33 +601,8 @@ pub fn subscribe_shipping(router: &mut Router) {
         |ctx: Context, ev: InventoryReserved| async move {
             // The event carries the items (older ones do not: then the table written from
             // `OrderCreated`).
-            let items = match ev.items {
-                items if !items.is_empty() => Some(items),
-                _ => ctx
-                    .txn
-                    .get(&SHIPPING_ORDER_ITEMS, &ev.order_id)
-                    .map_err(retryable)?,
-            };
-            let Some(items) = items else {
-                return Err(retryable(format!(
-                    "the items of order {} are not known yet (OrderCreated not seen)",
-                    ev.order_id
-                )));
-            };
-            shipping::create_in(
-                &ctx.txn,
-                &ev.order_id,
-                &items,
-                Cause::Message(&ctx.envelope),
-            )
-            .map_err(|e| {
-                if e.is_retryable() {
-                    retryable(e)
-                } else {
-                    terminal(e)
-                }
-            })?;
-            Ok(())
+            let items = (!ev.items.is_empty()).then_some(ev.items);
+            super::ship_in(&ctx, &ev.order_id, items)
         },
     );
     ignore::<OutOfStock>(router, INVENTORY, SHIPPING_GROUP);

@@ -224,6 +224,36 @@ pub(crate) fn retryable(e: impl std::fmt::Display) -> HandlerError {
 pub const SHIPPING_ORDER_ITEMS: switchyard::store::Table<Vec<crate::model::Item>> =
     switchyard::store::Table::new("shipping.order_items");
 
+/// Creates the order's shipment in the handler's transaction, from `items` or else the
+/// items remembered from its `OrderCreated` ([`SHIPPING_ORDER_ITEMS`]); retried while
+/// neither is known.
+pub(crate) fn ship_in(
+    ctx: &Context,
+    order_id: &str,
+    items: Option<Vec<crate::model::Item>>,
+) -> Result<(), HandlerError> {
+    let items = match items {
+        Some(items) => Some(items),
+        None => ctx
+            .txn
+            .get(&SHIPPING_ORDER_ITEMS, order_id)
+            .map_err(retryable)?,
+    };
+    let Some(items) = items else {
+        return Err(retryable(format!(
+            "the items of order {order_id} are not known yet (OrderCreated not seen)"
+        )));
+    };
+    crate::services::shipping::create_in(
+        &ctx.txn,
+        order_id,
+        &items,
+        crate::services::Cause::Message(&ctx.envelope),
+    )
+    .map_err(|e| by_class(e.is_retryable(), e))?;
+    Ok(())
+}
+
 /// The consumer group of Shipping's reactions to order events.
 pub const SHIPPING_ORDERS_GROUP: &str = "shipping-orders";
 
@@ -236,7 +266,7 @@ pub const INVENTORY_SHIPMENTS_GROUP: &str = "inventory-shipments";
 /// shipment (with `ShipmentCreated` through the shipping outbox); `OrderFailed` → nothing.
 pub fn subscribe_shipping_orders(router: &mut Router) {
     use crate::model::{ORDERS, OrderCompleted, OrderCreated, OrderFailed};
-    use crate::services::{Cause, shipping};
+
     router.on(
         ORDERS,
         SHIPPING_ORDERS_GROUP,
@@ -258,24 +288,7 @@ pub fn subscribe_shipping_orders(router: &mut Router) {
             if pattern_of(&ctx.envelope) != Some(Pattern::Hybrid) {
                 return Ok(());
             }
-            let Some(items) = ctx
-                .txn
-                .get(&SHIPPING_ORDER_ITEMS, &ev.order_id)
-                .map_err(retryable)?
-            else {
-                return Err(HandlerError::Retryable(format!(
-                    "the items of order {} are not known yet (OrderCreated not seen)",
-                    ev.order_id
-                )));
-            };
-            shipping::create_in(
-                &ctx.txn,
-                &ev.order_id,
-                &items,
-                Cause::Message(&ctx.envelope),
-            )
-            .map_err(|e| by_class(e.is_retryable(), e))?;
-            Ok(())
+            ship_in(&ctx, &ev.order_id, None)
         },
     );
     ignore::<OrderFailed>(router, ORDERS, SHIPPING_ORDERS_GROUP);

@@ -383,9 +383,26 @@ fn lines(wanted: &BTreeMap<String, u64>) -> Vec<Item> {
         .collect()
 }
 
-/// Moves a reservation's units out of `reserved`: back to `available` (release) or to
-/// `committed`.
-fn settle(txn: &Txn, r: &Reservation, to_available: bool) -> Result<(), InventoryError> {
+/// Where a reservation's units sit in a stock row.
+#[derive(Clone, Copy)]
+enum Units {
+    Available,
+    Reserved,
+    Committed,
+}
+
+fn units(row: &mut StockLevel, u: Units) -> &mut u64 {
+    match u {
+        Units::Available => &mut row.available,
+        Units::Reserved => &mut row.reserved,
+        Units::Committed => &mut row.committed,
+    }
+}
+
+/// Moves a reservation's units from one part of their stock rows to another (reserved →
+/// available on release, reserved → committed on commit, committed → available on a
+/// restock).
+fn shift(txn: &Txn, r: &Reservation, from: Units, to: Units) -> Result<(), InventoryError> {
     for it in &r.items {
         let qty = u64::from(it.qty);
         let mut row = txn.get(&STOCK, &it.sku)?.ok_or_else(|| {
@@ -397,12 +414,9 @@ fn settle(txn: &Txn, r: &Reservation, to_available: bool) -> Result<(), Inventor
                 "inconsistent inventory store",
             )
         })?;
-        row.reserved = row.reserved.saturating_sub(qty);
-        if to_available {
-            row.available += qty;
-        } else {
-            row.committed += qty;
-        }
+        let taken = units(&mut row, from);
+        *taken = taken.saturating_sub(qty);
+        *units(&mut row, to) += qty;
         txn.put(&STOCK, &it.sku, &row)?;
     }
     Ok(())
@@ -421,7 +435,7 @@ pub fn release_in(txn: &Txn, order_id: &str) -> Result<ReleaseOutcome, Inventory
     };
     let released_now = r.state == ReservationState::Reserved;
     if released_now {
-        settle(txn, &r, true)?;
+        shift(txn, &r, Units::Reserved, Units::Available)?;
         r.state = ReservationState::Released;
         r.updated_ms = now_ms();
         txn.put(&RESERVATIONS, order_id, &r)?;
@@ -448,7 +462,7 @@ pub fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryErro
             order_id: order_id.to_string(),
         }),
         ReservationState::Reserved => {
-            settle(txn, &r, false)?;
+            shift(txn, &r, Units::Reserved, Units::Committed)?;
             r.state = ReservationState::Committed;
             r.updated_ms = now_ms();
             txn.put(&RESERVATIONS, order_id, &r)?;
@@ -468,21 +482,7 @@ pub fn restock_in(txn: &Txn, order_id: &str) -> Result<bool, InventoryError> {
     if r.state != ReservationState::Committed {
         return Ok(false);
     }
-    for it in &r.items {
-        let qty = u64::from(it.qty);
-        let mut row = txn.get(&STOCK, &it.sku)?.ok_or_else(|| {
-            switchyard::Error::storage(
-                format!(
-                    "stock row `{}` of reservation `{order_id}` is missing",
-                    it.sku
-                ),
-                "inconsistent inventory store",
-            )
-        })?;
-        row.committed = row.committed.saturating_sub(qty);
-        row.available += qty;
-        txn.put(&STOCK, &it.sku, &row)?;
-    }
+    shift(txn, &r, Units::Committed, Units::Available)?;
     r.state = ReservationState::Released;
     r.updated_ms = now_ms();
     txn.put(&RESERVATIONS, order_id, &r)?;

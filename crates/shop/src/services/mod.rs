@@ -281,6 +281,59 @@ impl KeyLocks {
     }
 }
 
+/// Spawns a gRPC server on `listener` until `shutdown` completes: `service` (already
+/// behind its fault layer) registered with `grpc.health.v1.Health` — serving under "",
+/// `name` and the service's proto name, not serving once shutdown starts — behind
+/// switchyard-rpc's context/deadline layer, with the fault admin routes of `faults` over
+/// HTTP/1.1 on the same port. What the payment service and the Order API's gRPC side
+/// share.
+pub(crate) async fn spawn_grpc<S>(
+    name: &'static str,
+    service: S,
+    faults: Faults,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> JoinHandle<Result<(), ServeError>>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+        + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    use tonic_health::ServingStatus;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let names = [String::new(), name.to_string(), S::NAME.to_string()];
+    for n in &names {
+        health.set_service_status(n, ServingStatus::Serving).await;
+    }
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(service)
+        .into_axum_router()
+        .merge(faults::admin_routes(faults));
+    let shutdown = async move {
+        shutdown.await;
+        for n in names {
+            health
+                .set_service_status(n, ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .accept_http1(true)
+            .layer(switchyard_rpc::grpc::ContextLayer::new(name))
+            .add_routes(tonic::service::Routes::from(routes))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        Ok(())
+    })
+}
+
 /// Writes `contents` as `path` so that no reader ever sees part of it: to `staging`
 /// first (same file system), then renamed over `path`; the directories are created when
 /// missing. Not fsynced: a message or label lost in a crash is written again by the

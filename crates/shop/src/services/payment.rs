@@ -29,16 +29,14 @@ use serde::{Deserialize, Serialize};
 use switchyard::reply::{IDEMPOTENCY_KEY_EXTENSION, RemoteErrorKind, RequestError};
 use switchyard::router::{Context, HandlerError, Router};
 use switchyard::store::{Store, Table, Txn};
-use switchyard_rpc::grpc::{ContextLayer, GrpcClient, GrpcRequestExt, invalid_argument};
+use switchyard_rpc::grpc::{GrpcClient, GrpcRequestExt, invalid_argument};
 use switchyard_rpc::{CallContext, CallOptions};
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataValue;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Request, Response, Status};
-use tonic_health::ServingStatus;
 
 use super::{ErrorClass, Running, ServeError, atomically, class_of_call, now_ms, url_of};
-use crate::faults::{self, FaultLayer, Faults};
+use crate::faults::{FaultLayer, Faults};
 use crate::model::{
     Cents, ChargeReply, ChargeRequest, Invalid, OrderId, PAYMENT_REQUESTS, RefundReply,
     RefundRequest, validate_id,
@@ -624,42 +622,11 @@ pub async fn start(
 ) -> Result<Running, ServeError> {
     let url = url_of(&listener)?;
     let faults = Faults::new();
-    let (health, health_service) = tonic_health::server::health_reporter();
     let payment = tower::Layer::layer(
         &FaultLayer::new(faults.clone()),
         proto::payment_server::PaymentServer::new(PaymentService::new(Payments::new(store))),
     );
-    let names = [
-        String::new(),
-        SERVICE.to_string(),
-        <proto::payment_server::PaymentServer<PaymentService> as tonic::server::NamedService>::NAME
-            .to_string(),
-    ];
-    for n in &names {
-        health.set_service_status(n, ServingStatus::Serving).await;
-    }
-    let routes = tonic::service::Routes::new(health_service)
-        .add_service(payment)
-        .into_axum_router()
-        .merge(faults::admin_routes(faults.clone()));
-    let shutdown = async move {
-        shutdown.await;
-        for n in names {
-            health
-                .set_service_status(n, ServingStatus::NotServing)
-                .await;
-        }
-    };
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .accept_http1(true)
-            .layer(ContextLayer::new(SERVICE))
-            .add_routes(tonic::service::Routes::from(routes))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
-        Ok(())
-    });
+    let task = super::spawn_grpc(SERVICE, payment, faults.clone(), listener, shutdown).await;
     tracing::info!(service = SERVICE, %url, "serving gRPC");
     Ok(Running { url, faults, task })
 }

@@ -162,7 +162,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "orders: outbox holds {} events until the relay publishes them\n",
-        orders_db.outbox_len()?
+        orders_db.outbox_len().await?
     );
 
     // Billing's router: charge, then publish the outcome through its own outbox.
@@ -196,7 +196,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokio::time::sleep(Duration::from_millis(600)).await;
                 println!("billing: o-3 attempt 1 resumes; its commit will find o-3 in the inbox");
             }
-            let balance = ctx.txn.get(&BALANCES, &ev.customer)?.unwrap_or(0);
+            let balance = ctx.txn.get(&BALANCES, &ev.customer).await?.unwrap_or(0);
             if balance < ev.total_cents {
                 println!(
                     "billing: {} declined: {} has {}",
@@ -238,13 +238,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     follow.on(
         "payments",
         "orders",
-        |ctx: Context, ev: PaymentCompleted| async move { set_status(&ctx, &ev.order_id, "paid") },
+        |ctx: Context, ev: PaymentCompleted| async move { set_status(&ctx, &ev.order_id, "paid").await },
     );
     follow.on(
         "payments",
         "orders",
         |ctx: Context, ev: PaymentDeclined| async move {
-            set_status(&ctx, &ev.order_id, &format!("declined ({})", ev.reason))
+            set_status(&ctx, &ev.order_id, &format!("declined ({})", ev.reason)).await
         },
     );
 
@@ -268,7 +268,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Wait until every order is settled, and a little more for the late redelivery.
     for _ in 0..200 {
         let txn = Txn::new(orders_db.clone());
-        let rows = txn.scan(&ORDERS, "o-", 100)?;
+        let rows = txn.scan(&ORDERS, "o-", 100).await?;
         if rows.iter().all(|(_, o)| o.status != "placed") {
             break;
         }
@@ -277,7 +277,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     println!("\norder  customer  total   status");
-    for (id, o) in Txn::new(orders_db.clone()).scan(&ORDERS, "o-", 100)? {
+    for (id, o) in Txn::new(orders_db.clone()).scan(&ORDERS, "o-", 100).await? {
         println!(
             "{id:<6} {:<9} {:<7} {}",
             o.customer,
@@ -288,8 +288,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let txn = Txn::new(billing_db.clone());
     println!(
         "\nbalances: ada {}, grace {} (each charge applied once)",
-        money(txn.get(&BALANCES, "ada")?.unwrap_or(0)),
-        money(txn.get(&BALANCES, "grace")?.unwrap_or(0))
+        money(txn.get(&BALANCES, "ada").await?.unwrap_or(0)),
+        money(txn.get(&BALANCES, "grace").await?.unwrap_or(0))
     );
     println!(
         "billing: {} messages applied, {} redelivery skipped by the inbox; outbox backlog: orders {}, billing {}",
@@ -299,8 +299,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         billing_stats
             .duplicates
             .load(std::sync::atomic::Ordering::Relaxed),
-        orders_db.outbox_len()?,
-        billing_db.outbox_len()?
+        orders_db.outbox_len().await?,
+        billing_db.outbox_len().await?
     );
 
     let _ = stop.send(true);
@@ -316,8 +316,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn set_status(ctx: &Context, order_id: &str, status: &str) -> Result<(), HandlerError> {
-    let Some(mut order) = ctx.txn.get(&ORDERS, order_id)? else {
+async fn set_status(ctx: &Context, order_id: &str, status: &str) -> Result<(), HandlerError> {
+    let Some(mut order) = ctx.txn.get(&ORDERS, order_id).await? else {
         return Err(HandlerError::dead_letter(format!("no order {order_id}")));
     };
     order.status = status.to_string();

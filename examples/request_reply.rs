@@ -150,7 +150,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         REQUESTS,
         "inventory",
         |ctx: Context, r: Reserve| async move {
-            let stock = ctx.txn.get(&STOCK, &r.sku)?.unwrap_or(0);
+            let stock = ctx.txn.get(&STOCK, &r.sku).await?.unwrap_or(0);
             if stock < r.qty {
                 return Err(HandlerError::dead_letter(format!(
                     "only {stock} × {} left, {} asked",
@@ -176,7 +176,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         REQUESTS,
         "inventory",
         |ctx: Context, q: StockLevel| async move {
-            let qty = ctx.txn.get(&STOCK, &q.sku)?.unwrap_or(0);
+            let qty = ctx.txn.get(&STOCK, &q.sku).await?.unwrap_or(0);
             Ok::<_, HandlerError>(Level { qty })
         },
     );
@@ -257,7 +257,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = stop.send(true);
     inventory.await??;
     let left = Txn::new(inventory_db.clone())
-        .get(&STOCK, "sku-1")?
+        .get(&STOCK, "sku-1")
+        .await?
         .unwrap_or(0);
     println!(
         "inventory: {} replies sent ({} re-sent from the store), {} store commits (none for the query); stock of sku-1 is {left}",

@@ -162,7 +162,7 @@ fn inventory(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Router {
         INVENTORY,
         "inventory",
         |ctx: Context, r: Reserve| async move {
-            let stock = ctx.txn.get(&STOCK, &r.sku)?.unwrap_or(0);
+            let stock = ctx.txn.get(&STOCK, &r.sku).await?.unwrap_or(0);
             if stock < r.qty {
                 return Err(HandlerError::dead_letter(format!(
                     "only {stock} × {} left",
@@ -182,7 +182,7 @@ fn inventory(bus: Arc<dyn Bus>, store: Arc<dyn Store>) -> Router {
         INVENTORY,
         "inventory",
         |ctx: Context, r: Release| async move {
-            let stock = ctx.txn.get(&STOCK, &r.sku)?.unwrap_or(0);
+            let stock = ctx.txn.get(&STOCK, &r.sku).await?.unwrap_or(0);
             let left = stock + r.qty;
             println!(
                 "inventory: release {} × {} for {} (stock {stock} → {left})",
@@ -582,7 +582,9 @@ async fn main() -> Result<(), BoxError> {
         .await?;
     let parked = orchestrator.wait("o-3").await?;
     print_history(&parked);
-    let waiting = orchestrator.list(switchyard::saga::SagaState::NeedsAttention, 10)?;
+    let waiting = orchestrator
+        .list(switchyard::saga::SagaState::NeedsAttention, 10)
+        .await?;
     println!(
         "operator: {} saga(s) need attention: {:?}",
         waiting.len(),
@@ -596,9 +598,10 @@ async fn main() -> Result<(), BoxError> {
     orchestrator.retry("o-3").await?;
     print_history(&orchestrator.wait("o-3").await?);
 
-    let counts = orchestrator.counts()?;
+    let counts = orchestrator.counts().await?;
     let stock = Txn::new(inventory_db.clone())
-        .get(&STOCK, "lamp")?
+        .get(&STOCK, "lamp")
+        .await?
         .unwrap_or(0);
     let sum = |m: &Mutex<HashMap<String, u64>>| -> u64 {
         m.lock().unwrap_or_else(|e| e.into_inner()).values().sum()

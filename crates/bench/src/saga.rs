@@ -316,7 +316,7 @@ pub async fn inflight_child(dir: &Path, n: u64) -> Result<(), BoxError> {
             tokio::time::sleep(Duration::from_secs(3)).await;
             break;
         }
-        if gate.entered.load(Ordering::SeqCst) == n && orchestrator.counts()?.running == n {
+        if gate.entered.load(Ordering::SeqCst) == n && orchestrator.counts().await?.running == n {
             break;
         }
         if Instant::now() > deadline {

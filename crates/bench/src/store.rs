@@ -48,7 +48,7 @@ fn progress(label: &str) {
 /// event, one inbox mark.
 async fn one_commit(store: &Arc<dyn Store>, key: &str, i: u64) -> switchyard::Result<()> {
     let txn = Txn::new(store.clone());
-    let mut c = txn.get(&COUNTERS, key)?.unwrap_or_default();
+    let mut c = txn.get(&COUNTERS, key).await?.unwrap_or_default();
     c.n += 1;
     c.note = format!("commit {i}");
     txn.put(&COUNTERS, key, &c)?;
@@ -161,7 +161,7 @@ pub async fn router_drain(n: u64, with_store: bool) -> Result<f64, BoxError> {
     router.concurrency("in", "bench", 256);
     router.on("in", "bench", move |ctx: Context, ev: Tick| async move {
         if with_store {
-            let mut c = ctx.txn.get(&COUNTERS, &ev.key)?.unwrap_or_default();
+            let mut c = ctx.txn.get(&COUNTERS, &ev.key).await?.unwrap_or_default();
             c.n += 1;
             ctx.txn.put(&COUNTERS, &ev.key, &c)?;
             ctx.publish("out", &ev)?;

@@ -643,20 +643,21 @@ async fn http_get(
     let order = s
         .desk
         .book()
-        .get(&id)?
+        .get(&id)
+        .await?
         .ok_or_else(|| ApiError::NotFound(id.clone()))?;
     let order = settle(&s.desk, order, wait).await?;
     Ok(order_response(order, false))
 }
 
 /// Up to `limit` orders in `status` (every status if `None`), by id.
-pub(crate) fn list_orders(
+pub(crate) async fn list_orders(
     desk: &OrderDesk,
     status: Option<OrderStatus>,
     limit: usize,
 ) -> Result<Vec<Order>, ApiError> {
     let mut orders = match status {
-        Some(st) => desk.book().list(st, limit)?,
+        Some(st) => desk.book().list(st, limit).await?,
         None => {
             let mut all = Vec::new();
             for st in [
@@ -664,7 +665,7 @@ pub(crate) fn list_orders(
                 OrderStatus::Completed,
                 OrderStatus::Failed,
             ] {
-                all.extend(desk.book().list(st, limit)?);
+                all.extend(desk.book().list(st, limit).await?);
             }
             all.sort_by(|a, b| a.id.cmp(&b.id));
             all
@@ -686,13 +687,13 @@ async fn http_list(State(s): State<ApiState>, uri: Uri) -> Result<Json<OrderList
         .transpose()?
         .unwrap_or(DEFAULT_LIMIT);
     Ok(Json(OrderList {
-        orders: list_orders(&s.desk, status, limit)?,
+        orders: list_orders(&s.desk, status, limit).await?,
     }))
 }
 
 async fn http_counts(State(s): State<ApiState>, uri: Uri) -> Result<Json<OrderCounts>, ApiError> {
     query(&uri, &[])?;
-    let c = s.desk.book().counts()?;
+    let c = s.desk.book().counts().await?;
     let n = |st| c.get(&st).copied().unwrap_or(0);
     Ok(Json(OrderCounts {
         accepted: n(OrderStatus::Accepted),

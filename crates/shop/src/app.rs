@@ -463,7 +463,7 @@ impl ShopApp {
         // The orchestrator (resumes unfinished sagas first) and the monitor; then the
         // in-memory flows of orders still accepted.
         order.spawn_background(&mut tasks, &monitor, config.stall_after);
-        order.resume_accepted()?;
+        order.resume_accepted().await?;
 
         Ok(ShopApp {
             order,

@@ -104,13 +104,13 @@ fn violation(kind: &str, detail: String) -> Violation {
 }
 
 /// Checks the invariants over the running `app`.
-pub fn check(app: &crate::app::ShopApp) -> Result<CheckReport, CheckError> {
-    check_parts(app.book(), app.services(), &Catalog::standard())
+pub async fn check(app: &crate::app::ShopApp) -> Result<CheckReport, CheckError> {
+    check_parts(app.book(), app.services(), &Catalog::standard()).await
 }
 
 /// Checks the invariants over the order book and the services' stores (`catalog`: the
 /// one the inventory was seeded from).
-pub fn check_parts(
+pub async fn check_parts(
     book: &OrderBook,
     services: &crate::app::Services,
     catalog: &Catalog,
@@ -122,7 +122,7 @@ pub fn check_parts(
         OrderStatus::Completed,
         OrderStatus::Failed,
     ] {
-        let list = book.list(status, usize::MAX)?;
+        let list = book.list(status, usize::MAX).await?;
         report
             .orders
             .insert(status.as_str().to_string(), list.len() as u64);
@@ -149,7 +149,7 @@ pub fn check_parts(
     report.in_flight = in_flight;
 
     // Stock.
-    let stock = services.inventory.all_stock()?;
+    let stock = services.inventory.all_stock().await?;
     report.stock_units = stock.iter().map(|s| s.total()).sum();
     report.initial_units = catalog.total_initial_units();
     for p in catalog.products() {
@@ -173,7 +173,8 @@ pub fn check_parts(
         }
     }
     let reservations: Vec<Reservation> = Txn::new(services.inventory.store().clone())
-        .scan(&RESERVATIONS, "", usize::MAX)?
+        .scan(&RESERVATIONS, "", usize::MAX)
+        .await?
         .into_iter()
         .map(|(_, r)| r)
         .collect();
@@ -191,7 +192,7 @@ pub fn check_parts(
     }
 
     // Money.
-    let ledger = services.payments.ledger()?;
+    let ledger = services.payments.ledger().await?;
     report.charged_cents = ledger.charged.values().sum();
     report.refunded_cents = ledger.refunded.values().sum();
     for (id, n) in &ledger.charges {
@@ -247,7 +248,8 @@ pub fn check_parts(
     // Shipments.
     let shipments: Vec<_> = services
         .shipping
-        .all()?
+        .all()
+        .await?
         .into_iter()
         .filter(|s| !s.is_cancelled())
         .collect();

@@ -119,6 +119,7 @@ impl api::Admin for AppAdmin {
             out.extend(
                 orchestrator
                     .list(s, left)
+                    .await
                     .map_err(|e| AdminError::Failed(e.to_string()))?,
             );
         }
@@ -186,8 +187,9 @@ impl api::Admin for AppAdmin {
     }
 
     async fn check(&self) -> Result<CheckReport, AdminError> {
-        let report =
-            crate::check::check(&self.app).map_err(|e| AdminError::Failed(e.to_string()))?;
+        let report = crate::check::check(&self.app)
+            .await
+            .map_err(|e| AdminError::Failed(e.to_string()))?;
         Ok(to_api_report(&report))
     }
 }

@@ -315,8 +315,8 @@ impl OrderBook {
     }
 
     /// Records a new order in `txn`; fails with [`BookError::Exists`] for a known id.
-    pub fn create_in(&self, txn: &Txn, order: &Order) -> Result<(), BookError> {
-        if txn.get(&ORDERS_TABLE, &order.id)?.is_some() {
+    pub async fn create_in(&self, txn: &Txn, order: &Order) -> Result<(), BookError> {
+        if txn.get(&ORDERS_TABLE, &order.id).await?.is_some() {
             return Err(BookError::Exists(order.id.clone()));
         }
         txn.put(&ORDERS_TABLE, &order.id, order)?;
@@ -330,10 +330,9 @@ impl OrderBook {
 
     /// Records a new order (its own commit).
     pub async fn create(&self, order: &Order) -> Result<(), BookError> {
-        let result = transact(
-            &self.store,
-            |txn| async move { Ok(self.create_in(&txn, order)) },
-        )
+        let result = transact(&self.store, |txn| async move {
+            Ok(self.create_in(&txn, order).await)
+        })
         .await?;
         result?;
         self.changed(&order.id);
@@ -341,7 +340,7 @@ impl OrderBook {
     }
 
     /// Appends `what` (by `service`) to the order's timeline in `txn`.
-    pub fn record_in(
+    pub async fn record_in(
         &self,
         txn: &Txn,
         id: &str,
@@ -350,7 +349,8 @@ impl OrderBook {
         detail: Option<String>,
     ) -> Result<(), BookError> {
         let mut order = txn
-            .get(&ORDERS_TABLE, id)?
+            .get(&ORDERS_TABLE, id)
+            .await?
             .ok_or_else(|| BookError::NotFound(id.to_string()))?;
         self.merge_pending(&mut order);
         let now = Timestamp::now();
@@ -375,7 +375,7 @@ impl OrderBook {
     ) -> Result<(), BookError> {
         let result = transact(&self.store, |txn| {
             let detail = detail.clone();
-            async move { Ok(self.record_in(&txn, id, service, what, detail)) }
+            async move { Ok(self.record_in(&txn, id, service, what, detail).await) }
         })
         .await?;
         result?;
@@ -386,7 +386,7 @@ impl OrderBook {
     /// Ends the order as `completed` (`reason` None) or `failed` (with the reason) in
     /// `txn`, with a last timeline entry by `service`. Ending an order that has ended
     /// changes nothing (the first outcome stands) and returns false.
-    pub fn finish_in(
+    pub async fn finish_in(
         &self,
         txn: &Txn,
         id: &str,
@@ -394,7 +394,8 @@ impl OrderBook {
         reason: Option<String>,
     ) -> Result<bool, BookError> {
         let mut order = txn
-            .get(&ORDERS_TABLE, id)?
+            .get(&ORDERS_TABLE, id)
+            .await?
             .ok_or_else(|| BookError::NotFound(id.to_string()))?;
         if order.status.is_terminal() {
             return Ok(false);
@@ -429,7 +430,7 @@ impl OrderBook {
     ) -> Result<bool, BookError> {
         let result = transact(&self.store, |txn| {
             let reason = reason.clone();
-            async move { Ok(self.finish_in(&txn, id, service, reason)) }
+            async move { Ok(self.finish_in(&txn, id, service, reason).await) }
         })
         .await?;
         let ended = result?;
@@ -440,8 +441,13 @@ impl OrderBook {
     /// Wakes whoever waits on order `id` (call after committing a `*_in` change), and
     /// forgets the noted entries that are written now.
     pub fn changed(&self, id: &str) {
-        if lock(&self.pending).contains_key(id) {
-            self.forget_written(id);
+        if lock(&self.pending).contains_key(id)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // The stored order is read asynchronously; until then the entries stay noted
+            // (reads merge them without duplicates).
+            let (book, id) = (self.clone(), id.to_string());
+            runtime.spawn(async move { book.forget_written(&id).await });
         }
         let watchers = lock(&self.watchers);
         if let Some(tx) = watchers.get(id) {
@@ -486,8 +492,8 @@ impl OrderBook {
 
     /// Drops the noted entries of order `id` that its stored history holds (all of them
     /// once the order has ended, or is gone).
-    fn forget_written(&self, id: &str) {
-        let stored = Txn::new(self.store.clone()).get(&ORDERS_TABLE, id);
+    async fn forget_written(&self, id: &str) {
+        let stored = Txn::new(self.store.clone()).get(&ORDERS_TABLE, id).await;
         let mut pending = lock(&self.pending);
         match stored {
             Ok(Some(order)) if !order.status.is_terminal() => {
@@ -507,8 +513,8 @@ impl OrderBook {
     }
 
     /// The order `id`, if it exists, with the entries noted but not written yet.
-    pub fn get(&self, id: &str) -> Result<Option<Order>, BookError> {
-        let mut order = Txn::new(self.store.clone()).get(&ORDERS_TABLE, id)?;
+    pub async fn get(&self, id: &str) -> Result<Option<Order>, BookError> {
+        let mut order = Txn::new(self.store.clone()).get(&ORDERS_TABLE, id).await?;
         if let Some(o) = &mut order {
             self.merge_pending(o);
         }
@@ -516,13 +522,13 @@ impl OrderBook {
     }
 
     /// Up to `limit` orders in `status` (by id).
-    pub fn list(&self, status: OrderStatus, limit: usize) -> Result<Vec<Order>, BookError> {
+    pub async fn list(&self, status: OrderStatus, limit: usize) -> Result<Vec<Order>, BookError> {
         let txn = Txn::new(self.store.clone());
         let prefix = format!("{}/", status.as_str());
         let mut out = Vec::new();
-        for (key, _) in txn.scan(&ORDERS_BY_STATUS, &prefix, limit)? {
+        for (key, _) in txn.scan(&ORDERS_BY_STATUS, &prefix, limit).await? {
             if let Some(id) = key.strip_prefix(&prefix)
-                && let Some(order) = txn.get(&ORDERS_TABLE, id)?
+                && let Some(order) = txn.get(&ORDERS_TABLE, id).await?
             {
                 out.push(order);
             }
@@ -531,7 +537,7 @@ impl OrderBook {
     }
 
     /// How many orders are in each status.
-    pub fn counts(&self) -> Result<HashMap<OrderStatus, u64>, BookError> {
+    pub async fn counts(&self) -> Result<HashMap<OrderStatus, u64>, BookError> {
         let txn = Txn::new(self.store.clone());
         let mut out = HashMap::new();
         for status in [
@@ -540,7 +546,10 @@ impl OrderBook {
             OrderStatus::Failed,
         ] {
             let prefix = format!("{}/", status.as_str());
-            let n = txn.scan(&ORDERS_BY_STATUS, &prefix, usize::MAX)?.len() as u64;
+            let n = txn
+                .scan(&ORDERS_BY_STATUS, &prefix, usize::MAX)
+                .await?
+                .len() as u64;
             out.insert(status, n);
         }
         Ok(out)
@@ -558,7 +567,7 @@ impl OrderBook {
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let result = loop {
-            let order = match self.get(id) {
+            let order = match self.get(id).await {
                 Ok(Some(o)) => o,
                 Ok(None) => break Err(BookError::NotFound(id.to_string())),
                 Err(e) => break Err(e),
@@ -685,7 +694,7 @@ impl OrderDesk {
                 order.pattern
             ))
         })?;
-        if self.book.get(&order.id)?.is_some() {
+        if self.book.get(&order.id).await?.is_some() {
             return Err(PlaceError::Exists(order.id));
         }
         flow.place(order).await
@@ -759,9 +768,17 @@ mod tests {
         assert_eq!(done.status, OrderStatus::Completed);
         let whats: Vec<_> = done.history.iter().map(|e| e.what.as_str()).collect();
         assert_eq!(whats, ["accepted", "charged", "completed"]);
-        assert_eq!(book.list(OrderStatus::Completed, 10).unwrap().len(), 1);
-        assert!(book.list(OrderStatus::Accepted, 10).unwrap().is_empty());
-        assert_eq!(book.counts().unwrap()[&OrderStatus::Completed], 1);
+        assert_eq!(
+            book.list(OrderStatus::Completed, 10).await.unwrap().len(),
+            1
+        );
+        assert!(
+            book.list(OrderStatus::Accepted, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(book.counts().await.unwrap()[&OrderStatus::Completed], 1);
         let missing = book.wait("o-404", Duration::from_millis(10)).await;
         assert!(matches!(missing, Err(BookError::NotFound(_))));
     }

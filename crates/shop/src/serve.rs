@@ -407,7 +407,7 @@ async fn serve_order(
     }
     tasks.spawn_relay(&store, &bus);
     order.spawn_background(&mut tasks, &monitor, defaults.stall_after);
-    order.resume_accepted()?;
+    order.resume_accepted().await?;
 
     let (stop_api, api_stopped) = watch::channel(false);
     let api = api::start(

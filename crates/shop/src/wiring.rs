@@ -445,10 +445,11 @@ impl OrderService {
 
     /// Runs again, each in its own task, the in-memory flow of every order still
     /// accepted whose pattern runs here (see [`crate::patterns`]); returns how many.
-    pub(crate) fn resume_accepted(&self) -> Result<usize, AppError> {
+    pub(crate) async fn resume_accepted(&self) -> Result<usize, AppError> {
         let accepted = self
             .book
             .list(OrderStatus::Accepted, usize::MAX)
+            .await
             .map_err(|e| AppError::Start(switchyard::Error::InvalidArgument(e.to_string())))?;
         let mut resumed = 0;
         for order in accepted {

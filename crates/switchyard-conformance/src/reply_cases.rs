@@ -152,7 +152,7 @@ impl Calc {
             let calls = c.clone();
             async move {
                 *calls.lock().unwrap().entry(ask.tag.clone()).or_default() += 1;
-                let n = ctx.txn.get(&EFFECTS, &ask.tag)?.unwrap_or(0);
+                let n = ctx.txn.get(&EFFECTS, &ask.tag).await?.unwrap_or(0);
                 ctx.txn.put(&EFFECTS, &ask.tag, &(n + 1))?;
                 if ask.sleep_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(ask.sleep_ms)).await;
@@ -178,7 +178,7 @@ impl Calc {
                     .unwrap()
                     .entry(format!("peek:{}", peek.tag))
                     .or_default() += 1;
-                let effects = ctx.txn.get(&EFFECTS, &peek.tag)?.unwrap_or(0);
+                let effects = ctx.txn.get(&EFFECTS, &peek.tag).await?.unwrap_or(0);
                 Ok::<_, HandlerError>(Peeked { effects })
             }
         });
@@ -198,9 +198,10 @@ impl Calc {
         }
     }
 
-    fn effects(&self, tag: &str) -> u64 {
+    async fn effects(&self, tag: &str) -> u64 {
         Txn::new(self.store.clone())
             .get(&EFFECTS, tag)
+            .await
             .unwrap()
             .unwrap_or(0)
     }
@@ -283,9 +284,9 @@ async fn typed_reply<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path)
         );
         let s = requester.stats();
         assert_eq!((s.requests, s.replies, s.timeouts), (1, 1, 0), "{s:?}");
-        assert_eq!(calc.effects("typed"), 1);
+        assert_eq!(calc.effects("typed").await, 1);
         assert_eq!(
-            calc.store.outbox_len().unwrap(),
+            calc.store.outbox_len().await.unwrap(),
             0,
             "the reply did not go through the outbox"
         );
@@ -388,7 +389,7 @@ async fn timeout_and_late_reply<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, 
             requester.stats().late_replies == 1
         })
         .await;
-        assert_eq!(calc.effects("slow"), 1, "the effect committed once");
+        assert_eq!(calc.effects("slow").await, 1, "the effect committed once");
         // The next call gets its own reply, not the late one.
         let answer: Answer = requester
             .request(REQUESTS, &ask(8, "after"), ANSWERED)
@@ -443,7 +444,7 @@ async fn repeated_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &
         assert_eq!(first.event_type, second.event_type);
         assert_eq!(first.data, second.data, "the same reply");
         assert_ne!(first.id, second.id, "re-sent under a fresh id");
-        assert_eq!(calc.effects("dup"), 1, "one effect for two requests");
+        assert_eq!(calc.effects("dup").await, 1, "one effect for two requests");
         assert_eq!(calc.calls("dup"), 1, "the handler ran once");
         reaches("router stat `replies`", &calc.stats.replies, 1).await;
         reaches(
@@ -474,7 +475,7 @@ async fn repeated_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &
             requester.stats().duplicate_replies == 1
         })
         .await;
-        assert_eq!(calc.effects("dup2"), 1);
+        assert_eq!(calc.effects("dup2").await, 1);
         assert_eq!(calc.calls("dup2"), 1, "the handler did not run again");
         let s = requester.stats();
         assert_eq!(
@@ -500,7 +501,7 @@ async fn idempotency_key<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
             .await
             .unwrap();
         assert_eq!(first, second, "the same reply");
-        assert_eq!(calc.effects("keyed"), 1, "the effect applied once");
+        assert_eq!(calc.effects("keyed").await, 1, "the effect applied once");
         assert_eq!(calc.calls("keyed"), 1, "the handler ran once");
         reaches(
             "router stat `replies_resent`",
@@ -540,7 +541,7 @@ async fn expired_request<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
             .unwrap();
         assert_eq!(answer.doubled, 4);
         assert_eq!(calc.calls("expired"), 0, "the handler never ran");
-        assert_eq!(calc.effects("expired"), 0);
+        assert_eq!(calc.effects("expired").await, 0);
         reaches(
             "only the fresh request was answered",
             &calc.stats.replies,
@@ -573,7 +574,7 @@ async fn remote_errors<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Pat
             other => panic!("expected a remote terminal error, got {other:?}"),
         }
         assert!(!err.is_retryable());
-        assert_eq!(calc.effects("refused"), 0, "a refusal's effects are discarded");
+        assert_eq!(calc.effects("refused").await, 0, "a refusal's effects are discarded");
         // Asking again with the same key gets the same refusal, from the store.
         let again = requester
             .request_with::<Ask, Answer>(REQUESTS, &refused, options())
@@ -608,7 +609,7 @@ async fn remote_errors<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Pat
         }
         assert!(err.is_retryable());
         assert_eq!(calc.calls("flaky"), 2, "every attempt ran");
-        assert_eq!(calc.effects("flaky"), 0, "a failed attempt's effects are discarded");
+        assert_eq!(calc.effects("flaky").await, 0, "a failed attempt's effects are discarded");
         reaches("router stat `retried`", &calc.stats.retried, 1).await;
         assert!(
             calc.bus.dead_letters(REQUESTS, 10).await.unwrap().is_empty(),
@@ -732,7 +733,11 @@ async fn responder_restart<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
     // Up again (the same store): the retry with the same key applies the effect once,
     // and another retry gets the stored reply.
     let calc = Calc::start(bus.clone(), store.clone()).await;
-    assert_eq!(calc.effects("restart"), 0, "nothing applied while down");
+    assert_eq!(
+        calc.effects("restart").await,
+        0,
+        "nothing applied while down"
+    );
     let retry = || RequestOptions::new(ANSWERED).idempotency_key("restart-1");
     let first: Answer = requester
         .request_with(REQUESTS, &ask(5, "restart"), retry())
@@ -744,7 +749,7 @@ async fn responder_restart<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
         .unwrap();
     assert_eq!(first.doubled, 10);
     assert_eq!(first, second);
-    assert_eq!(calc.effects("restart"), 1, "applied once");
+    assert_eq!(calc.effects("restart").await, 1, "applied once");
     assert_eq!(
         calc.calls("restart"),
         1,
@@ -767,6 +772,7 @@ async fn without_effects<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
             .unwrap();
         let stored_before = Txn::new(calc.store.clone())
             .scan(&REPLIES, "", 1000)
+            .await
             .unwrap()
             .len();
         assert_eq!(stored_before, 1, "the effectful request stored its reply");
@@ -788,6 +794,7 @@ async fn without_effects<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
         );
         let stored_after = Txn::new(calc.store.clone())
             .scan(&REPLIES, "", 1000)
+            .await
             .unwrap()
             .len();
         assert_eq!(
@@ -828,7 +835,7 @@ async fn concurrent_same_key<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir
             send(requester.clone(), slow)
         );
         assert_eq!(a, b, "the same reply to both");
-        assert_eq!(calc.effects("race"), 11, "applied once");
+        assert_eq!(calc.effects("race").await, 11, "applied once");
         reaches("router stat `replies`", &calc.stats.replies, 1).await;
         reaches(
             "router stat `replies_resent`",

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use switchyard::relay::OutboxRelay;
 use switchyard::router::{Context, GateDecision, HandlerError, Router};
-use switchyard::store::{Store, Table, Txn};
-use switchyard::{Bus, Envelope, Event, RedeliveryPolicy, SubscribeOptions, codec};
+use switchyard::store::{OutboxEntry, RawRow, Store, Table, Txn, Write, WriteBatch};
+use switchyard::{
+    Bus, Envelope, Event, MessageId, RedeliveryPolicy, SubscribeOptions, Timestamp, codec,
+};
 use switchyard_testkit::Child;
 
 use crate::child::DIR_VAR;
@@ -145,9 +147,9 @@ fn start(
             if ev.cents == 13 && fail.load(Ordering::SeqCst) {
                 return Err(HandlerError::retryable("bank down"));
             }
-            let total = ctx.txn.get(&TOTALS, &ev.order)?.unwrap_or(0);
+            let total = ctx.txn.get(&TOTALS, &ev.order).await?.unwrap_or(0);
             ctx.txn.put(&TOTALS, &ev.order, &(total + ev.cents))?;
-            let mut seen = ctx.txn.get(&SEEN, &ev.order)?.unwrap_or_default();
+            let mut seen = ctx.txn.get(&SEEN, &ev.order).await?.unwrap_or_default();
             seen.push(ev.seq);
             ctx.txn.put(&SEEN, &ev.order, &seen)?;
             ctx.publish("shipments", &Shipped { order: ev.order })?;
@@ -165,23 +167,24 @@ fn start(
     }
 }
 
-async fn eventually(what: &str, f: impl Fn() -> bool) {
+async fn eventually(what: &str, f: impl AsyncFn() -> bool) {
     let deadline = Instant::now() + EVENTUALLY;
     while Instant::now() < deadline {
-        if f() {
+        if f().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if f() {
+    if f().await {
         return;
     }
     panic!("timed out after {EVENTUALLY:?} waiting for: {what}");
 }
 
-fn total(store: &Arc<dyn Store>, order: &str) -> u64 {
+async fn total(store: &Arc<dyn Store>, order: &str) -> u64 {
     Txn::new(store.clone())
         .get(&TOTALS, order)
+        .await
         .unwrap()
         .unwrap_or(0)
 }
@@ -211,18 +214,18 @@ async fn delivered_twice<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
     );
     bus.publish("payments", paid("o1", 2, 5)).await.unwrap();
     let store = w.store.clone();
-    eventually("both distinct messages applied", || {
-        total(&store, "o1") == 105
+    eventually("both distinct messages applied", async || {
+        total(&store, "o1").await == 105
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
-        total(&store, "o1"),
+        total(&store, "o1").await,
         105,
         "the duplicate was not applied again"
     );
     assert_eq!(
-        store.outbox_len().unwrap(),
+        store.outbox_len().await.unwrap(),
         2,
         "one outbox event per applied message"
     );
@@ -231,17 +234,76 @@ async fn delivered_twice<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &P
     close_both(&raw_bus, sf, &raw_store).await;
 }
 
-/// Held by a handler: on drop, records whether the handler's row was committed by then.
+/// The order of commits and drops, as `committed:<order>` / `dropped:<order>` entries.
+type Events = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Held by a handler: records when it is dropped.
 struct CommitProbe {
-    store: Arc<dyn Store>,
     order: String,
-    seen: Arc<std::sync::Mutex<Vec<bool>>>,
+    events: Events,
 }
 
 impl Drop for CommitProbe {
     fn drop(&mut self) {
-        let committed = total(&self.store, &self.order) > 0;
-        self.seen.lock().unwrap().push(committed);
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("dropped:{}", self.order));
+    }
+}
+
+/// The store under test, recording each commit of an order's row once it returned.
+struct RecordingStore {
+    inner: Arc<dyn Store>,
+    events: Events,
+}
+
+#[async_trait::async_trait]
+impl Store for RecordingStore {
+    async fn get_raw(&self, table: &str, key: &str) -> switchyard::Result<Option<RawRow>> {
+        self.inner.get_raw(table, key).await
+    }
+    async fn scan_raw(
+        &self,
+        table: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> switchyard::Result<Vec<RawRow>> {
+        self.inner.scan_raw(table, prefix, limit).await
+    }
+    async fn commit(&self, batch: WriteBatch) -> switchyard::Result<()> {
+        let orders: Vec<String> = batch
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::Put { table, key, .. } if table == TOTALS.name() && key != "hot" => {
+                    Some(key.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        self.inner.commit(batch).await?;
+        let mut events = self.events.lock().unwrap();
+        events.extend(orders.into_iter().map(|o| format!("committed:{o}")));
+        Ok(())
+    }
+    async fn inbox_contains(&self, consumer: &str, id: MessageId) -> switchyard::Result<bool> {
+        self.inner.inbox_contains(consumer, id).await
+    }
+    async fn expire_inbox(&self, before: Timestamp) -> switchyard::Result<u64> {
+        self.inner.expire_inbox(before).await
+    }
+    async fn outbox_peek(&self, limit: usize) -> switchyard::Result<Vec<OutboxEntry>> {
+        self.inner.outbox_peek(limit).await
+    }
+    async fn outbox_remove(&self, seqs: &[u64]) -> switchyard::Result<()> {
+        self.inner.outbox_remove(seqs).await
+    }
+    async fn outbox_len(&self) -> switchyard::Result<u64> {
+        self.inner.outbox_len().await
+    }
+    fn outbox_notify(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.outbox_notify()
     }
 }
 
@@ -249,27 +311,29 @@ async fn held_until_commit<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
     let raw_bus = open_bus(bf, dir, &Settings::default());
     let raw_store = open_store(sf, dir);
     let bus: Arc<dyn Bus> = Arc::new(raw_bus.clone());
-    let store: Arc<dyn Store> = raw_store.clone();
     // One hot row and an in-process lock that every handler takes and hands to the
     // router: with the lock held through the commit, writers take turns and never
-    // conflict, and every probe finds its handler's effect committed when it is dropped.
+    // conflict, and every probe is dropped after its handler's commit returned.
+    let events: Events = Arc::default();
+    let store: Arc<dyn Store> = Arc::new(RecordingStore {
+        inner: raw_store.clone(),
+        events: events.clone(),
+    });
     let lock = Arc::new(tokio::sync::Mutex::new(()));
-    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut router = Router::new("shipping", bus.clone(), store.clone());
     router.options("payments", "shipping", fast());
     {
-        let (store, lock, seen) = (store.clone(), lock.clone(), seen.clone());
+        let (lock, events) = (lock.clone(), events.clone());
         router.on("payments", "shipping", move |ctx: Context, ev: Paid| {
-            let (store, lock, seen) = (store.clone(), lock.clone(), seen.clone());
+            let (lock, events) = (lock.clone(), events.clone());
             async move {
                 let guard = lock.lock_owned().await;
-                let total = ctx.txn.get(&TOTALS, "hot")?.unwrap_or(0);
+                let total = ctx.txn.get(&TOTALS, "hot").await?.unwrap_or(0);
                 ctx.txn.put(&TOTALS, "hot", &(total + ev.cents))?;
                 ctx.txn.put(&TOTALS, &ev.order, &ev.cents)?;
                 ctx.hold(CommitProbe {
-                    store,
                     order: ev.order,
-                    seen,
+                    events,
                 });
                 ctx.hold(guard);
                 Ok(())
@@ -287,19 +351,29 @@ async fn held_until_commit<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
             .await
             .unwrap();
     }
-    eventually("every message applied", || {
-        total(&store, "hot") == u64::from(n)
+    eventually("every message applied", async || {
+        total(&store, "hot").await == u64::from(n)
     })
     .await;
-    eventually("every probe dropped", || {
-        seen.lock().unwrap().len() == n as usize
+    let dropped = |events: &[String]| events.iter().filter(|e| e.starts_with("dropped:")).count();
+    eventually("every probe dropped", async || {
+        dropped(&events.lock().unwrap()) == n as usize
     })
     .await;
-    let seen = seen.lock().unwrap().clone();
+    let events = events.lock().unwrap().clone();
+    let early: Vec<&str> = events
+        .iter()
+        .enumerate()
+        .filter_map(|(at, e)| {
+            let order = e.strip_prefix("dropped:")?;
+            let committed = format!("committed:{order}");
+            (!events[..at].contains(&committed)).then_some(order)
+        })
+        .collect();
     assert!(
-        seen.iter().all(|c| *c),
-        "{} of {n} held values were dropped before their commit",
-        seen.iter().filter(|c| !**c).count()
+        early.is_empty(),
+        "{} of {n} held values were dropped before their commit returned: {early:?}",
+        early.len()
     );
     assert_eq!(
         stats.retried.load(Ordering::Relaxed),
@@ -341,7 +415,7 @@ async fn gated<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
             let calls = calls.clone();
             async move {
                 calls.fetch_add(1, Ordering::SeqCst);
-                let total = ctx.txn.get(&TOTALS, &ev.order)?.unwrap_or(0);
+                let total = ctx.txn.get(&TOTALS, &ev.order).await?.unwrap_or(0);
                 ctx.txn.put(&TOTALS, &ev.order, &(total + ev.cents))?;
                 Ok(())
             }
@@ -357,7 +431,7 @@ async fn gated<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
             .await
             .unwrap();
     }
-    eventually("every message deferred once", || {
+    eventually("every message deferred once", async || {
         stats.retried.load(Ordering::Relaxed) >= 5
     })
     .await;
@@ -367,8 +441,13 @@ async fn gated<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
         "no handler ran while closed"
     );
     open.store(true, Ordering::SeqCst);
-    eventually("every message handled once the gate opened", || {
-        (0..5).all(|i| total(&store, &format!("g{i}")) == 10)
+    eventually("every message handled once the gate opened", async || {
+        for i in 0..5 {
+            if total(&store, &format!("g{i}")).await != 10 {
+                return false;
+            }
+        }
+        true
     })
     .await;
     assert_eq!(calls.load(Ordering::SeqCst), 5, "each handled once");
@@ -414,7 +493,10 @@ async fn relay_correlation<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
     assert_eq!(d.envelope().source, "/shipping");
     d.ack().await.unwrap();
     let store = w.store.clone();
-    eventually("outbox drained", || store.outbox_len().unwrap() == 0).await;
+    eventually("outbox drained", async || {
+        store.outbox_len().await.unwrap() == 0
+    })
+    .await;
     stop_relay.send(true).unwrap();
     relay_task.await.unwrap();
     w.stop().await;
@@ -496,12 +578,20 @@ async fn poison_and_replay<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
         bus.publish("payments", paid("B", seq, 1)).await.unwrap();
     }
     let store = w.store.clone();
-    eventually("B flows while A is parked", || total(&store, "B") == 4).await;
-    eventually("A resumes in order once the poison is in the DLQ", || {
-        total(&store, "A") == 3
+    eventually("B flows while A is parked", async || {
+        total(&store, "B").await == 4
     })
     .await;
-    let seen_a = Txn::new(store.clone()).get(&SEEN, "A").unwrap().unwrap();
+    eventually(
+        "A resumes in order once the poison is in the DLQ",
+        async || total(&store, "A").await == 3,
+    )
+    .await;
+    let seen_a = Txn::new(store.clone())
+        .get(&SEEN, "A")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         seen_a,
         vec![1, 3, 4],
@@ -519,8 +609,15 @@ async fn poison_and_replay<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: 
             .unwrap(),
         1
     );
-    eventually("replayed message applied", || total(&store, "A") == 16).await;
-    let seen_a = Txn::new(store.clone()).get(&SEEN, "A").unwrap().unwrap();
+    eventually("replayed message applied", async || {
+        total(&store, "A").await == 16
+    })
+    .await;
+    let seen_a = Txn::new(store.clone())
+        .get(&SEEN, "A")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seen_a, vec![1, 3, 4, 2]);
     assert!(bus.dead_letters("payments", 10).await.unwrap().is_empty());
     w.stop().await;
@@ -545,7 +642,7 @@ async fn lost_ack<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
         let c = c.clone();
         async move {
             let n = c.fetch_add(1, Ordering::SeqCst);
-            let total = ctx.txn.get(&TOTALS, &ev.order)?.unwrap_or(0);
+            let total = ctx.txn.get(&TOTALS, &ev.order).await?.unwrap_or(0);
             ctx.txn.put(&TOTALS, &ev.order, &(total + ev.cents))?;
             if n == 0 {
                 // Outlive the lease: the commit lands, the ack is refused as stale, and
@@ -560,12 +657,12 @@ async fn lost_ack<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path) {
         let _ = rx.changed().await;
     }));
     bus.publish("payments", paid("z", 1, 7)).await.unwrap();
-    eventually("redelivered and settled", || {
+    eventually("redelivered and settled", async || {
         calls.load(Ordering::SeqCst) >= 2
     })
     .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(total(&store, "z"), 7, "applied exactly once");
+    assert_eq!(total(&store, "z").await, 7, "applied exactly once");
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
     drop(store);
@@ -642,7 +739,7 @@ async fn relay_across_sigkills<B: BusFactory, S: StoreFactory>(
     }
     let db: Arc<dyn Store> = store.clone();
     let txn = Txn::new(db.clone());
-    let rows = txn.scan(&ROWS, "c", usize::MAX).unwrap();
+    let rows = txn.scan(&ROWS, "c", usize::MAX).await.unwrap();
     let lost: Vec<_> = committed
         .iter()
         .filter(|k| !seen.contains_key(*k))
@@ -669,7 +766,7 @@ async fn relay_across_sigkills<B: BusFactory, S: StoreFactory>(
         seen.len(),
         "every committed row has exactly its event"
     );
-    assert_eq!(db.outbox_len().unwrap(), 0);
+    assert_eq!(db.outbox_len().await.unwrap(), 0);
     drop((txn, db, sub));
     close_both(&bus, sf, &store).await;
 }
@@ -712,7 +809,7 @@ async fn router_killed<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Pat
     let store = open_store(sf, dir);
     let db: Arc<dyn Store> = store.clone();
     let txn = Txn::new(db.clone());
-    let applied = txn.scan(&APPLIED, "", usize::MAX).unwrap();
+    let applied = txn.scan(&APPLIED, "", usize::MAX).await.unwrap();
     let twice: Vec<_> = applied.iter().filter(|(_, n)| *n != 1).collect();
     assert_eq!(applied.len() as u64, N, "every message applied");
     assert!(
@@ -721,7 +818,7 @@ async fn router_killed<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Pat
         twice.len(),
         &twice[..twice.len().min(10)]
     );
-    assert_eq!(txn.get(&ROWS, "total").unwrap(), Some(N));
+    assert_eq!(txn.get(&ROWS, "total").await.unwrap(), Some(N));
     drop((txn, db));
     close_both(&bus, sf, &store).await;
 }

@@ -136,7 +136,7 @@ async fn relay_drain<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path)
     {
         let db: Arc<dyn Store> = store.clone();
         let relay = OutboxRelay::new(db.clone(), Arc::new(bus.clone()));
-        while db.outbox_len().unwrap() > 0 {
+        while db.outbox_len().await.unwrap() > 0 {
             relay.relay_once().await.unwrap();
         }
     }
@@ -165,9 +165,9 @@ async fn route<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path, kill_
         });
     router.on("made", "counter", |ctx: Context, ev: Made| async move {
         let id = ctx.envelope.id.to_string();
-        let n = ctx.txn.get(&APPLIED, &id)?.unwrap_or(0);
+        let n = ctx.txn.get(&APPLIED, &id).await?.unwrap_or(0);
         ctx.txn.put(&APPLIED, &id, &(n + 1))?;
-        let total = ctx.txn.get(&ROWS, "total")?.unwrap_or(0);
+        let total = ctx.txn.get(&ROWS, "total").await?.unwrap_or(0);
         ctx.txn.put(&ROWS, "total", &(total + 1))?;
         let _ = ev;
         Ok::<(), HandlerError>(())

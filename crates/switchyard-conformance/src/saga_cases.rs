@@ -63,10 +63,10 @@ impl Target {
 
     async fn apply(&self, saga: &str, key: &str, what: &str) -> Result<String, StepError> {
         let (result, fresh) = transact(&self.store, |txn| async move {
-            if let Some(r) = txn.get(&APPLIED, key)? {
+            if let Some(r) = txn.get(&APPLIED, key).await? {
                 return Ok((r, false));
             }
-            let seq = txn.get(&SEQ, saga)?.unwrap_or(0) + 1;
+            let seq = txn.get(&SEQ, saga).await?.unwrap_or(0) + 1;
             txn.put(&SEQ, saga, &seq)?;
             txn.put(&LOG, &format!("{saga}/{seq:04}"), &what.to_string())?;
             let r = format!("{what}#{saga}");
@@ -84,9 +84,10 @@ impl Target {
     }
 
     /// The effects applied for `saga`, in order.
-    pub(crate) fn log(&self, saga: &str) -> Vec<String> {
+    pub(crate) async fn log(&self, saga: &str) -> Vec<String> {
         Txn::new(self.store.clone())
             .scan(&LOG, &format!("{saga}/"), usize::MAX)
+            .await
             .unwrap()
             .into_iter()
             .map(|(_, v)| v)
@@ -94,9 +95,10 @@ impl Target {
     }
 
     /// Idempotency keys the target applied, all sagas.
-    pub(crate) fn applied_keys(&self) -> usize {
+    pub(crate) async fn applied_keys(&self) -> usize {
         Txn::new(self.store.clone())
             .scan(&APPLIED, "", usize::MAX)
+            .await
             .unwrap()
             .len()
     }
@@ -407,20 +409,30 @@ async fn happy_path<S: StoreFactory>(sf: &S, dir: &Path) {
             .iter()
             .all(|s| s.status == StepStatus::Done && s.attempts == 1)
     );
-    assert_eq!(rig.target.log(&id), expected_log(None));
+    assert_eq!(rig.target.log(&id).await, expected_log(None));
     assert_eq!(
-        rig.target.applied_keys(),
+        rig.target.applied_keys().await,
         3,
         "three distinct idempotency keys"
     );
     // Visible: by id (equal to what wait returned), by state, counted.
-    assert_eq!(rig.orchestrator.get(&id).unwrap().unwrap(), rec);
-    let listed = rig.orchestrator.list(SagaState::Completed, 10).unwrap();
+    assert_eq!(rig.orchestrator.get(&id).await.unwrap().unwrap(), rec);
+    let listed = rig
+        .orchestrator
+        .list(SagaState::Completed, 10)
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, id);
-    let counts = rig.orchestrator.counts().unwrap();
+    let counts = rig.orchestrator.counts().await.unwrap();
     assert_eq!((counts.completed, counts.in_flight()), (1, 0));
-    assert!(rig.orchestrator.get("no-such-saga").unwrap().is_none());
+    assert!(
+        rig.orchestrator
+            .get("no-such-saga")
+            .await
+            .unwrap()
+            .is_none()
+    );
     rig.shutdown().await;
 }
 
@@ -448,7 +460,7 @@ async fn failure_at_each_step<S: StoreFactory>(sf: &S, dir: &Path) {
             "failure at step {fail_at}"
         );
         assert_eq!(
-            rig.target.log(id),
+            rig.target.log(id).await,
             expected_log(Some(*fail_at)),
             "failure at step {fail_at}: the target saw exactly the completed steps, then \
              their compensations in reverse order"
@@ -475,7 +487,7 @@ async fn failure_at_each_step<S: StoreFactory>(sf: &S, dir: &Path) {
         assert_eq!(rec.steps[*fail_at].status, StepStatus::Failed);
         assert!(rec.error.as_deref().unwrap().contains("declined"));
     }
-    assert_eq!(rig.orchestrator.counts().unwrap().compensated, 3);
+    assert_eq!(rig.orchestrator.counts().await.unwrap().compensated, 3);
     rig.shutdown().await;
 }
 
@@ -537,10 +549,10 @@ async fn retries<S: StoreFactory>(sf: &S, dir: &Path) {
         .unwrap();
     assert_eq!(failed.attempts, 3);
     assert!(failed.error.as_deref().unwrap().contains("keeps failing"));
-    assert_eq!(rig.target.log("always-fails"), expected_log(Some(1)));
+    assert_eq!(rig.target.log("always-fails").await, expected_log(Some(1)));
     for id in ["fails-twice", "hangs-once", "panics-once"] {
         assert_eq!(
-            rig.target.log(id),
+            rig.target.log(id).await,
             expected_log(None),
             "{id}: each effect once"
         );
@@ -565,7 +577,7 @@ async fn compensation_retried<S: StoreFactory>(sf: &S, dir: &Path) {
         4,
         "failed 3 times, then succeeded"
     );
-    assert_eq!(rig.target.log("flaky-undo"), expected_log(Some(2)));
+    assert_eq!(rig.target.log("flaky-undo").await, expected_log(Some(2)));
     rig.shutdown().await;
 }
 
@@ -593,13 +605,14 @@ async fn needs_attention<S: StoreFactory>(sf: &S, dir: &Path) {
     let parked = rig
         .orchestrator
         .list(SagaState::NeedsAttention, 10)
+        .await
         .unwrap();
     assert_eq!(
         parked.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["stuck"]
     );
-    assert_eq!(rig.orchestrator.counts().unwrap().needs_attention, 1);
-    assert_eq!(rig.target.log("stuck"), ["flight"]);
+    assert_eq!(rig.orchestrator.counts().await.unwrap().needs_attention, 1);
+    assert_eq!(rig.target.log("stuck").await, ["flight"]);
     // Only a parked saga can be retried.
     let err = rig.orchestrator.retry("nope").await.unwrap_err();
     assert_eq!(err.kind(), switchyard::ErrorKind::NotFound);
@@ -608,7 +621,7 @@ async fn needs_attention<S: StoreFactory>(sf: &S, dir: &Path) {
     rig.orchestrator.retry("stuck").await.unwrap();
     let rec = rig.settle("stuck").await;
     assert_eq!(rec.state, SagaState::Compensated);
-    assert_eq!(rig.target.log("stuck"), expected_log(Some(1)));
+    assert_eq!(rig.target.log("stuck").await, expected_log(Some(1)));
     assert!(
         rec.history
             .iter()
@@ -617,7 +630,7 @@ async fn needs_attention<S: StoreFactory>(sf: &S, dir: &Path) {
     );
     let err = rig.orchestrator.retry("stuck").await.unwrap_err();
     assert_eq!(err.kind(), switchyard::ErrorKind::InvalidInput, "{err}");
-    let counts = rig.orchestrator.counts().unwrap();
+    let counts = rig.orchestrator.counts().await.unwrap();
     assert_eq!((counts.needs_attention, counts.compensated), (0, 1));
     rig.shutdown().await;
 }
@@ -638,7 +651,7 @@ async fn idempotent_start<S: StoreFactory>(sf: &S, dir: &Path) {
     assert!(!second.created, "the second start found the first");
     let rec = rig.settle("order-42").await;
     assert_eq!(rec.state, SagaState::Completed, "the first input won");
-    assert_eq!(rig.target.log("order-42"), expected_log(None));
+    assert_eq!(rig.target.log("order-42").await, expected_log(None));
     let err = rig
         .orchestrator
         .start("no-such-saga", &Trip { fail_at: None })
@@ -656,7 +669,7 @@ async fn idempotent_start<S: StoreFactory>(sf: &S, dir: &Path) {
     }
     let err = rig.orchestrator.wait("never-started").await.unwrap_err();
     assert_eq!(err.kind(), switchyard::ErrorKind::NotFound);
-    assert_eq!(rig.orchestrator.counts().unwrap().completed, 1);
+    assert_eq!(rig.orchestrator.counts().await.unwrap().completed, 1);
     rig.shutdown().await;
 }
 
@@ -689,14 +702,14 @@ async fn many<S: StoreFactory>(sf: &S, dir: &Path) {
         peak <= MAX_ACTIVE,
         "{peak} actions ran at once; max_active is {MAX_ACTIVE}"
     );
-    let counts = rig.orchestrator.counts().unwrap();
+    let counts = rig.orchestrator.counts().await.unwrap();
     let failing = ids.iter().filter(|(f, _)| f.is_some()).count() as u64;
     assert_eq!(counts.compensated, failing);
     assert_eq!(counts.completed, N as u64 - failing);
     assert_eq!(counts.in_flight(), 0);
     let effects: usize = ids.iter().map(|(f, _)| expected_log(*f).len()).sum();
     assert_eq!(
-        rig.target.applied_keys(),
+        rig.target.applied_keys().await,
         effects,
         "every effect applied once"
     );
@@ -745,7 +758,7 @@ async fn resume<S: StoreFactory>(sf: &S, dir: &Path) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let counts = rig.orchestrator.counts().unwrap();
+    let counts = rig.orchestrator.counts().await.unwrap();
     assert_eq!(counts.in_flight(), N as u64);
     rig.shutdown().await;
 
@@ -760,7 +773,7 @@ async fn resume<S: StoreFactory>(sf: &S, dir: &Path) {
         };
         assert_eq!(rec.state, want, "{id}");
         assert_eq!(
-            rig.target.log(id),
+            rig.target.log(id).await,
             expected_log(*fail_at),
             "{id}: each effect once"
         );
@@ -862,11 +875,11 @@ async fn crashes<S: StoreFactory>(sf: &S, dir: &Path, entry: &str) {
             };
             assert_eq!(rec.state, want, "{point:?} (fail_at {fail_at:?})");
             assert_eq!(
-                rig.target.log(CRASH_SAGA),
+                rig.target.log(CRASH_SAGA).await,
                 expected_log(fail_at),
                 "{point:?} (fail_at {fail_at:?}): each action and compensation applied once, in order"
             );
-            assert_eq!(rig.target.applied_keys() as u64, effects);
+            assert_eq!(rig.target.applied_keys().await as u64, effects);
             // Every transition the child saw committed survived its death.
             let history: Vec<String> = rec
                 .history

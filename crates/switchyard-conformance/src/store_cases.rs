@@ -96,9 +96,10 @@ async fn close<F: StoreFactory>(f: &F, store: Arc<F::Store>) {
     drop(store);
 }
 
-fn version<S: Store + ?Sized>(store: &S, table: &str, key: &str) -> u64 {
+async fn version<S: Store + ?Sized>(store: &S, table: &str, key: &str) -> u64 {
     store
         .get_raw(table, key)
+        .await
         .unwrap()
         .unwrap_or_else(|| panic!("row {table}/{key} should exist"))
         .version
@@ -135,12 +136,12 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
         txn.put(&ITEMS, k, &item(k, q)).unwrap();
     }
     assert_eq!(
-        txn.get(&ITEMS, "a/2").unwrap(),
+        txn.get(&ITEMS, "a/2").await.unwrap(),
         Some(item("a/2", 2)),
         "a transaction reads its own uncommitted write"
     );
     assert!(
-        store.get_raw("items", "a/2").unwrap().is_none(),
+        store.get_raw("items", "a/2").await.unwrap().is_none(),
         "an uncommitted write is invisible outside its transaction"
     );
     txn.commit().await.expect("commit four new rows");
@@ -148,18 +149,18 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
     let txn = Txn::new(s.clone());
     for (k, q) in [("a/1", 1), ("a/2", 2), ("a/3", 3), ("b/1", 10)] {
         assert_eq!(
-            txn.get(&ITEMS, k).unwrap(),
+            txn.get(&ITEMS, k).await.unwrap(),
             Some(item(k, q)),
             "row {k} reads back exactly as written (serde round trip)"
         );
     }
     assert_eq!(
-        txn.get(&ITEMS, "a/9").unwrap(),
+        txn.get(&ITEMS, "a/9").await.unwrap(),
         None,
         "a row never written reads as None"
     );
     drop(txn);
-    let raw = store.get_raw("items", "a/1").unwrap().unwrap();
+    let raw = store.get_raw("items", "a/1").await.unwrap().unwrap();
     assert_eq!(raw.key, "a/1", "get_raw returns the row's key");
     assert_eq!(
         raw.value,
@@ -168,12 +169,12 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
     );
 
     // Every write changes the version, even one that writes the same value again.
-    let v1 = version(&*store, "items", "a/1");
+    let v1 = version(&*store, "items", "a/1").await;
     put_one(&s, &ITEMS, "a/1", &item("a/1", 5)).await;
-    let v2 = version(&*store, "items", "a/1");
+    let v2 = version(&*store, "items", "a/1").await;
     assert_ne!(v1, v2, "a write changes the row's version");
     put_one(&s, &ITEMS, "a/1", &item("a/1", 5)).await;
-    let v3 = version(&*store, "items", "a/1");
+    let v3 = version(&*store, "items", "a/1").await;
     assert!(
         v3 != v2 && v3 != v1,
         "rewriting the same value changes the version again ({v1}, {v2}, {v3})"
@@ -181,20 +182,20 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
 
     // Delete, then recreate: the new row must not reuse the old version, or a transaction
     // that read the old row would not see the change.
-    let old_a2 = version(&*store, "items", "a/2");
+    let old_a2 = version(&*store, "items", "a/2").await;
     delete_one(&s, &ITEMS, "a/2").await;
     assert!(
-        store.get_raw("items", "a/2").unwrap().is_none(),
+        store.get_raw("items", "a/2").await.unwrap().is_none(),
         "a deleted row is gone"
     );
     assert_eq!(
-        Txn::new(s.clone()).get(&ITEMS, "a/2").unwrap(),
+        Txn::new(s.clone()).get(&ITEMS, "a/2").await.unwrap(),
         None,
         "a deleted row reads as None"
     );
     delete_one(&s, &ITEMS, "a/2").await; // deleting an absent row is not an error
     put_one(&s, &ITEMS, "a/2", &item("a/2", 2)).await;
-    let new_a2 = version(&*store, "items", "a/2");
+    let new_a2 = version(&*store, "items", "a/2").await;
     assert_ne!(
         old_a2, new_a2,
         "a row recreated after a delete gets a new version"
@@ -207,7 +208,7 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
     }
     txn.commit().await.unwrap();
     let txn = Txn::new(s.clone());
-    let a = txn.scan(&ITEMS, "a/", 100).unwrap();
+    let a = txn.scan(&ITEMS, "a/", 100).await.unwrap();
     assert_eq!(
         keys(&a),
         ["a/1", "a/2", "a/3", "a/4", "a/5"],
@@ -215,38 +216,39 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
     );
     assert_eq!(a[0].1, item("a/1", 5), "scan returns the current value");
     assert_eq!(
-        keys(&txn.scan(&ITEMS, "a/", 2).unwrap()),
+        keys(&txn.scan(&ITEMS, "a/", 2).await.unwrap()),
         ["a/1", "a/2"],
         "scan honours its limit, keeping the first keys in order"
     );
     assert!(
-        txn.scan(&ITEMS, "a/", 0).unwrap().is_empty(),
+        txn.scan(&ITEMS, "a/", 0).await.unwrap().is_empty(),
         "a limit of 0 returns nothing"
     );
     assert_eq!(
-        keys(&txn.scan(&ITEMS, "", 100).unwrap()),
+        keys(&txn.scan(&ITEMS, "", 100).await.unwrap()),
         ["a", "a/1", "a/2", "a/3", "a/4", "a/5", "ab/1", "b/1"],
         "an empty prefix scans the whole table in key order"
     );
     assert!(
-        txn.scan(&ITEMS, "zz", 100).unwrap().is_empty(),
+        txn.scan(&ITEMS, "zz", 100).await.unwrap().is_empty(),
         "a prefix nothing has scans empty"
     );
     assert!(
         txn.scan(&Table::<Item>::new("other_table"), "", 100)
+            .await
             .unwrap()
             .is_empty(),
         "tables are separate namespaces"
     );
     drop(txn);
-    let raw = store.scan_raw("items", "a/", 100).unwrap();
+    let raw = store.scan_raw("items", "a/", 100).await.unwrap();
     assert_eq!(
         raw.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
         ["a/1", "a/2", "a/3", "a/4", "a/5"],
         "scan_raw: the prefix's keys in key order"
     );
     for r in &raw {
-        let got = store.get_raw("items", &r.key).unwrap().unwrap();
+        let got = store.get_raw("items", &r.key).await.unwrap().unwrap();
         assert_eq!(
             (r.version, &r.value),
             (got.version, &got.value),
@@ -255,7 +257,7 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
         );
     }
     assert_eq!(
-        store.scan_raw("items", "a/", 3).unwrap().len(),
+        store.scan_raw("items", "a/", 3).await.unwrap().len(),
         3,
         "scan_raw honours its limit"
     );
@@ -268,7 +270,7 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
     txn.put(&ITEMS, "a/3", &item("a/3", 33)).unwrap(); // overwrite
     txn.put(&ITEMS, "a/9", &item("a/9", 9)).unwrap(); // new, sorts last
     txn.put(&ITEMS, "b/0", &item("b/0", 0)).unwrap(); // other prefix
-    let merged = txn.scan(&ITEMS, "a/", 100).unwrap();
+    let merged = txn.scan(&ITEMS, "a/", 100).await.unwrap();
     assert_eq!(
         keys(&merged),
         ["a/0", "a/3", "a/4", "a/5", "a/9"],
@@ -280,17 +282,17 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
         "scan returns the transaction's own uncommitted value"
     );
     assert_eq!(
-        keys(&txn.scan(&ITEMS, "a/", 3).unwrap()),
+        keys(&txn.scan(&ITEMS, "a/", 3).await.unwrap()),
         ["a/0", "a/3", "a/4"],
         "a limited scan counts after the merge: rows this transaction deleted do not use up the limit"
     );
     assert_eq!(
-        keys(&txn.scan(&ITEMS, "b/", 100).unwrap()),
+        keys(&txn.scan(&ITEMS, "b/", 100).await.unwrap()),
         ["b/0", "b/1"],
         "the merge honours the prefix"
     );
     assert_eq!(
-        store.scan_raw("items", "a/", 100).unwrap().len(),
+        store.scan_raw("items", "a/", 100).await.unwrap().len(),
         5,
         "the uncommitted writes are still invisible outside the transaction"
     );
@@ -298,6 +300,7 @@ async fn typed_rows<F: StoreFactory>(f: &F, dir: &Path) {
     assert_eq!(
         store
             .scan_raw("items", "a/", 100)
+            .await
             .unwrap()
             .iter()
             .map(|r| r.key.as_str())
@@ -318,12 +321,12 @@ struct Snapshot {
     marked: bool,
 }
 
-fn snapshot<S: Store + ?Sized>(store: &S, consumer: &str, id: MessageId) -> Snapshot {
+async fn snapshot<S: Store + ?Sized>(store: &S, consumer: &str, id: MessageId) -> Snapshot {
     Snapshot {
-        rows: store.scan_raw("items", "", ALL).unwrap(),
-        outbox: store.outbox_peek(ALL).unwrap(),
-        outbox_len: store.outbox_len().unwrap(),
-        marked: store.inbox_contains(consumer, id).unwrap(),
+        rows: store.scan_raw("items", "", ALL).await.unwrap(),
+        outbox: store.outbox_peek(ALL).await.unwrap(),
+        outbox_len: store.outbox_len().await.unwrap(),
+        marked: store.inbox_contains(consumer, id).await.unwrap(),
     }
 }
 
@@ -339,7 +342,7 @@ async fn commit_is_atomic<F: StoreFactory>(f: &F, dir: &Path) {
     // 1. Through a transaction: it read x, someone else changed x, then it commits a
     //    batch of puts, outbox entries and an inbox mark.
     let txn = Txn::new(s.clone());
-    assert_eq!(txn.get(&ITEMS, "x").unwrap(), Some(item("x", 1)));
+    assert_eq!(txn.get(&ITEMS, "x").await.unwrap(), Some(item("x", 1)));
     for i in 0..5 {
         txn.put(&ITEMS, &format!("new/{i}"), &item("new", i))
             .unwrap();
@@ -351,7 +354,7 @@ async fn commit_is_atomic<F: StoreFactory>(f: &F, dir: &Path) {
     }
     txn.mark_processed("atomic/g", id);
     put_one(&s, &ITEMS, "x", &item("x", 2)).await;
-    let before = snapshot(&*store, "atomic/g", id);
+    let before = snapshot(&*store, "atomic/g", id).await;
     assert!(before.outbox.is_empty() && !before.marked);
     let err = txn
         .commit()
@@ -359,16 +362,16 @@ async fn commit_is_atomic<F: StoreFactory>(f: &F, dir: &Path) {
         .expect_err("a commit whose read went stale must fail");
     assert_eq!(err.kind(), ErrorKind::Conflict, "stale read: {err}");
     assert_eq!(
-        snapshot(&*store, "atomic/g", id),
+        snapshot(&*store, "atomic/g", id).await,
         before,
         "a failed commit writes nothing: no row, no version change, no outbox entry, no inbox mark"
     );
 
     // 2. A raw batch whose last expectation is stale (so a backend that applied writes
     //    while checking would be caught), with a delete of an existing row in it.
-    let stale = version(&*store, "items", "x");
+    let stale = version(&*store, "items", "x").await;
     put_one(&s, &ITEMS, "x", &item("x", 3)).await; // `stale` is stale from here on
-    let fresh_y = version(&*store, "items", "y");
+    let fresh_y = version(&*store, "items", "y").await;
     let batch = |x_version: Option<u64>, absent_version: Option<u64>| WriteBatch {
         expect: vec![
             Expectation {
@@ -410,7 +413,7 @@ async fn commit_is_atomic<F: StoreFactory>(f: &F, dir: &Path) {
         ],
         inbox: vec![("atomic/g".into(), id)],
     };
-    let before = snapshot(&*store, "atomic/g", id);
+    let before = snapshot(&*store, "atomic/g", id).await;
     let err = store
         .commit(batch(Some(stale), None))
         .await
@@ -421,39 +424,39 @@ async fn commit_is_atomic<F: StoreFactory>(f: &F, dir: &Path) {
         "the conflict names the changed row: {err}"
     );
     assert_eq!(
-        snapshot(&*store, "atomic/g", id),
+        snapshot(&*store, "atomic/g", id).await,
         before,
         "a batch failing its last expectation writes nothing"
     );
 
     // 3. Expecting a row to be absent when it exists is a conflict too.
     put_one(&s, &ITEMS, "absent", &item("absent", 0)).await;
-    let current_x = version(&*store, "items", "x");
-    let before = snapshot(&*store, "atomic/g", id);
+    let current_x = version(&*store, "items", "x").await;
+    let before = snapshot(&*store, "atomic/g", id).await;
     let err = store
         .commit(batch(Some(current_x), None))
         .await
         .expect_err("expecting an existing row to be absent must fail");
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
     assert_eq!(
-        snapshot(&*store, "atomic/g", id),
+        snapshot(&*store, "atomic/g", id).await,
         before,
         "a batch expecting a present row to be absent writes nothing"
     );
 
     // 4. The same batch with current expectations applies completely.
-    let absent = version(&*store, "items", "absent");
+    let absent = version(&*store, "items", "absent").await;
     store
         .commit(batch(Some(current_x), Some(absent)))
         .await
         .expect("the batch with current expectations commits");
-    assert!(store.get_raw("items", "new/a").unwrap().is_some());
-    assert!(store.get_raw("items", "new/b").unwrap().is_some());
+    assert!(store.get_raw("items", "new/a").await.unwrap().is_some());
+    assert!(store.get_raw("items", "new/b").await.unwrap().is_some());
     assert!(
-        store.get_raw("items", "y").unwrap().is_none(),
+        store.get_raw("items", "y").await.unwrap().is_none(),
         "the delete applied"
     );
-    let outbox = store.outbox_peek(ALL).unwrap();
+    let outbox = store.outbox_peek(ALL).await.unwrap();
     assert_eq!(
         outbox
             .iter()
@@ -467,11 +470,11 @@ async fn commit_is_atomic<F: StoreFactory>(f: &F, dir: &Path) {
         "all three outbox entries were appended, in order"
     );
     assert!(
-        store.inbox_contains("atomic/g", id).unwrap(),
+        store.inbox_contains("atomic/g", id).await.unwrap(),
         "the inbox mark was made"
     );
     assert!(
-        store.get_raw("items", "new/0").unwrap().is_none(),
+        store.get_raw("items", "new/0").await.unwrap().is_none(),
         "nothing of the first failed transaction appeared later"
     );
     drop(s);
@@ -497,7 +500,7 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
                         let attempts = attempts.clone();
                         async move {
                             attempts.fetch_add(1, Ordering::Relaxed);
-                            let n = txn.get(&COUNTERS, "hits")?.unwrap_or(0);
+                            let n = txn.get(&COUNTERS, "hits").await?.unwrap_or(0);
                             // Let the other tasks read the same version meanwhile.
                             tokio::task::yield_now().await;
                             txn.put(&COUNTERS, "hits", &(n + 1))?;
@@ -523,7 +526,7 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
     for t in tasks {
         t.await.expect("an incrementing task panicked");
     }
-    let total = Txn::new(s.clone()).get(&COUNTERS, "hits").unwrap();
+    let total = Txn::new(s.clone()).get(&COUNTERS, "hits").await.unwrap();
     println!(
         "{} increments took {} transaction attempts ({} transact calls ran out of retries)",
         TASKS * INCREMENTS,
@@ -539,8 +542,8 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
     // Directly: two transactions read the same row; the second commit conflicts.
     let t1 = Txn::new(s.clone());
     let t2 = Txn::new(s.clone());
-    assert_eq!(t1.get(&COUNTERS, "hits").unwrap(), Some(960));
-    assert_eq!(t2.get(&COUNTERS, "hits").unwrap(), Some(960));
+    assert_eq!(t1.get(&COUNTERS, "hits").await.unwrap(), Some(960));
+    assert_eq!(t2.get(&COUNTERS, "hits").await.unwrap(), Some(960));
     t1.put(&COUNTERS, "hits", &961).unwrap();
     t2.put(&COUNTERS, "hits", &1000).unwrap();
     t1.commit().await.expect("the first commit wins");
@@ -558,7 +561,7 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
         "the conflict names the row: {err}"
     );
     assert_eq!(
-        Txn::new(s.clone()).get(&COUNTERS, "hits").unwrap(),
+        Txn::new(s.clone()).get(&COUNTERS, "hits").await.unwrap(),
         Some(961),
         "the losing commit wrote nothing"
     );
@@ -566,8 +569,8 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
     // The same when both read the row as absent (two inserts race).
     let t1 = Txn::new(s.clone());
     let t2 = Txn::new(s.clone());
-    assert_eq!(t1.get(&COUNTERS, "fresh").unwrap(), None);
-    assert_eq!(t2.get(&COUNTERS, "fresh").unwrap(), None);
+    assert_eq!(t1.get(&COUNTERS, "fresh").await.unwrap(), None);
+    assert_eq!(t2.get(&COUNTERS, "fresh").await.unwrap(), None);
     t1.put(&COUNTERS, "fresh", &1).unwrap();
     t2.put(&COUNTERS, "fresh", &2).unwrap();
     t1.commit().await.expect("the first insert wins");
@@ -577,13 +580,13 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
         .expect_err("a commit that read a row as absent must fail once it exists");
     assert_eq!(err.kind(), ErrorKind::Conflict, "insert race: {err}");
     assert_eq!(
-        Txn::new(s.clone()).get(&COUNTERS, "fresh").unwrap(),
+        Txn::new(s.clone()).get(&COUNTERS, "fresh").await.unwrap(),
         Some(1)
     );
 
     // Rows returned by a scan are conflict-checked like rows read by `get`.
     let t1 = Txn::new(s.clone());
-    assert_eq!(t1.scan(&COUNTERS, "hi", 10).unwrap().len(), 1);
+    assert_eq!(t1.scan(&COUNTERS, "hi", 10).await.unwrap().len(), 1);
     t1.put(&COUNTERS, "derived", &1).unwrap();
     put_one(&s, &COUNTERS, "hits", &962).await;
     let err = t1
@@ -592,7 +595,7 @@ async fn read_modify_write<F: StoreFactory>(f: &F, dir: &Path) {
         .expect_err("a commit must fail when a row its scan returned changed");
     assert_eq!(err.kind(), ErrorKind::Conflict, "scanned row: {err}");
     assert_eq!(
-        Txn::new(s.clone()).get(&COUNTERS, "derived").unwrap(),
+        Txn::new(s.clone()).get(&COUNTERS, "derived").await.unwrap(),
         None,
         "the commit that failed on the scanned row wrote nothing"
     );
@@ -605,7 +608,7 @@ async fn blind_writes<F: StoreFactory>(f: &F, dir: &Path) {
     let s = as_dyn(&store);
     let read = |key: &'static str| {
         let s = s.clone();
-        move || Txn::new(s.clone()).get(&ITEMS, key).unwrap()
+        async move { Txn::new(s).get(&ITEMS, key).await.unwrap() }
     };
 
     // Two writers that did not read: both commit, the later commit's value stays.
@@ -618,7 +621,7 @@ async fn blind_writes<F: StoreFactory>(f: &F, dir: &Path) {
         .await
         .expect("a blind write commits even though the row changed since the transaction began");
     assert_eq!(
-        read("k")(),
+        read("k").await,
         Some(item("first", 1)),
         "last writer wins: the transaction that committed last decides the value"
     );
@@ -628,21 +631,21 @@ async fn blind_writes<F: StoreFactory>(f: &F, dir: &Path) {
     t.delete(&ITEMS, "k");
     put_one(&s, &ITEMS, "k", &item("third", 3)).await;
     t.commit().await.expect("a blind delete commits");
-    assert_eq!(read("k")(), None, "the later blind delete wins");
+    assert_eq!(read("k").await, None, "the later blind delete wins");
 
     // Only rows that were read are checked.
     put_one(&s, &ITEMS, "guard", &item("guard", 0)).await;
     put_one(&s, &ITEMS, "target", &item("target", 0)).await;
     let t = Txn::new(s.clone());
-    assert!(t.get(&ITEMS, "guard").unwrap().is_some());
+    assert!(t.get(&ITEMS, "guard").await.unwrap().is_some());
     t.put(&ITEMS, "target", &item("mine", 1)).unwrap();
     put_one(&s, &ITEMS, "target", &item("theirs", 2)).await;
     t.commit()
         .await
         .expect("a row written but not read is not conflict-checked");
-    assert_eq!(read("target")(), Some(item("mine", 1)));
+    assert_eq!(read("target").await, Some(item("mine", 1)));
     let t = Txn::new(s.clone());
-    assert!(t.get(&ITEMS, "guard").unwrap().is_some());
+    assert!(t.get(&ITEMS, "guard").await.unwrap().is_some());
     t.put(&ITEMS, "target", &item("mine again", 3)).unwrap();
     put_one(&s, &ITEMS, "guard", &item("guard", 1)).await;
     let err = t
@@ -651,7 +654,7 @@ async fn blind_writes<F: StoreFactory>(f: &F, dir: &Path) {
         .expect_err("a row that was read is conflict-checked");
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
     assert_eq!(
-        read("target")(),
+        read("target").await,
         Some(item("mine", 1)),
         "the conflicting commit did not write its blind part either"
     );
@@ -667,7 +670,7 @@ async fn blind_writes<F: StoreFactory>(f: &F, dir: &Path) {
     for t in tasks {
         t.await.expect("every concurrent blind write commits");
     }
-    let last = read("race")().expect("the raced row exists");
+    let last = read("race").await.expect("the raced row exists");
     assert!(
         last.name == "racer" && last.qty < 8,
         "the row holds one writer's whole value: {last:?}"
@@ -696,17 +699,17 @@ async fn inbox_once<F: StoreFactory>(f: &F, dir: &Path) {
     apply("payments/g", id, "charge", 1)
         .await
         .expect("the first mark commits");
-    assert!(store.inbox_contains("payments/g", id).unwrap());
+    assert!(store.inbox_contains("payments/g", id).await.unwrap());
     assert!(
-        !store.inbox_contains("payments/g", never).unwrap(),
+        !store.inbox_contains("payments/g", never).await.unwrap(),
         "an id never marked is not in the inbox"
     );
     assert!(
-        !store.inbox_contains("shipping/g", id).unwrap(),
+        !store.inbox_contains("shipping/g", id).await.unwrap(),
         "a mark belongs to its consumer only"
     );
 
-    let before = snapshot(&*store, "payments/g", id);
+    let before = snapshot(&*store, "payments/g", id).await;
     let err = apply("payments/g", id, "charge", 2)
         .await
         .expect_err("marking the same (consumer, id) again must fail");
@@ -720,7 +723,7 @@ async fn inbox_once<F: StoreFactory>(f: &F, dir: &Path) {
         "the error names the message: {err}"
     );
     assert_eq!(
-        snapshot(&*store, "payments/g", id),
+        snapshot(&*store, "payments/g", id).await,
         before,
         "a commit refused by the inbox writes nothing: the effect is applied once"
     );
@@ -728,7 +731,7 @@ async fn inbox_once<F: StoreFactory>(f: &F, dir: &Path) {
     apply("shipping/g", id, "shipment", 3)
         .await
         .expect("another consumer marks the same id independently");
-    assert!(store.inbox_contains("shipping/g", id).unwrap());
+    assert!(store.inbox_contains("shipping/g", id).await.unwrap());
 
     // The same message delivered to several handlers at once: exactly one effect.
     let racing = MessageId::new();
@@ -761,7 +764,7 @@ async fn inbox_once<F: StoreFactory>(f: &F, dir: &Path) {
         "of 8 simultaneous commits marking one message, exactly one succeeds"
     );
     assert_eq!(
-        store.scan_raw("items", "effect/", ALL).unwrap().len(),
+        store.scan_raw("items", "effect/", ALL).await.unwrap().len(),
         1,
         "exactly one racing commit's effect was written"
     );
@@ -775,7 +778,7 @@ async fn inbox_once<F: StoreFactory>(f: &F, dir: &Path) {
         0,
         "no mark was made before 1970"
     );
-    assert!(store.inbox_contains("payments/g", id).unwrap());
+    assert!(store.inbox_contains("payments/g", id).await.unwrap());
     tokio::time::sleep(Duration::from_millis(20)).await;
     let cut = Timestamp::now();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -786,17 +789,17 @@ async fn inbox_once<F: StoreFactory>(f: &F, dir: &Path) {
         expired, 3,
         "expire_inbox returns how many marks it forgot (payments, shipping, race)"
     );
-    assert!(!store.inbox_contains("payments/g", id).unwrap());
-    assert!(!store.inbox_contains("shipping/g", id).unwrap());
-    assert!(!store.inbox_contains("race/g", racing).unwrap());
+    assert!(!store.inbox_contains("payments/g", id).await.unwrap());
+    assert!(!store.inbox_contains("shipping/g", id).await.unwrap());
+    assert!(!store.inbox_contains("race/g", racing).await.unwrap());
     assert!(
-        store.inbox_contains("payments/g", late).unwrap(),
+        store.inbox_contains("payments/g", late).await.unwrap(),
         "a mark made after the cut is kept"
     );
     apply("payments/g", id, "charge", 5)
         .await
         .expect("after expiry the same mark can be made again");
-    assert!(store.inbox_contains("payments/g", id).unwrap());
+    assert!(store.inbox_contains("payments/g", id).await.unwrap());
     drop(s);
     close(f, store).await;
 }
@@ -807,7 +810,7 @@ async fn outbox_order<F: StoreFactory>(f: &F, dir: &Path) {
     let store = open(f, dir);
     let s = as_dyn(&store);
     assert_eq!(
-        store.outbox_len().unwrap(),
+        store.outbox_len().await.unwrap(),
         0,
         "a new store's outbox is empty"
     );
@@ -844,11 +847,11 @@ async fn outbox_order<F: StoreFactory>(f: &F, dir: &Path) {
     }
     let total = expected.len();
     assert_eq!(
-        store.outbox_len().unwrap(),
+        store.outbox_len().await.unwrap(),
         total as u64,
         "outbox_len counts every appended entry"
     );
-    let all = store.outbox_peek(ALL).unwrap();
+    let all = store.outbox_peek(ALL).await.unwrap();
     assert_eq!(all.len(), total, "outbox_peek returns every entry");
     assert!(
         all.windows(2).all(|w| w[0].seq < w[1].seq),
@@ -873,7 +876,7 @@ async fn outbox_order<F: StoreFactory>(f: &F, dir: &Path) {
         *next += 1;
     }
     assert_eq!(
-        store.outbox_peek(7).unwrap(),
+        store.outbox_peek(7).await.unwrap(),
         all[..7],
         "outbox_peek(limit) returns the oldest `limit` entries"
     );
@@ -892,24 +895,28 @@ async fn outbox_order<F: StoreFactory>(f: &F, dir: &Path) {
         .cloned()
         .collect();
     assert_eq!(
-        store.outbox_len().unwrap(),
+        store.outbox_len().await.unwrap(),
         left.len() as u64,
         "outbox_len after removing {} entries",
         removed.len()
     );
     assert_eq!(
-        store.outbox_peek(ALL).unwrap(),
+        store.outbox_peek(ALL).await.unwrap(),
         left,
         "outbox_remove removes exactly the given seqs and keeps the order of the rest"
     );
     store.outbox_remove(&removed).await.expect(
         "removing already removed entries (a relay retrying after a crash) is not an error",
     );
-    assert_eq!(store.outbox_peek(ALL).unwrap(), left, "and changes nothing");
+    assert_eq!(
+        store.outbox_peek(ALL).await.unwrap(),
+        left,
+        "and changes nothing"
+    );
     let rest: Vec<u64> = left.iter().map(|e| e.seq).collect();
     store.outbox_remove(&rest).await.unwrap();
-    assert_eq!(store.outbox_len().unwrap(), 0, "everything removed");
-    assert!(store.outbox_peek(ALL).unwrap().is_empty());
+    assert_eq!(store.outbox_len().await.unwrap(), 0, "everything removed");
+    assert!(store.outbox_peek(ALL).await.unwrap().is_empty());
 
     // A commit that appends wakes the relay; seqs are never reused.
     let notify = store.outbox_notify();
@@ -920,7 +927,7 @@ async fn outbox_order<F: StoreFactory>(f: &F, dir: &Path) {
     tokio::time::timeout(NOTIFY_WAIT, notified)
         .await
         .expect("outbox_notify fires after a commit that appends to the outbox");
-    let after = store.outbox_peek(ALL).unwrap();
+    let after = store.outbox_peek(ALL).await.unwrap();
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].envelope.id, id);
     let max_old = all.iter().map(|e| e.seq).max().unwrap();
@@ -951,10 +958,10 @@ async fn survive_reopen<F: StoreFactory>(f: &F, dir: &Path) {
         txn.commit().await.unwrap();
         put_one(&s, &ITEMS, "r/03", &item("updated", 3)).await;
         delete_one(&s, &ITEMS, "r/04").await;
-        let first = store.outbox_peek(1).unwrap();
+        let first = store.outbox_peek(1).await.unwrap();
         store.outbox_remove(&[first[0].seq]).await.unwrap();
-        let rows = store.scan_raw("items", "", ALL).unwrap();
-        let outbox = store.outbox_peek(ALL).unwrap();
+        let rows = store.scan_raw("items", "", ALL).await.unwrap();
+        let outbox = store.outbox_peek(ALL).await.unwrap();
         assert_eq!((rows.len(), outbox.len()), (19, 3));
         drop(s);
         close(f, store).await;
@@ -964,29 +971,29 @@ async fn survive_reopen<F: StoreFactory>(f: &F, dir: &Path) {
     let store = open(f, dir);
     let s = as_dyn(&store);
     assert_eq!(
-        store.scan_raw("items", "", ALL).unwrap(),
+        store.scan_raw("items", "", ALL).await.unwrap(),
         rows,
         "rows survive a reopen with their values and versions"
     );
     assert!(
-        store.get_raw("items", "r/04").unwrap().is_none(),
+        store.get_raw("items", "r/04").await.unwrap().is_none(),
         "a deleted row stays deleted"
     );
     assert_eq!(
-        Txn::new(s.clone()).get(&ITEMS, "r/03").unwrap(),
+        Txn::new(s.clone()).get(&ITEMS, "r/03").await.unwrap(),
         Some(item("updated", 3))
     );
     assert_eq!(
-        store.outbox_peek(ALL).unwrap(),
+        store.outbox_peek(ALL).await.unwrap(),
         outbox,
         "the outbox survives with its seqs, topics and envelopes, in order"
     );
-    assert_eq!(store.outbox_len().unwrap(), 3);
+    assert_eq!(store.outbox_len().await.unwrap(), 3);
     assert!(
-        store.inbox_contains("reopen/g", marked).unwrap(),
+        store.inbox_contains("reopen/g", marked).await.unwrap(),
         "inbox marks survive a reopen"
     );
-    assert!(!store.inbox_contains("reopen/g", other).unwrap());
+    assert!(!store.inbox_contains("reopen/g", other).await.unwrap());
     let txn = Txn::new(s.clone());
     txn.mark_processed("reopen/g", marked);
     txn.put(&ITEMS, "dup", &item("dup", 0)).unwrap();
@@ -1014,7 +1021,7 @@ async fn survive_reopen<F: StoreFactory>(f: &F, dir: &Path) {
         })
         .await
         .expect("a version read before the reopen is still current after it");
-    let new_version = version(&*store, "items", "r/05");
+    let new_version = version(&*store, "items", "r/05").await;
     assert!(
         rows.iter().all(|r| r.version != new_version),
         "a write after the reopen gets a version no row had before it ({new_version})"
@@ -1022,7 +1029,7 @@ async fn survive_reopen<F: StoreFactory>(f: &F, dir: &Path) {
     let txn = Txn::new(s.clone());
     txn.publish_envelope("reopen", event(99));
     txn.commit().await.unwrap();
-    let last = store.outbox_peek(ALL).unwrap();
+    let last = store.outbox_peek(ALL).await.unwrap();
     assert_eq!(last.len(), 4);
     assert!(
         last[3].seq > outbox[2].seq,
@@ -1079,7 +1086,7 @@ async fn commits_survive_sigkill<F: StoreFactory>(f: &F, dir: &Path) {
     for (task, n) in &acked {
         ledger.acknowledged(&crash_key(*task, *n), &format!("c{task}"), *n);
     }
-    let outbox = store.outbox_peek(ALL).unwrap();
+    let outbox = store.outbox_peek(ALL).await.unwrap();
     let mut in_outbox: HashMap<(u64, u64), usize> = HashMap::new();
     for e in &outbox {
         let v: serde_json::Value = serde_json::from_slice(&e.envelope.data)
@@ -1098,6 +1105,7 @@ async fn commits_survive_sigkill<F: StoreFactory>(f: &F, dir: &Path) {
     }
     let rows: HashMap<(u64, u64), CrashRow> = Txn::new(s.clone())
         .scan(&CRASH_ROWS, "c", ALL)
+        .await
         .unwrap()
         .into_iter()
         .map(|(k, r)| {
@@ -1115,6 +1123,7 @@ async fn commits_survive_sigkill<F: StoreFactory>(f: &F, dir: &Path) {
         }
         if !store
             .inbox_contains(CRASH_CONSUMER, crash_inbox_id(*task, *n))
+            .await
             .unwrap()
         {
             missing_marks.push(crash_key(*task, *n));
@@ -1137,6 +1146,7 @@ async fn commits_survive_sigkill<F: StoreFactory>(f: &F, dir: &Path) {
                 in_outbox.contains_key(&(task, n)),
                 store
                     .inbox_contains(CRASH_CONSUMER, crash_inbox_id(task, n))
+                    .await
                     .unwrap(),
             );
             if parts.0 != parts.1 || parts.1 != parts.2 {
@@ -1208,7 +1218,7 @@ async fn commits_survive_sigkill<F: StoreFactory>(f: &F, dir: &Path) {
     let txn = Txn::new(s.clone());
     let id = txn.publish_envelope(CRASH_TOPIC, crash_envelope(999, 1));
     txn.commit().await.expect("the recovered store commits");
-    let tail = store.outbox_peek(ALL).unwrap();
+    let tail = store.outbox_peek(ALL).await.unwrap();
     let last = tail.last().unwrap();
     assert_eq!(
         last.envelope.id, id,

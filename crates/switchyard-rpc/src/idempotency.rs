@@ -110,8 +110,10 @@ impl Idempotency {
     }
 
     /// The stored record for `key`, if any.
-    pub fn record(&self, key: &str) -> switchyard::Result<Option<Record>> {
-        Txn::new(self.store.clone()).get(&RECORDS, &self.row_key(key))
+    pub async fn record(&self, key: &str) -> switchyard::Result<Option<Record>> {
+        Txn::new(self.store.clone())
+            .get(&RECORDS, &self.row_key(key))
+            .await
     }
 
     fn row_key(&self, key: &str) -> String {
@@ -157,7 +159,7 @@ fn classify(rec: Record, fp: &str, now_ms: u64, ttl: Duration) -> Option<Begin> 
 async fn begin(idem: &Idempotency, row: &str, fp: &str) -> switchyard::Result<Begin> {
     let now_ms = unix_millis(SystemTime::now());
     let txn = Txn::new(idem.store.clone());
-    if let Some(rec) = txn.get(&RECORDS, row)?
+    if let Some(rec) = txn.get(&RECORDS, row).await?
         && let Some(b) = classify(rec, fp, now_ms, idem.in_progress_ttl)
     {
         return Ok(b);
@@ -174,7 +176,7 @@ async fn begin(idem: &Idempotency, row: &str, fp: &str) -> switchyard::Result<Be
         Ok(()) => Ok(Begin::Run),
         Err(switchyard::Error::Conflict { .. }) => {
             // Another request with this key committed first.
-            let rec = Txn::new(idem.store.clone()).get(&RECORDS, row)?;
+            let rec = Txn::new(idem.store.clone()).get(&RECORDS, row).await?;
             Ok(rec
                 .and_then(|r| classify(r, fp, now_ms, Duration::MAX))
                 .unwrap_or(Begin::InProgress))

@@ -55,13 +55,13 @@ impl OutboxRelay {
     }
 
     /// Entries waiting in the outbox (the relay's backlog).
-    pub fn backlog(&self) -> Result<u64> {
-        self.store.outbox_len()
+    pub async fn backlog(&self) -> Result<u64> {
+        self.store.outbox_len().await
     }
 
     /// Publishes what is in the outbox now (one round); returns how many entries moved.
     pub async fn relay_once(&self) -> Result<usize> {
-        let entries = self.store.outbox_peek(self.batch)?;
+        let entries = self.store.outbox_peek(self.batch).await?;
         if entries.is_empty() {
             return Ok(0);
         }

@@ -147,7 +147,8 @@ impl proto::orders_server::Orders for OrdersService {
             let order = self
                 .desk
                 .book()
-                .get(&m.order_id)?
+                .get(&m.order_id)
+                .await?
                 .ok_or_else(|| ApiError::NotFound(m.order_id.clone()))?;
             settle(&self.desk, order, wait_of(m.wait_ms)).await
         };
@@ -160,7 +161,7 @@ impl proto::orders_server::Orders for OrdersService {
         request: Request<proto::ListOrdersRequest>,
     ) -> Result<Response<proto::ListOrdersReply>, Status> {
         let m = request.into_inner();
-        let run = || {
+        let run = async || {
             let status = status_from_proto(m.status, "status")?;
             let limit = match m.limit as usize {
                 0 => DEFAULT_LIMIT,
@@ -172,9 +173,9 @@ impl proto::orders_server::Orders for OrdersService {
                     )));
                 }
             };
-            list_orders(&self.desk, status, limit)
+            list_orders(&self.desk, status, limit).await
         };
-        let orders = run().map_err(|e| e.to_status())?;
+        let orders = run().await.map_err(|e| e.to_status())?;
         Ok(Response::new(proto::ListOrdersReply {
             orders: orders.iter().map(order_to_proto).collect(),
         }))

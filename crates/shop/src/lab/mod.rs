@@ -273,7 +273,9 @@ async fn run_one(
     let deadline = Instant::now() + Duration::from_secs(120);
     let completed = records.iter().filter(|r| r.completed).count();
     let report = loop {
-        let report = check(&app).map_err(|e| LabError::Read(e.to_string()))?;
+        let report = check(&app)
+            .await
+            .map_err(|e| LabError::Read(e.to_string()))?;
         // Every order ended and every completed one shipped (the asynchronous parts of
         // hybrid and choreography included).
         let done = report.in_flight.is_empty() && report.shipments >= completed;
@@ -287,6 +289,7 @@ async fn run_one(
         let Some(order) = app
             .book()
             .get(id)
+            .await
             .map_err(|e| LabError::Read(e.to_string()))?
         else {
             continue;
@@ -302,7 +305,8 @@ async fn run_one(
             })
             .count();
         if record.completed {
-            record.consistent_ms = agreed_at_ms(&app, &order)?
+            record.consistent_ms = agreed_at_ms(&app, &order)
+                .await?
                 .map(|at| at.saturating_sub(wall_start_ms) as f64 - record.placed_at_s * 1000.0);
         }
     }
@@ -385,22 +389,33 @@ async fn place_one(app: &ShopApp, req: &NewOrder, started: Instant) -> (OrderRec
 
 /// When every service had done its part for a completed `order` (Unix ms): the latest
 /// of the order's end, its reservation's last change, its shipment and its e-mails.
-fn agreed_at_ms(app: &ShopApp, order: &Order) -> Result<Option<u64>, LabError> {
+async fn agreed_at_ms(app: &ShopApp, order: &Order) -> Result<Option<u64>, LabError> {
     let read = |e: &dyn std::fmt::Display| LabError::Read(e.to_string());
     let services = app.services();
     let mut latest = order.updated_at.unix_micros() / 1000;
     if let Some(r) = services
         .inventory
         .reservation(&order.id)
+        .await
         .map_err(|e| read(&e))?
     {
         latest = latest.max(r.updated_ms);
     }
-    match services.shipping.get(&order.id).map_err(|e| read(&e))? {
+    match services
+        .shipping
+        .get(&order.id)
+        .await
+        .map_err(|e| read(&e))?
+    {
         Some(s) => latest = latest.max(s.created_ms),
         None => return Ok(None),
     }
-    for mail in services.notifier.sent(&order.id).map_err(|e| read(&e))? {
+    for mail in services
+        .notifier
+        .sent(&order.id)
+        .await
+        .map_err(|e| read(&e))?
+    {
         latest = latest.max(mail.at_ms);
     }
     Ok(Some(latest))

@@ -302,7 +302,7 @@ pub async fn run_monitor(
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let accepted = match book.list(OrderStatus::Accepted, usize::MAX) {
+        let accepted = match book.list(OrderStatus::Accepted, usize::MAX).await {
             Ok(list) => list,
             Err(e) => {
                 tracing::warn!(error = %e, "choreography monitor: listing orders failed");
@@ -333,7 +333,7 @@ async fn check_stall(
 ) -> Result<(), switchyard::Error> {
     let flagged = transact(book.store(), |txn| async move {
         // No progress row: the order was recorded, nothing else is known.
-        let mut p = txn.get(&FLOWS, id)?.unwrap_or_else(|| FlowProgress {
+        let mut p = txn.get(&FLOWS, id).await?.unwrap_or_else(|| FlowProgress {
             seen: vec![OrderCreated::TYPE.to_string()],
             last_ms: created_ms,
             stalled_at: None,
@@ -358,7 +358,9 @@ async fn check_stall(
         );
         p.stalled_at = Some(p.seen.len());
         txn.put(&FLOWS, id, &p)?;
-        let _ = book.record_in(&txn, id, MONITOR, "stalled", Some(detail.clone()));
+        let _ = book
+            .record_in(&txn, id, MONITOR, "stalled", Some(detail.clone()))
+            .await;
         Ok(Some(detail))
     })
     .await?;
@@ -407,7 +409,7 @@ impl Flow for ChoreographyFlow {
             let env = env.clone();
             let order = &order;
             async move {
-                if let Err(e) = book.create_in(&txn, order) {
+                if let Err(e) = book.create_in(&txn, order).await {
                     return Ok(Err(e));
                 }
                 txn.put(
@@ -463,7 +465,7 @@ pub fn subscribe_payment(router: &mut Router) {
                 payment_token: ev.payment_token,
             };
             let key = format!("{}/charge", ev.order_id);
-            match payment::charge_in(&ctx.txn, &req, Some(&key)) {
+            match payment::charge_in(&ctx.txn, &req, Some(&key)).await {
                 Ok(c) => ctx
                     .publish(
                         PAYMENTS,
@@ -496,14 +498,15 @@ pub fn subscribe_payment(router: &mut Router) {
         PAYMENT_GROUP,
         |ctx: Context, ev: OutOfStock| async move {
             let key = format!("{}/charge", ev.order_id);
-            let Some(charge_id) = ctx.txn.get(&CHARGE_KEYS, &key).map_err(retryable)? else {
+            let Some(charge_id) = ctx.txn.get(&CHARGE_KEYS, &key).await.map_err(retryable)? else {
                 return Err(terminal(format!(
                     "order {} is out of stock but has no charge to refund",
                     ev.order_id
                 )));
             };
-            let r =
-                payment::refund_in(&ctx.txn, &ev.order_id, &charge_id).map_err(payment_error)?;
+            let r = payment::refund_in(&ctx.txn, &ev.order_id, &charge_id)
+                .await
+                .map_err(payment_error)?;
             ctx.publish(
                 PAYMENTS,
                 &PaymentRefunded {
@@ -543,7 +546,7 @@ pub fn subscribe_inventory(router: &mut Router, inventory: Inventory) {
                 let items = ev.items;
                 let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
                 ctx.hold(stock.lock(&ev.order_id, &skus).await);
-                match inventory::reserve_in(&ctx.txn, &ev.order_id, &items) {
+                match inventory::reserve_in(&ctx.txn, &ev.order_id, &items).await {
                     Ok(_) => ctx
                         .publish(
                             INVENTORY,
@@ -602,7 +605,7 @@ pub fn subscribe_shipping(router: &mut Router) {
             // The event carries the items (older ones do not: then the table written from
             // `OrderCreated`).
             let items = (!ev.items.is_empty()).then_some(ev.items);
-            super::ship_in(&ctx, &ev.order_id, items)
+            super::ship_in(&ctx, &ev.order_id, items).await
         },
     );
     ignore::<OutOfStock>(router, INVENTORY, SHIPPING_GROUP);
@@ -647,6 +650,7 @@ pub fn subscribe_order(router: &mut Router, book: OrderBook, stats: Arc<MonitorS
                         detail,
                         outcome,
                     )
+                    .await
                 }
             });
         }};
@@ -702,7 +706,7 @@ pub fn subscribe_order(router: &mut Router, book: OrderBook, stats: Arc<MonitorS
 }
 
 #[allow(clippy::too_many_arguments)]
-fn follow(
+async fn follow(
     ctx: &Context,
     book: &OrderBook,
     stats: &MonitorStats,
@@ -715,6 +719,7 @@ fn follow(
     let txn: &Txn = &ctx.txn;
     let Some(order) = txn
         .get(&crate::order::ORDERS_TABLE, id)
+        .await
         .map_err(retryable)?
     else {
         return Ok(());
@@ -722,7 +727,11 @@ fn follow(
     if order.pattern != Pattern::Choreography {
         return Ok(());
     }
-    let mut progress = txn.get(&FLOWS, id).map_err(retryable)?.unwrap_or_default();
+    let mut progress = txn
+        .get(&FLOWS, id)
+        .await
+        .map_err(retryable)?
+        .unwrap_or_default();
     let seen: BTreeSet<String> = progress.seen.iter().cloned().collect();
     let spec = ChoreographySpec::standard();
     if let Err(why) = spec.admits(&seen, event_type) {
@@ -730,6 +739,7 @@ fn follow(
         stats.diverged.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("shop_choreography_diverged_total").increment(1);
         book.record_in(txn, id, MONITOR, "diverged", Some(why))
+            .await
             .map_err(retryable)?;
         return Ok(());
     }
@@ -741,12 +751,14 @@ fn follow(
         .trim_end_matches(".v1")
         .to_string();
     book.record_in(txn, id, service, &what, detail)
+        .await
         .map_err(retryable)?;
     match outcome {
         Outcome::Progress => {}
         Outcome::Complete => {
             if book
                 .finish_in(txn, id, ORDER_SERVICE, None)
+                .await
                 .map_err(retryable)?
             {
                 let env = order_event(
@@ -764,6 +776,7 @@ fn follow(
         Outcome::Fail(reason) => {
             if book
                 .finish_in(txn, id, ORDER_SERVICE, Some(reason.clone()))
+                .await
                 .map_err(retryable)?
             {
                 let env = order_event(

@@ -66,7 +66,7 @@ impl Driven for HybridFlow {
 
 async fn run(deps: &Deps, order: &Order) {
     let id = order.id.as_str();
-    let order = match deps.book.get(id) {
+    let order = match deps.book.get(id).await {
         Ok(Some(o)) if o.status == OrderStatus::Accepted => o,
         _ => return,
     };
@@ -150,7 +150,7 @@ async fn end(deps: &Deps, order: &Order, reason: Option<String>) {
                     Some(&first),
                 )?,
             };
-            let ended = book.finish_in(&txn, id, ORDER_SERVICE, reason);
+            let ended = book.finish_in(&txn, id, ORDER_SERVICE, reason).await;
             if matches!(ended, Ok(true)) {
                 txn.publish_envelope(ORDERS, first);
                 txn.publish_envelope(ORDERS, second);

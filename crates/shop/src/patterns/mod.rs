@@ -144,7 +144,8 @@ pub(crate) async fn place_and_drive<F: Driven + Clone>(
     let me = flow.clone();
     let id = order.id.clone();
     let _ = tokio::spawn(async move { me.drive(order).await }).await;
-    book.get(&id)?
+    book.get(&id)
+        .await?
         .ok_or_else(|| crate::order::PlaceError::Unavailable(format!("order {id} vanished")))
 }
 
@@ -227,7 +228,7 @@ pub const SHIPPING_ORDER_ITEMS: switchyard::store::Table<Vec<crate::model::Item>
 /// Creates the order's shipment in the handler's transaction, from `items` or else the
 /// items remembered from its `OrderCreated` ([`SHIPPING_ORDER_ITEMS`]); retried while
 /// neither is known.
-pub(crate) fn ship_in(
+pub(crate) async fn ship_in(
     ctx: &Context,
     order_id: &str,
     items: Option<Vec<crate::model::Item>>,
@@ -237,6 +238,7 @@ pub(crate) fn ship_in(
         None => ctx
             .txn
             .get(&SHIPPING_ORDER_ITEMS, order_id)
+            .await
             .map_err(retryable)?,
     };
     let Some(items) = items else {
@@ -250,6 +252,7 @@ pub(crate) fn ship_in(
         &items,
         crate::services::Cause::Message(&ctx.envelope),
     )
+    .await
     .map_err(|e| by_class(e.is_retryable(), e))?;
     Ok(())
 }
@@ -288,7 +291,7 @@ pub fn subscribe_shipping_orders(router: &mut Router) {
             if pattern_of(&ctx.envelope) != Some(Pattern::Hybrid) {
                 return Ok(());
             }
-            ship_in(&ctx, &ev.order_id, None)
+            ship_in(&ctx, &ev.order_id, None).await
         },
     );
     ignore::<OrderFailed>(router, ORDERS, SHIPPING_ORDERS_GROUP);
@@ -313,7 +316,7 @@ pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) 
             async move {
                 // Lock the SKUs of an open reservation first (read outside the
                 // transaction), then read and write under the locks.
-                if let Some(r) = stock.reservation(&ev.order_id).map_err(retryable)?
+                if let Some(r) = stock.reservation(&ev.order_id).await.map_err(retryable)?
                     && r.state == ReservationState::Reserved
                 {
                     let skus: Vec<String> = r.items.into_iter().map(|i| i.sku).collect();
@@ -322,11 +325,11 @@ pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) 
                 match ctx
                     .txn
                     .get(&RESERVATIONS, &ev.order_id)
-                    .map_err(retryable)?
+                    .await.map_err(retryable)?
                 {
                     Some(r) if r.state == ReservationState::Reserved => {
                         inventory::commit_in(&ctx.txn, &ev.order_id)
-                            .map_err(|e| by_class(e.is_retryable(), e))?;
+                            .await.map_err(|e| by_class(e.is_retryable(), e))?;
                     }
                     Some(r) if r.state == ReservationState::Released => {
                         tracing::warn!(order = %ev.order_id, "a shipment was created for a released reservation");
@@ -345,11 +348,12 @@ pub fn subscribe_inventory_shipments(router: &mut Router, inventory: Inventory) 
         move |ctx: Context, ev: ShipmentCancelled| {
             let stock = stock.clone();
             async move {
-                if let Some(r) = stock.reservation(&ev.order_id).map_err(retryable)? {
+                if let Some(r) = stock.reservation(&ev.order_id).await.map_err(retryable)? {
                     let skus: Vec<String> = r.items.into_iter().map(|i| i.sku).collect();
                     ctx.hold(stock.lock(&ev.order_id, &skus).await);
                 }
                 if inventory::restock_in(&ctx.txn, &ev.order_id)
+                    .await
                     .map_err(|e| by_class(e.is_retryable(), e))?
                 {
                     ctx.publish(

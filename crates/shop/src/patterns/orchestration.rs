@@ -214,7 +214,10 @@ pub fn saga(deps: Deps, orchestrator: OrchestratorCell) -> Saga<Order> {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
-                    let record = current.and_then(|o| o.get(cx.saga_id()).ok().flatten());
+                    let record = match current {
+                        Some(o) => o.get(cx.saga_id()).await.ok().flatten(),
+                        None => None,
+                    };
                     if let Some(rec) = &record {
                         settle_unknown_shipment(&d, &cx, rec).await?;
                         settle_unknown_charge(&d, &cx, rec).await?;

@@ -81,7 +81,7 @@ fn options(order_id: &str, timeout: Duration) -> RequestOptions {
 
 async fn run(deps: &Deps, order: &Order) {
     let id = order.id.as_str();
-    let order = match deps.book.get(id) {
+    let order = match deps.book.get(id).await {
         Ok(Some(o)) if o.status == OrderStatus::Accepted => o,
         _ => return,
     };

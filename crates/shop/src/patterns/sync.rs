@@ -95,7 +95,7 @@ pub(crate) async fn compensate(deps: &Deps, order_id: &str, charge_id: Option<&s
     // Recorded, not noted: a rerun after a crash must undo, not carry on.
     deps.record(order_id, ORDER_SERVICE, "undoing", Some(reason.to_string()))
         .await;
-    match shipment_asked(deps, order_id) {
+    match shipment_asked(deps, order_id).await {
         ShipmentAsked::No => {}
         // The create may have happened with its answer lost: cancel until Shipping
         // answers — which also keeps a create still on its way from shipping a failed
@@ -209,8 +209,8 @@ enum ShipmentAsked {
     Unknown,
 }
 
-fn shipment_asked(deps: &Deps, order_id: &str) -> ShipmentAsked {
-    let Ok(Some(order)) = deps.book.get(order_id) else {
+async fn shipment_asked(deps: &Deps, order_id: &str) -> ShipmentAsked {
+    let Ok(Some(order)) = deps.book.get(order_id).await else {
         return ShipmentAsked::No;
     };
     let has = |what: &str| {
@@ -347,7 +347,7 @@ pub(crate) async fn ship(deps: &Deps, order: &Order) -> Result<(), String> {
 async fn run(deps: &Deps, order: &Order) {
     let id = order.id.as_str();
     // A resumed run reads where the last one got to.
-    let order = match deps.book.get(id) {
+    let order = match deps.book.get(id).await {
         Ok(Some(o)) if o.status == OrderStatus::Accepted => o,
         Ok(_) => return,
         Err(e) => {

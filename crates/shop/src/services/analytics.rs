@@ -184,29 +184,27 @@ fn pending_parts(key: &str) -> Option<(u64, &str)> {
 /// Folds up to [`FOLD_BATCH`] pending counts into [`TOTALS`] and [`PER_MINUTE`] in one
 /// transaction; returns how many it folded.
 pub async fn fold(store: &Arc<dyn Store>) -> Result<usize, AnalyticsError> {
-    atomically(store, |txn| {
-        std::future::ready((|| {
-            let pending = txn.scan(&PENDING, "", FOLD_BATCH)?;
-            let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
-            let mut minutes: BTreeMap<(u64, &str), u64> = BTreeMap::new();
-            for (key, n) in &pending {
-                if let Some((minute, ty)) = pending_parts(key) {
-                    *totals.entry(ty).or_default() += n;
-                    *minutes.entry((minute, ty)).or_default() += n;
-                }
-                txn.delete(&PENDING, key);
+    atomically(store, |txn| async move {
+        let pending = txn.scan(&PENDING, "", FOLD_BATCH).await?;
+        let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut minutes: BTreeMap<(u64, &str), u64> = BTreeMap::new();
+        for (key, n) in &pending {
+            if let Some((minute, ty)) = pending_parts(key) {
+                *totals.entry(ty).or_default() += n;
+                *minutes.entry((minute, ty)).or_default() += n;
             }
-            for (ty, n) in totals {
-                let total = txn.get(&TOTALS, ty)?.unwrap_or(0);
-                txn.put(&TOTALS, ty, &(total + n))?;
-            }
-            for ((minute, ty), n) in minutes {
-                let key = format!("{minute:012}|{ty}");
-                let before = txn.get(&PER_MINUTE, &key)?.unwrap_or(0);
-                txn.put(&PER_MINUTE, &key, &(before + n))?;
-            }
-            Ok(pending.len())
-        })())
+            txn.delete(&PENDING, key);
+        }
+        for (ty, n) in totals {
+            let total = txn.get(&TOTALS, ty).await?.unwrap_or(0);
+            txn.put(&TOTALS, ty, &(total + n))?;
+        }
+        for ((minute, ty), n) in minutes {
+            let key = format!("{minute:012}|{ty}");
+            let before = txn.get(&PER_MINUTE, &key).await?.unwrap_or(0);
+            txn.put(&PER_MINUTE, &key, &(before + n))?;
+        }
+        Ok::<_, AnalyticsError>(pending.len())
     })
     .await
 }
@@ -234,11 +232,15 @@ async fn fold_until(store: Arc<dyn Store>, mut stop: tokio::sync::watch::Receive
 
 /// Counts one `event_type` event of `order_id` in `txn`, once per (order, type);
 /// returns whether this call counted it.
-pub fn record_in(txn: &Txn, event_type: &str, order_id: &str) -> Result<bool, AnalyticsError> {
+pub async fn record_in(
+    txn: &Txn,
+    event_type: &str,
+    order_id: &str,
+) -> Result<bool, AnalyticsError> {
     validate_id("type", event_type)?;
     validate_id("order_id", order_id)?;
     let key = format!("{order_id}|{event_type}");
-    if txn.get(&SEEN, &key)?.is_some() {
+    if txn.get(&SEEN, &key).await?.is_some() {
         return Ok(false);
     }
     let now = Timestamp::now();
@@ -249,12 +251,15 @@ pub fn record_in(txn: &Txn, event_type: &str, order_id: &str) -> Result<bool, An
 
 /// The counters in `store` (folded and pending): totals and the latest
 /// [`MINUTES_SERVED`] minutes.
-pub fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
+pub async fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
     let txn = Txn::new(store.clone());
-    let mut totals: BTreeMap<String, u64> =
-        txn.scan(&TOTALS, "", usize::MAX)?.into_iter().collect();
+    let mut totals: BTreeMap<String, u64> = txn
+        .scan(&TOTALS, "", usize::MAX)
+        .await?
+        .into_iter()
+        .collect();
     let mut minutes: BTreeMap<u64, BTreeMap<String, u64>> = BTreeMap::new();
-    for (key, n) in txn.scan(&PER_MINUTE, "", usize::MAX)? {
+    for (key, n) in txn.scan(&PER_MINUTE, "", usize::MAX).await? {
         let Some((minute, ty)) = key.split_once('|') else {
             continue;
         };
@@ -267,7 +272,7 @@ pub fn stats_of(store: &Arc<dyn Store>) -> Result<Stats, AnalyticsError> {
             .entry(ty.to_string())
             .or_default() += n;
     }
-    for (key, n) in txn.scan(&PENDING, "", usize::MAX)? {
+    for (key, n) in txn.scan(&PENDING, "", usize::MAX).await? {
         if let Some((minute, ty)) = pending_parts(&key) {
             *totals.entry(ty.to_string()).or_default() += n;
             *minutes
@@ -311,15 +316,15 @@ impl Analytics {
 
     /// Counts an event once per (order, type) (see [`record_in`]).
     pub async fn record(&self, event_type: &str, order_id: &str) -> Result<bool, AnalyticsError> {
-        atomically(&self.store, |txn| {
-            std::future::ready(record_in(&txn, event_type, order_id))
+        atomically(&self.store, |txn| async move {
+            record_in(&txn, event_type, order_id).await
         })
         .await
     }
 
     /// The counters (see [`stats_of`]).
-    pub fn stats(&self) -> Result<Stats, AnalyticsError> {
-        stats_of(&self.store)
+    pub async fn stats(&self) -> Result<Stats, AnalyticsError> {
+        stats_of(&self.store).await
     }
 }
 
@@ -374,7 +379,7 @@ async fn http_record(
 }
 
 async fn http_stats(State(a): State<Analytics>) -> Result<Json<Stats>, AnalyticsError> {
-    a.stats().map(Json)
+    a.stats().await.map(Json)
 }
 
 /// The REST routes over `analytics` (without the standard layers; [`start`] adds them).

@@ -302,10 +302,10 @@ impl IntoResponse for InventoryError {
 /// Adds every product of `catalog` missing from the stock table, with its initial
 /// stock; returns how many were added (0 when already seeded: existing stock is never
 /// reset).
-pub fn seed_in(txn: &Txn, catalog: &Catalog) -> Result<u64, InventoryError> {
+pub async fn seed_in(txn: &Txn, catalog: &Catalog) -> Result<u64, InventoryError> {
     let mut added = 0;
     for p in catalog.products() {
-        if txn.get(&STOCK, &p.sku)?.is_none() {
+        if txn.get(&STOCK, &p.sku).await?.is_none() {
             txn.put(
                 &STOCK,
                 &p.sku,
@@ -325,14 +325,14 @@ pub fn seed_in(txn: &Txn, catalog: &Catalog) -> Result<u64, InventoryError> {
 /// Reserves every line of `items` for `order_id` in `txn`, or nothing (see the
 /// [module docs](self)). A repeat returns the existing reservation unchanged (the same
 /// items are required).
-pub fn reserve_in(
+pub async fn reserve_in(
     txn: &Txn,
     order_id: &str,
     items: &[Item],
 ) -> Result<Reservation, InventoryError> {
     validate_id("order_id", order_id)?;
     let wanted = normalize_items(items)?;
-    if let Some(existing) = txn.get(&RESERVATIONS, order_id)? {
+    if let Some(existing) = txn.get(&RESERVATIONS, order_id).await? {
         if existing.items != lines(&wanted) {
             return Err(InventoryError::ReservedDifferently {
                 order_id: order_id.to_string(),
@@ -343,7 +343,7 @@ pub fn reserve_in(
     // Check everything before writing anything.
     let mut rows = Vec::with_capacity(wanted.len());
     for (sku, &qty) in &wanted {
-        let Some(row) = txn.get(&STOCK, sku)? else {
+        let Some(row) = txn.get(&STOCK, sku).await? else {
             let i = items.iter().position(|it| &it.sku == sku).unwrap_or(0);
             return Err(InventoryError::UnknownSku {
                 field: format!("items[{i}].sku"),
@@ -402,10 +402,10 @@ fn units(row: &mut StockLevel, u: Units) -> &mut u64 {
 /// Moves a reservation's units from one part of their stock rows to another (reserved →
 /// available on release, reserved → committed on commit, committed → available on a
 /// restock).
-fn shift(txn: &Txn, r: &Reservation, from: Units, to: Units) -> Result<(), InventoryError> {
+async fn shift(txn: &Txn, r: &Reservation, from: Units, to: Units) -> Result<(), InventoryError> {
     for it in &r.items {
         let qty = u64::from(it.qty);
-        let mut row = txn.get(&STOCK, &it.sku)?.ok_or_else(|| {
+        let mut row = txn.get(&STOCK, &it.sku).await?.ok_or_else(|| {
             switchyard::Error::storage(
                 format!(
                     "stock row `{}` of reservation `{}` is missing",
@@ -424,9 +424,9 @@ fn shift(txn: &Txn, r: &Reservation, from: Units, to: Units) -> Result<(), Inven
 
 /// Releases the order's reservation in `txn` (idempotent; a no-op for an order never
 /// reserved, already released or committed).
-pub fn release_in(txn: &Txn, order_id: &str) -> Result<ReleaseOutcome, InventoryError> {
+pub async fn release_in(txn: &Txn, order_id: &str) -> Result<ReleaseOutcome, InventoryError> {
     validate_id("order_id", order_id)?;
-    let Some(mut r) = txn.get(&RESERVATIONS, order_id)? else {
+    let Some(mut r) = txn.get(&RESERVATIONS, order_id).await? else {
         return Ok(ReleaseOutcome {
             order_id: order_id.to_string(),
             state: None,
@@ -435,7 +435,7 @@ pub fn release_in(txn: &Txn, order_id: &str) -> Result<ReleaseOutcome, Inventory
     };
     let released_now = r.state == ReservationState::Reserved;
     if released_now {
-        shift(txn, &r, Units::Reserved, Units::Available)?;
+        shift(txn, &r, Units::Reserved, Units::Available).await?;
         r.state = ReservationState::Released;
         r.updated_ms = now_ms();
         txn.put(&RESERVATIONS, order_id, &r)?;
@@ -449,9 +449,9 @@ pub fn release_in(txn: &Txn, order_id: &str) -> Result<ReleaseOutcome, Inventory
 
 /// Commits the order's reservation in `txn` (the units leave with the shipment;
 /// idempotent). Fails for an order never reserved or already released.
-pub fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryError> {
+pub async fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryError> {
     validate_id("order_id", order_id)?;
-    let Some(mut r) = txn.get(&RESERVATIONS, order_id)? else {
+    let Some(mut r) = txn.get(&RESERVATIONS, order_id).await? else {
         return Err(InventoryError::NoReservation {
             order_id: order_id.to_string(),
         });
@@ -462,7 +462,7 @@ pub fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryErro
             order_id: order_id.to_string(),
         }),
         ReservationState::Reserved => {
-            shift(txn, &r, Units::Reserved, Units::Committed)?;
+            shift(txn, &r, Units::Reserved, Units::Committed).await?;
             r.state = ReservationState::Committed;
             r.updated_ms = now_ms();
             txn.put(&RESERVATIONS, order_id, &r)?;
@@ -474,15 +474,15 @@ pub fn commit_in(txn: &Txn, order_id: &str) -> Result<Reservation, InventoryErro
 /// Puts a committed reservation's units back on the shelf in `txn` (the shipment was
 /// cancelled before it left): `committed` → `available`, the reservation `released`.
 /// Returns whether it did (a no-op for a reservation that is not committed).
-pub fn restock_in(txn: &Txn, order_id: &str) -> Result<bool, InventoryError> {
+pub async fn restock_in(txn: &Txn, order_id: &str) -> Result<bool, InventoryError> {
     validate_id("order_id", order_id)?;
-    let Some(mut r) = txn.get(&RESERVATIONS, order_id)? else {
+    let Some(mut r) = txn.get(&RESERVATIONS, order_id).await? else {
         return Ok(false);
     };
     if r.state != ReservationState::Committed {
         return Ok(false);
     }
-    shift(txn, &r, Units::Committed, Units::Available)?;
+    shift(txn, &r, Units::Committed, Units::Available).await?;
     r.state = ReservationState::Released;
     r.updated_ms = now_ms();
     txn.put(&RESERVATIONS, order_id, &r)?;
@@ -533,19 +533,26 @@ impl Inventory {
     }
 
     /// Runs `f` atomically while holding [`lock`](Self::lock)'s locks.
-    async fn locked<R, F>(&self, order_id: &str, skus: &[String], f: F) -> Result<R, InventoryError>
+    async fn locked<R, F, Fut>(
+        &self,
+        order_id: &str,
+        skus: &[String],
+        f: F,
+    ) -> Result<R, InventoryError>
     where
-        F: Fn(Txn) -> Result<R, InventoryError>,
+        F: Fn(Txn) -> Fut,
+        Fut: Future<Output = Result<R, InventoryError>>,
     {
         let _locks = self.lock(order_id, skus).await;
-        atomically(&self.store, |txn| std::future::ready(f(txn))).await
+        atomically(&self.store, f).await
     }
 
     /// Seeds the stock from `catalog` where missing (see [`seed_in`]).
     pub async fn seed(&self, catalog: &Catalog) -> Result<u64, InventoryError> {
-        atomically(&self.store, |txn| {
-            std::future::ready(seed_in(&txn, catalog))
-        })
+        atomically(
+            &self.store,
+            |txn| async move { seed_in(&txn, catalog).await },
+        )
         .await
     }
 
@@ -556,14 +563,17 @@ impl Inventory {
         items: &[Item],
     ) -> Result<Reservation, InventoryError> {
         let skus: Vec<String> = items.iter().map(|i| i.sku.clone()).collect();
-        self.locked(order_id, &skus, |txn| reserve_in(&txn, order_id, items))
-            .await
+        self.locked(order_id, &skus, |txn| async move {
+            reserve_in(&txn, order_id, items).await
+        })
+        .await
     }
 
     /// The SKUs of the order's reservation, for locking.
-    fn skus_of(&self, order_id: &str) -> Result<Vec<String>, InventoryError> {
+    async fn skus_of(&self, order_id: &str) -> Result<Vec<String>, InventoryError> {
         Ok(self
-            .reservation(order_id)?
+            .reservation(order_id)
+            .await?
             .map(|r| r.items.into_iter().map(|i| i.sku).collect())
             .unwrap_or_default())
     }
@@ -571,38 +581,45 @@ impl Inventory {
     /// Releases the order's reservation (see [`release_in`]).
     pub async fn release(&self, order_id: &str) -> Result<ReleaseOutcome, InventoryError> {
         validate_id("order_id", order_id)?;
-        let skus = self.skus_of(order_id)?;
-        self.locked(order_id, &skus, |txn| release_in(&txn, order_id))
-            .await
+        let skus = self.skus_of(order_id).await?;
+        self.locked(order_id, &skus, |txn| async move {
+            release_in(&txn, order_id).await
+        })
+        .await
     }
 
     /// Commits the order's reservation (see [`commit_in`]).
     pub async fn commit(&self, order_id: &str) -> Result<Reservation, InventoryError> {
         validate_id("order_id", order_id)?;
-        let skus = self.skus_of(order_id)?;
-        self.locked(order_id, &skus, |txn| commit_in(&txn, order_id))
-            .await
+        let skus = self.skus_of(order_id).await?;
+        self.locked(order_id, &skus, |txn| async move {
+            commit_in(&txn, order_id).await
+        })
+        .await
     }
 
     /// The order's reservation, if any.
-    pub fn reservation(&self, order_id: &str) -> Result<Option<Reservation>, InventoryError> {
-        Ok(Txn::new(self.store.clone()).get(&RESERVATIONS, order_id)?)
+    pub async fn reservation(&self, order_id: &str) -> Result<Option<Reservation>, InventoryError> {
+        Ok(Txn::new(self.store.clone())
+            .get(&RESERVATIONS, order_id)
+            .await?)
     }
 
     /// The stock of `sku`, if it is a catalog SKU.
-    pub fn stock(&self, sku: &str) -> Result<Option<StockLevel>, InventoryError> {
-        Ok(Txn::new(self.store.clone()).get(&STOCK, sku)?)
+    pub async fn stock(&self, sku: &str) -> Result<Option<StockLevel>, InventoryError> {
+        Ok(Txn::new(self.store.clone()).get(&STOCK, sku).await?)
     }
 
     /// Units of `sku` free to reserve (`None`: unknown SKU).
-    pub fn available(&self, sku: &str) -> Result<Option<u64>, InventoryError> {
-        Ok(self.stock(sku)?.map(|s| s.available))
+    pub async fn available(&self, sku: &str) -> Result<Option<u64>, InventoryError> {
+        Ok(self.stock(sku).await?.map(|s| s.available))
     }
 
     /// Every SKU's stock, by SKU.
-    pub fn all_stock(&self) -> Result<Vec<StockLevel>, InventoryError> {
+    pub async fn all_stock(&self) -> Result<Vec<StockLevel>, InventoryError> {
         Ok(Txn::new(self.store.clone())
-            .scan(&STOCK, "", usize::MAX)?
+            .scan(&STOCK, "", usize::MAX)
+            .await?
             .into_iter()
             .map(|(_, s)| s)
             .collect())
@@ -610,8 +627,8 @@ impl Inventory {
 
     /// Every unit of every SKU (available + reserved + committed): constant while the
     /// inventory works correctly.
-    pub fn total_units(&self) -> Result<u64, InventoryError> {
-        Ok(self.all_stock()?.iter().map(StockLevel::total).sum())
+    pub async fn total_units(&self) -> Result<u64, InventoryError> {
+        Ok(self.all_stock().await?.iter().map(StockLevel::total).sum())
     }
 }
 
@@ -652,7 +669,8 @@ async fn http_reservation(
     Path(order_id): Path<String>,
 ) -> Result<Json<Reservation>, InventoryError> {
     validate_id("order_id", &order_id)?;
-    inv.reservation(&order_id)?
+    inv.reservation(&order_id)
+        .await?
         .map(Json)
         .ok_or(InventoryError::NoReservation { order_id })
 }
@@ -661,7 +679,7 @@ async fn http_stock(
     State(inv): State<Inventory>,
     Path(sku): Path<String>,
 ) -> Result<Response, InventoryError> {
-    Ok(match inv.stock(&sku)? {
+    Ok(match inv.stock(&sku).await? {
         Some(s) => Json(s).into_response(),
         None => Problem::new(types::NOT_FOUND, StatusCode::NOT_FOUND, "Unknown SKU")
             .with_detail(format!("no SKU `{sku}` in the catalog"))
@@ -671,7 +689,7 @@ async fn http_stock(
 }
 
 async fn http_all_stock(State(inv): State<Inventory>) -> Result<Json<StockReport>, InventoryError> {
-    let skus = inv.all_stock()?;
+    let skus = inv.all_stock().await?;
     let total_units = skus.iter().map(StockLevel::total).sum();
     Ok(Json(StockReport { skus, total_units }))
 }
@@ -847,25 +865,25 @@ mod tests {
         let inv = inv();
         assert_eq!(inv.seed(&Catalog::standard()).await.unwrap(), 21);
         assert_eq!(inv.seed(&Catalog::standard()).await.unwrap(), 0);
-        let total = inv.total_units().unwrap();
+        let total = inv.total_units().await.unwrap();
         let r = inv
             .reserve("o-1", &[Item::new("sku-001", 2), Item::new("sku-001", 1)])
             .await
             .unwrap();
         assert_eq!(r.items, vec![Item::new("sku-001", 3)]);
-        assert_eq!(inv.available("sku-001").unwrap(), Some(9_997));
+        assert_eq!(inv.available("sku-001").await.unwrap(), Some(9_997));
         let again = inv
             .reserve("o-1", &[Item::new("sku-001", 3)])
             .await
             .unwrap();
         assert_eq!(again, r);
-        assert_eq!(inv.available("sku-001").unwrap(), Some(9_997));
+        assert_eq!(inv.available("sku-001").await.unwrap(), Some(9_997));
         let c = inv.commit("o-1").await.unwrap();
         assert_eq!(c.state, ReservationState::Committed);
         let rel = inv.release("o-1").await.unwrap();
         assert!(!rel.released_now);
-        assert_eq!(inv.stock("sku-001").unwrap().unwrap().committed, 3);
-        assert_eq!(inv.total_units().unwrap(), total);
+        assert_eq!(inv.stock("sku-001").await.unwrap().unwrap().committed, 3);
+        assert_eq!(inv.total_units().await.unwrap(), total);
         assert!(matches!(
             inv.commit("o-none").await,
             Err(InventoryError::NoReservation { .. })

@@ -276,7 +276,7 @@ pub async fn send_in(
         return Err(Invalid::new("detail", "must be at most 2000 characters").into());
     }
     let key = sent_key(order_id, kind);
-    if let Some(mail) = txn.get(&SENT, &key)? {
+    if let Some(mail) = txn.get(&SENT, &key).await? {
         return Ok(SendOutcome {
             mail,
             sent_now: false,
@@ -348,19 +348,21 @@ impl Notifier {
     }
 
     /// The messages sent for `order_id`.
-    pub fn sent(&self, order_id: &str) -> Result<Vec<SentMail>, NotificationError> {
+    pub async fn sent(&self, order_id: &str) -> Result<Vec<SentMail>, NotificationError> {
         validate_id("order_id", order_id)?;
         Ok(Txn::new(self.store.clone())
-            .scan(&SENT, &format!("{order_id}|"), 16)?
+            .scan(&SENT, &format!("{order_id}|"), 16)
+            .await?
             .into_iter()
             .map(|(_, m)| m)
             .collect())
     }
 
     /// Every message sent, by (order, kind).
-    pub fn all_sent(&self) -> Result<Vec<SentMail>, NotificationError> {
+    pub async fn all_sent(&self) -> Result<Vec<SentMail>, NotificationError> {
         Ok(Txn::new(self.store.clone())
-            .scan(&SENT, "", usize::MAX)?
+            .scan(&SENT, "", usize::MAX)
+            .await?
             .into_iter()
             .map(|(_, m)| m)
             .collect())
@@ -369,8 +371,8 @@ impl Notifier {
 
 // ---------------------------------------------------------------- events
 
-fn address_for(txn: &Txn, order_id: &str) -> Result<String, NotificationError> {
-    let customer = txn.get(&CUSTOMERS, order_id)?;
+async fn address_for(txn: &Txn, order_id: &str) -> Result<String, NotificationError> {
+    let customer = txn.get(&CUSTOMERS, order_id).await?;
     Ok(match customer {
         Some(c) if validate_address("to", &format!("{c}@{MAIL_DOMAIN}")).is_ok() => {
             format!("{c}@{MAIL_DOMAIN}")
@@ -388,7 +390,7 @@ async fn on_event(
 ) -> Result<(), HandlerError> {
     let run = async {
         validate_id("order_id", &order_id)?;
-        let to = address_for(&ctx.txn, &order_id)?;
+        let to = address_for(&ctx.txn, &order_id).await?;
         send_in(&ctx.txn, &data_dir, &order_id, kind, &to, &detail).await
     };
     run.await.map(|_| ()).map_err(|e| e.to_handler_error())
@@ -473,7 +475,7 @@ async fn http_sent(
     State(n): State<Notifier>,
     UrlPath(order_id): UrlPath<String>,
 ) -> Result<Json<Vec<SentMail>>, NotificationError> {
-    n.sent(&order_id).map(Json)
+    n.sent(&order_id).await.map(Json)
 }
 
 /// The REST routes over `notifier` (without the standard layers; [`start`] adds them).

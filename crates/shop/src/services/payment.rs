@@ -375,7 +375,7 @@ pub fn charge_key(key: Option<&str>, order_id: &str) -> String {
 }
 
 /// Charges in `txn` per the [rules](self): once per key, declines by rule.
-pub fn charge_in(
+pub async fn charge_in(
     txn: &Txn,
     req: &ChargeRequest,
     key: Option<&str>,
@@ -386,8 +386,8 @@ pub fn charge_in(
         return Err(Invalid::new("idempotency-key", "must be at most 255 characters").into());
     }
     let fp = fingerprint(req);
-    if let Some(id) = txn.get(&CHARGE_KEYS, &key)?
-        && let Some(c) = txn.get(&CHARGES, &id)?
+    if let Some(id) = txn.get(&CHARGE_KEYS, &key).await?
+        && let Some(c) = txn.get(&CHARGES, &id).await?
     {
         if c.fingerprint != fp {
             return Err(PaymentError::KeyReused {
@@ -406,7 +406,8 @@ pub fn charge_in(
         });
     }
     let limit = txn
-        .get(&LIMITS, &req.customer)?
+        .get(&LIMITS, &req.customer)
+        .await?
         .unwrap_or_else(|| limit_for(&req.customer));
     if req.amount_cents > limit {
         return Err(PaymentError::Declined {
@@ -440,10 +441,14 @@ fn reply_of(c: &Charge) -> ChargeReply {
 }
 
 /// Refunds charge `charge_id` of `order_id` in `txn`, once.
-pub fn refund_in(txn: &Txn, order_id: &str, charge_id: &str) -> Result<RefundReply, PaymentError> {
+pub async fn refund_in(
+    txn: &Txn,
+    order_id: &str,
+    charge_id: &str,
+) -> Result<RefundReply, PaymentError> {
     validate_id("order_id", order_id)?;
     validate_id("charge_id", charge_id)?;
-    let Some(charge) = txn.get(&CHARGES, charge_id)? else {
+    let Some(charge) = txn.get(&CHARGES, charge_id).await? else {
         return Err(PaymentError::UnknownCharge {
             charge_id: charge_id.to_string(),
         });
@@ -455,7 +460,7 @@ pub fn refund_in(txn: &Txn, order_id: &str, charge_id: &str) -> Result<RefundRep
         )
         .into());
     }
-    let refund = match txn.get(&REFUNDS, charge_id)? {
+    let refund = match txn.get(&REFUNDS, charge_id).await? {
         Some(r) => r,
         None => {
             let r = Refund {
@@ -500,9 +505,10 @@ impl Payments {
         req: &ChargeRequest,
         key: Option<&str>,
     ) -> Result<ChargeReply, PaymentError> {
-        atomically(&self.store, |txn| {
-            std::future::ready(charge_in(&txn, req, key))
-        })
+        atomically(
+            &self.store,
+            |txn| async move { charge_in(&txn, req, key).await },
+        )
         .await
     }
 
@@ -512,8 +518,8 @@ impl Payments {
         order_id: &str,
         charge_id: &str,
     ) -> Result<RefundReply, PaymentError> {
-        atomically(&self.store, |txn| {
-            std::future::ready(refund_in(&txn, order_id, charge_id))
+        atomically(&self.store, |txn| async move {
+            refund_in(&txn, order_id, charge_id).await
         })
         .await
     }
@@ -531,14 +537,14 @@ impl Payments {
     }
 
     /// Charged and refunded cents per order.
-    pub fn ledger(&self) -> Result<Ledger, PaymentError> {
+    pub async fn ledger(&self) -> Result<Ledger, PaymentError> {
         let txn = Txn::new(self.store.clone());
         let mut ledger = Ledger::default();
-        for (_, c) in txn.scan(&CHARGES, "", usize::MAX)? {
+        for (_, c) in txn.scan(&CHARGES, "", usize::MAX).await? {
             *ledger.charged.entry(c.order_id.clone()).or_default() += c.amount_cents;
             *ledger.charges.entry(c.order_id).or_default() += 1;
         }
-        for (_, r) in txn.scan(&REFUNDS, "", usize::MAX)? {
+        for (_, r) in txn.scan(&REFUNDS, "", usize::MAX).await? {
             *ledger.refunded.entry(r.order_id).or_default() += r.amount_cents;
         }
         Ok(ledger)
@@ -731,14 +737,18 @@ pub fn respond(router: &mut Router) {
                 .envelope
                 .extension(IDEMPOTENCY_KEY_EXTENSION)
                 .map(str::to_string);
-            charge_in(&ctx.txn, &req, key.as_deref()).map_err(|e| e.to_handler_error())
+            charge_in(&ctx.txn, &req, key.as_deref())
+                .await
+                .map_err(|e| e.to_handler_error())
         },
     );
     router.respond(
         PAYMENT_REQUESTS,
         GROUP,
         |ctx: Context, req: RefundRequest| async move {
-            refund_in(&ctx.txn, &req.order_id, &req.charge_id).map_err(|e| e.to_handler_error())
+            refund_in(&ctx.txn, &req.order_id, &req.charge_id)
+                .await
+                .map_err(|e| e.to_handler_error())
         },
     );
 }
@@ -797,7 +807,7 @@ mod tests {
             p.refund("o-1", "ch_nope").await,
             Err(PaymentError::UnknownCharge { .. })
         ));
-        let l = p.ledger().unwrap();
+        let l = p.ledger().await.unwrap();
         assert_eq!(l.charged.get("o-1"), Some(&500));
         assert_eq!(l.refunded.get("o-1"), Some(&500));
         assert_eq!(l.net("o-1"), 0);

@@ -183,7 +183,7 @@ impl IntoResponse for ShippingError {
 /// Creates the order's shipment in `txn` (a repeat returns the existing one and
 /// publishes nothing) and appends [`ShipmentCreated`] to the outbox, linked to `cause`
 /// (so the flow's correlation, causation and trace carry over).
-pub fn create_in(
+pub async fn create_in(
     txn: &Txn,
     order_id: &str,
     items: &[Item],
@@ -191,7 +191,7 @@ pub fn create_in(
 ) -> Result<Shipment, ShippingError> {
     validate_id("order_id", order_id)?;
     normalize_items(items)?;
-    if let Some(s) = txn.get(&SHIPMENTS, order_id)? {
+    if let Some(s) = txn.get(&SHIPMENTS, order_id).await? {
         if s.is_cancelled() {
             return Err(ShippingError::Cancelled {
                 order_id: order_id.to_string(),
@@ -222,14 +222,14 @@ pub fn create_in(
 /// `cancelled_ms` and a [`ShipmentCancelled`] in the outbox, linked to `cause`; for an
 /// order without one, a cancelled placeholder (no tracking number, no items) blocks a
 /// later create. Idempotent.
-pub fn cancel_in(
+pub async fn cancel_in(
     txn: &Txn,
     order_id: &str,
     cause: Cause<'_>,
 ) -> Result<CancelOutcome, ShippingError> {
     validate_id("order_id", order_id)?;
     let now = now_ms();
-    match txn.get(&SHIPMENTS, order_id)? {
+    match txn.get(&SHIPMENTS, order_id).await? {
         Some(s) if s.is_cancelled() => Ok(CancelOutcome {
             order_id: order_id.to_string(),
             cancelled_now: false,
@@ -295,8 +295,8 @@ impl Shipping {
         items: &[Item],
         cause: Cause<'_>,
     ) -> Result<Shipment, ShippingError> {
-        atomically(&self.store, |txn| {
-            std::future::ready(create_in(&txn, order_id, items, cause))
+        atomically(&self.store, |txn| async move {
+            create_in(&txn, order_id, items, cause).await
         })
         .await
     }
@@ -307,21 +307,24 @@ impl Shipping {
         order_id: &str,
         cause: Cause<'_>,
     ) -> Result<CancelOutcome, ShippingError> {
-        atomically(&self.store, |txn| {
-            std::future::ready(cancel_in(&txn, order_id, cause))
+        atomically(&self.store, |txn| async move {
+            cancel_in(&txn, order_id, cause).await
         })
         .await
     }
 
     /// The order's shipment, if any.
-    pub fn get(&self, order_id: &str) -> Result<Option<Shipment>, ShippingError> {
-        Ok(Txn::new(self.store.clone()).get(&SHIPMENTS, order_id)?)
+    pub async fn get(&self, order_id: &str) -> Result<Option<Shipment>, ShippingError> {
+        Ok(Txn::new(self.store.clone())
+            .get(&SHIPMENTS, order_id)
+            .await?)
     }
 
     /// Every shipment, by order id.
-    pub fn all(&self) -> Result<Vec<Shipment>, ShippingError> {
+    pub async fn all(&self) -> Result<Vec<Shipment>, ShippingError> {
         Ok(Txn::new(self.store.clone())
-            .scan(&SHIPMENTS, "", usize::MAX)?
+            .scan(&SHIPMENTS, "", usize::MAX)
+            .await?
             .into_iter()
             .map(|(_, s)| s)
             .collect())
@@ -340,7 +343,7 @@ async fn write_label(
 ) -> Result<(), ShippingError> {
     validate_id("order_id", &ev.order_id)?;
     validate_id("tracking", &ev.tracking)?;
-    let Some(mut shipment) = ctx.txn.get(&SHIPMENTS, &ev.order_id)? else {
+    let Some(mut shipment) = ctx.txn.get(&SHIPMENTS, &ev.order_id).await? else {
         return Err(Invalid::new(
             "order_id",
             format!("no shipment for order `{}`", ev.order_id),
@@ -446,7 +449,7 @@ async fn http_get(
     UrlPath(order_id): UrlPath<String>,
 ) -> Result<Response, ShippingError> {
     validate_id("order_id", &order_id)?;
-    Ok(match s.get(&order_id)? {
+    Ok(match s.get(&order_id).await? {
         Some(sh) => Json(sh).into_response(),
         None => Problem::new(problems::NO_SHIPMENT, StatusCode::NOT_FOUND, "No shipment")
             .with_detail(format!("order `{order_id}` has no shipment"))

@@ -68,10 +68,13 @@ async fn events_are_counted_once_even_when_delivered_twice() {
         .unwrap();
 
     let core = Analytics::new(store.clone());
-    eventually("3 + 1 + 1 events counted and 2 duplicates skipped", || {
-        core.stats().unwrap().total == 4
-            && stats.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 2
-    })
+    eventually(
+        "3 + 1 + 1 events counted and 2 duplicates skipped",
+        async || {
+            core.stats().await.unwrap().total == 4
+                && stats.duplicates.load(std::sync::atomic::Ordering::Relaxed) == 2
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let client = AnalyticsClient::new(&h.http);
@@ -130,7 +133,7 @@ async fn concurrent_counts_of_one_type_are_exact_before_and_after_folding() {
         counted += u64::from(t.await.unwrap());
     }
     assert_eq!(counted, 400, "each (order, type) counted once");
-    let before = core.stats().unwrap();
+    let before = core.stats().await.unwrap();
     assert_eq!(before.totals.get("shop.order.completed.v1"), Some(&400));
     assert_eq!(before.total, 400);
 
@@ -140,9 +143,10 @@ async fn concurrent_counts_of_one_type_are_exact_before_and_after_folding() {
     assert_eq!(analytics::fold(&store).await.unwrap(), 0, "nothing left");
     let pending = switchyard::store::Txn::new(store.clone())
         .scan(&analytics::PENDING, "", usize::MAX)
+        .await
         .unwrap();
     assert!(pending.is_empty(), "{} rows left pending", pending.len());
-    let after = core.stats().unwrap();
+    let after = core.stats().await.unwrap();
     assert_eq!(after, before);
     let per_minute: u64 = after
         .per_minute
@@ -157,7 +161,7 @@ async fn concurrent_counts_of_one_type_are_exact_before_and_after_folding() {
             .await
             .unwrap()
     );
-    assert_eq!(core.stats().unwrap().total, 401);
+    assert_eq!(core.stats().await.unwrap().total, 401);
     analytics::fold(&store).await.unwrap();
-    assert_eq!(core.stats().unwrap().total, 401);
+    assert_eq!(core.stats().await.unwrap().total, 401);
 }

@@ -66,7 +66,7 @@ impl Flow for TestFlow {
             }
             End::Never => {}
         }
-        Ok(self.book.get(&order.id)?.unwrap_or(order))
+        Ok(self.book.get(&order.id).await?.unwrap_or(order))
     }
 }
 
@@ -88,8 +88,8 @@ struct Shop {
 }
 
 impl Shop {
-    fn counts(&self) -> (u64, u64, u64) {
-        let c = self.book.counts().unwrap();
+    async fn counts(&self) -> (u64, u64, u64) {
+        let c = self.book.counts().await.unwrap();
         (
             c[&OrderStatus::Accepted],
             c[&OrderStatus::Completed],
@@ -396,10 +396,10 @@ async fn rest_bad_input_is_a_problem_naming_the_field_and_records_nothing() {
     let r = s.get("/orders/o-nope").await;
     assert_eq!(r.json()["type"], api::problems::UNKNOWN_ORDER);
     assert_eq!(r.json()["order_id"], "o-nope");
-    assert_eq!(s.counts(), (0, 0, 0));
+    assert_eq!(s.counts().await, (0, 0, 0));
     // The server is still fine.
     assert_eq!(s.post("/orders", &ok).await.status, 201);
-    assert_eq!(s.counts(), (0, 1, 0));
+    assert_eq!(s.counts().await, (0, 1, 0));
 }
 
 #[tokio::test]
@@ -422,7 +422,7 @@ async fn rest_place_conflict_unavailable_and_wait() {
         assert_problem(&r, 503, None, p);
         assert_eq!(r.json()["type"], api::problems::UNAVAILABLE);
     }
-    assert!(s.book.get("o-503").unwrap().is_none());
+    assert!(s.book.get("o-503").await.unwrap().is_none());
     // Async without wait: 202 accepted + Location.
     let r = raw(
         &s.api.rest_url,
@@ -491,8 +491,8 @@ async fn rest_place_conflict_unavailable_and_wait() {
     assert_eq!(r.json()["reason"], "payment declined");
 
     // Lists and counts.
-    crate::support::eventually("o-async completes", || {
-        s.book.get("o-async").unwrap().unwrap().status == OrderStatus::Completed
+    crate::support::eventually("o-async completes", async || {
+        s.book.get("o-async").await.unwrap().unwrap().status == OrderStatus::Completed
     })
     .await;
     assert_eq!(
@@ -715,7 +715,7 @@ async fn grpc_bad_input_is_invalid_argument_naming_the_field() {
         (e.code(), field_of(&e).as_deref()),
         (Code::InvalidArgument, Some("limit"))
     );
-    assert_eq!(s.counts(), (0, 0, 0));
+    assert_eq!(s.counts().await, (0, 0, 0));
 }
 
 #[tokio::test]
@@ -781,7 +781,7 @@ async fn grpc_place_get_list_with_rest_semantics() {
         .into_inner();
     let ids: Vec<_> = list.orders.iter().map(|o| o.id.as_str()).collect();
     assert_eq!(ids, ["o-1", "o-3"]);
-    assert_eq!(s.counts(), (1, 2, 0));
+    assert_eq!(s.counts().await, (1, 2, 0));
 }
 
 // ---------------------------------------------------------------- CLI
@@ -884,7 +884,7 @@ async fn cli_order_status_and_orders_against_a_running_api() {
         "{out}"
     );
     assert_eq!(
-        s.book.get("o-cli").unwrap().unwrap().items,
+        s.book.get("o-cli").await.unwrap().unwrap().items,
         [Item::new("sku-001", 3)]
     );
 
@@ -1083,7 +1083,10 @@ async fn cli_takes_settings_from_flags_then_environment_then_config_file() {
     // Everything from the file.
     let o = shop_cli(&["order", "--order-id", "o-file", "--config", file]).await;
     assert!(o.status.success(), "{:?}", text(&o));
-    assert_eq!(s.book.get("o-file").unwrap().unwrap().customer, "grace");
+    assert_eq!(
+        s.book.get("o-file").await.unwrap().unwrap().customer,
+        "grace"
+    );
     // The environment wins over the file, a flag over the environment.
     let o = shop_cli_env(
         &["order", "--order-id", "o-env"],
@@ -1091,7 +1094,10 @@ async fn cli_takes_settings_from_flags_then_environment_then_config_file() {
     )
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
-    assert_eq!(s.book.get("o-env").unwrap().unwrap().customer, "linus");
+    assert_eq!(
+        s.book.get("o-env").await.unwrap().unwrap().customer,
+        "linus"
+    );
     let o = shop_cli_env(
         &[
             "order",
@@ -1106,7 +1112,7 @@ async fn cli_takes_settings_from_flags_then_environment_then_config_file() {
     )
     .await;
     assert!(o.status.success(), "{:?}", text(&o));
-    let o = s.book.get("o-flag").unwrap().unwrap();
+    let o = s.book.get("o-flag").await.unwrap().unwrap();
     assert_eq!(
         (o.customer.as_str(), o.pattern),
         ("ada", Pattern::Choreography)

@@ -24,9 +24,10 @@ async fn setup() -> (Harness, Arc<dyn Store>, InventoryClient, String) {
     (h, store, client, running.url)
 }
 
-fn reservations(store: &Arc<dyn Store>) -> usize {
+async fn reservations(store: &Arc<dyn Store>) -> usize {
     Txn::new(store.clone())
         .scan(&RESERVATIONS, "", usize::MAX)
+        .await
         .unwrap()
         .len()
 }
@@ -36,7 +37,7 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
     let (_h, store, client, _) = setup().await;
     let inv = Inventory::new(store.clone());
     let total = Catalog::standard().total_initial_units();
-    assert_eq!(inv.total_units().unwrap(), total);
+    assert_eq!(inv.total_units().await.unwrap(), total);
     let opts = CallOptions::new();
 
     // One line short: nothing reserved, stock unchanged.
@@ -61,9 +62,9 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
         ),
         other => panic!("expected OutOfStock, got {other:?}"),
     }
-    assert_eq!(inv.available("sku-001").unwrap(), Some(10_000));
-    assert_eq!(inv.available(RARE_SKU).unwrap(), Some(RARE_STOCK));
-    assert_eq!(reservations(&store), 0);
+    assert_eq!(inv.available("sku-001").await.unwrap(), Some(10_000));
+    assert_eq!(inv.available(RARE_SKU).await.unwrap(), Some(RARE_STOCK));
+    assert_eq!(reservations(&store).await, 0);
 
     // Reserved once, however often asked.
     let items = [Item::new("sku-001", 2), Item::new(RARE_SKU, 1)];
@@ -85,8 +86,8 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
         matches!(other, InventoryError::ReservedDifferently { ref order_id } if order_id == "o-1"),
         "{other:?}"
     );
-    assert_eq!(inv.available("sku-001").unwrap(), Some(9_998));
-    assert_eq!(inv.available(RARE_SKU).unwrap(), Some(RARE_STOCK - 1));
+    assert_eq!(inv.available("sku-001").await.unwrap(), Some(9_998));
+    assert_eq!(inv.available(RARE_SKU).await.unwrap(), Some(RARE_STOCK - 1));
 
     // Release: idempotent, a no-op for an unknown order.
     let r = client.release("o-1", &opts).await.unwrap();
@@ -96,7 +97,7 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
     assert_eq!(r.state, Some(ReservationState::Released));
     let r = client.release("o-never", &opts).await.unwrap();
     assert_eq!((r.state, r.released_now), (None, false));
-    assert_eq!(inv.available("sku-001").unwrap(), Some(10_000));
+    assert_eq!(inv.available("sku-001").await.unwrap(), Some(10_000));
     // A released reservation cannot be committed.
     assert!(matches!(
         client.commit("o-1", &opts).await,
@@ -135,14 +136,14 @@ async fn reserve_is_all_or_nothing_and_idempotent() {
 
     let report = client.all_stock(&opts).await.unwrap();
     assert_eq!(report.total_units, total);
-    assert_eq!(inv.total_units().unwrap(), total);
+    assert_eq!(inv.total_units().await.unwrap(), total);
 }
 
 #[tokio::test]
 async fn concurrent_reserves_of_a_rare_sku_never_oversell() {
     let (_h, store, client, _) = setup().await;
     let inv = Inventory::new(store.clone());
-    let total = inv.total_units().unwrap();
+    let total = inv.total_units().await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..200 {
         let client = client.clone();
@@ -168,17 +169,17 @@ async fn concurrent_reserves_of_a_rare_sku_never_oversell() {
         }
     }
     assert_eq!((ok, out), (RARE_STOCK, 200 - RARE_STOCK));
-    let level = inv.stock(RARE_SKU).unwrap().unwrap();
+    let level = inv.stock(RARE_SKU).await.unwrap().unwrap();
     assert_eq!((level.available, level.reserved), (0, RARE_STOCK));
-    assert_eq!(inv.total_units().unwrap(), total);
-    assert_eq!(reservations(&store), RARE_STOCK as usize);
+    assert_eq!(inv.total_units().await.unwrap(), total);
+    assert_eq!(reservations(&store).await, RARE_STOCK as usize);
 }
 
 #[tokio::test]
 async fn bad_input_is_a_problem_and_records_nothing() {
     let (_h, store, _client, url) = setup().await;
     let inv = Inventory::new(store.clone());
-    let total = inv.total_units().unwrap();
+    let total = inv.total_units().await.unwrap();
     let json = Some("application/json");
     // (what, content type, body, status, field named)
     type Case<'a> = (&'a str, Option<&'a str>, Vec<u8>, u16, Option<&'a str>);
@@ -291,7 +292,7 @@ async fn bad_input_is_a_problem_and_records_nothing() {
         404
     );
 
-    assert_eq!(reservations(&store), 0);
-    assert_eq!(inv.total_units().unwrap(), total);
-    assert_eq!(inv.available("sku-001").unwrap(), Some(10_000));
+    assert_eq!(reservations(&store).await, 0);
+    assert_eq!(inv.total_units().await.unwrap(), total);
+    assert_eq!(inv.available("sku-001").await.unwrap(), Some(10_000));
 }

@@ -128,7 +128,11 @@ async fn http_sends_once_per_order_and_kind() {
     .await;
     assert_eq!((r.status, r.json()["field"].as_str()), (422, Some("kind")));
     assert_eq!(
-        Notifier::new(store, h.data_dir()).all_sent().unwrap().len(),
+        Notifier::new(store, h.data_dir())
+            .all_sent()
+            .await
+            .unwrap()
+            .len(),
         3
     );
 }
@@ -181,7 +185,7 @@ async fn order_events_send_once() {
         v.sort();
         v
     };
-    eventually("three e-mails", || mails(&data) == want).await;
+    eventually("three e-mails", async || mails(&data) == want).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(mails(&data), want);
     let confirmation = std::fs::read_to_string(
@@ -200,5 +204,8 @@ async fn order_events_send_once() {
     .unwrap();
     assert!(failure.contains("To: order-o-2@shop.example"), "{failure}");
     assert!(failure.contains("out of stock"), "{failure}");
-    assert_eq!(Notifier::new(store, data).all_sent().unwrap().len(), 3);
+    assert_eq!(
+        Notifier::new(store, data).all_sent().await.unwrap().len(),
+        3
+    );
 }

@@ -75,7 +75,7 @@ async fn place_and_wait(app: &ShopApp, req: NewOrder) -> Order {
 async fn settled(app: &ShopApp, within: Duration) -> CheckReport {
     let deadline = Instant::now() + within;
     loop {
-        let report = check(app).unwrap();
+        let report = check(app).await.unwrap();
         if report.is_settled() || Instant::now() > deadline {
             return report;
         }
@@ -240,7 +240,7 @@ async fn every_pattern_succeeds_declines_and_runs_out_of_stock_with_stock_and_mo
         );
     }
     // The choreography's out-of-stock path charged and refunded.
-    let ledger = app.services().payments.ledger().unwrap();
+    let ledger = app.services().payments.ledger().await.unwrap();
     assert_eq!(ledger.net("choreography-rare"), 0);
     assert!(ledger.refunded.contains_key("choreography-rare"));
 
@@ -251,7 +251,7 @@ async fn every_pattern_succeeds_declines_and_runs_out_of_stock_with_stock_and_mo
     let deadline = Instant::now() + WAIT;
     while report.shipments < 5 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        report = check(&app).unwrap();
+        report = check(&app).await.unwrap();
     }
     assert_eq!(report.shipments, 5, "one shipment per completed order");
     assert!(report.is_settled(), "{report:#?}");
@@ -262,7 +262,7 @@ async fn every_pattern_succeeds_declines_and_runs_out_of_stock_with_stock_and_mo
     for id in ["hybrid-declined", "hybrid-rare", "hybrid-broke"] {
         let deadline = Instant::now() + WAIT;
         loop {
-            let mails = app.services().notifier.sent(id).unwrap();
+            let mails = app.services().notifier.sent(id).await.unwrap();
             if mails
                 .iter()
                 .any(|m| m.kind == shop::services::notification::MailKind::Failure)
@@ -374,7 +374,7 @@ async fn a_notification_outage_fails_sync_orders_but_not_choreography_or_hybrid(
     // Their mail follows from the events.
     let deadline = Instant::now() + WAIT;
     for id in ["n-choreo", "n-hybrid"] {
-        while app.services().notifier.sent(id).unwrap().is_empty() {
+        while app.services().notifier.sent(id).await.unwrap().is_empty() {
             assert!(Instant::now() < deadline, "no mail for {id}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -402,14 +402,14 @@ fn mixed(i: usize, prefix: &str) -> NewOrder {
     order(&format!("{prefix}-{i}"), pattern, &customer, items, token)
 }
 
-fn diverged(app: &ShopApp) -> Vec<(String, Vec<String>)> {
+async fn diverged(app: &ShopApp) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     for status in [
         OrderStatus::Completed,
         OrderStatus::Failed,
         OrderStatus::Accepted,
     ] {
-        for o in app.book().list(status, usize::MAX).unwrap() {
+        for o in app.book().list(status, usize::MAX).await.unwrap() {
             if o.history.iter().any(|e| e.what == "diverged") {
                 let h = o
                     .history
@@ -450,7 +450,7 @@ async fn a_thousand_mixed_orders_keep_every_invariant() {
     );
     assert!(report.is_settled(), "{report:#?}");
     assert_eq!(report.orders.values().sum::<u64>(), 1000);
-    assert_eq!(app.diverged_events(), 0, "{:#?}", diverged(&app));
+    assert_eq!(app.diverged_events(), 0, "{:#?}", diverged(&app).await);
     let duplicates = chaos.duplicates.load(std::sync::atomic::Ordering::Relaxed);
     let redeliveries = chaos
         .redeliveries
@@ -484,7 +484,7 @@ async fn a_restart_in_the_middle_of_a_batch_completes_everything() {
     for w in &workers {
         w.abort();
     }
-    let in_flight = app.book().counts().unwrap()[&OrderStatus::Accepted];
+    let in_flight = app.book().counts().await.unwrap()[&OrderStatus::Accepted];
     drop(desk);
     app.shutdown().await.unwrap();
 
@@ -515,7 +515,7 @@ async fn a_stalled_or_diverging_choreography_is_flagged() {
     app.book().create(&lost).await.unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
-        let o = app.book().get("lost-1").unwrap().unwrap();
+        let o = app.book().get("lost-1").await.unwrap().unwrap();
         if o.history
             .iter()
             .any(|e| e.service == MONITOR && e.what == "stalled")
@@ -551,7 +551,7 @@ async fn a_stalled_or_diverging_choreography_is_flagged() {
     app.bus().publish(model::PAYMENTS, env).await.unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
-        let o = app.book().get("div-1").unwrap().unwrap();
+        let o = app.book().get("div-1").await.unwrap().unwrap();
         if o.history
             .iter()
             .any(|e| e.service == MONITOR && e.what == "diverged")
@@ -594,7 +594,13 @@ async fn a_dependency_down_fails_sync_orders_and_undoes_them() {
         "{:?}",
         o.reason
     );
-    let stock = app.services().inventory.stock("sku-005").unwrap().unwrap();
+    let stock = app
+        .services()
+        .inventory
+        .stock("sku-005")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((stock.available, stock.reserved), (10_000, 0), "released");
     app.faults().payment.clear();
     app.faults().shipping.set(FaultConfig {
@@ -733,7 +739,7 @@ async fn an_orchestrated_charge_with_an_unknown_outcome_is_refunded() {
     // Once the charge step has failed for good, Payment comes back.
     let deadline = Instant::now() + WAIT;
     loop {
-        let rec = app.orchestrator().get(id).unwrap().unwrap();
+        let rec = app.orchestrator().get(id).await.unwrap().unwrap();
         if rec
             .steps
             .iter()
@@ -750,7 +756,7 @@ async fn an_orchestrated_charge_with_an_unknown_outcome_is_refunded() {
     app.faults().payment.clear();
     let done = app.book().wait(id, WAIT).await.unwrap();
     assert_eq!(done.status, OrderStatus::Failed, "{:#?}", done.history);
-    let ledger = app.services().payments.ledger().unwrap();
+    let ledger = app.services().payments.ledger().await.unwrap();
     assert_eq!(
         ledger.net(id),
         0,
@@ -806,7 +812,7 @@ async fn lost_shipment_answer(
     for step in steps {
         assert!(whats.contains(step), "{step} missing: {whats:?}");
     }
-    assert!(shipping.get(id).unwrap().unwrap().is_cancelled());
+    assert!(shipping.get(id).await.unwrap().unwrap().is_cancelled());
     let late = shipping
         .create(id, &items, shop::services::Cause::None)
         .await;
@@ -819,7 +825,7 @@ async fn lost_shipment_answer(
     assert_eq!(report.stock_units, report.initial_units);
     let deadline = Instant::now() + WAIT;
     loop {
-        let stock = app.services().inventory.stock(sku).unwrap().unwrap();
+        let stock = app.services().inventory.stock(sku).await.unwrap().unwrap();
         if (stock.available, stock.reserved, stock.committed) == (10_000, 0, 0) {
             break;
         }

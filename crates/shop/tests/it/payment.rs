@@ -39,7 +39,7 @@ fn key(k: &str) -> CallOptions {
 #[tokio::test]
 async fn charges_declines_and_refunds_over_grpc() {
     let (_h, store, client) = setup().await;
-    let ledger = || Payments::new(store.clone()).ledger().unwrap();
+    let ledger = async || Payments::new(store.clone()).ledger().await.unwrap();
 
     let ok = client
         .charge(&charge("o-1", "ann", 4_200, "tok_ok"), &key("o-1:charge"))
@@ -52,8 +52,8 @@ async fn charges_declines_and_refunds_over_grpc() {
         .await
         .unwrap();
     assert_eq!(again.charge_id, ok.charge_id);
-    assert_eq!(ledger().charges.get("o-1"), Some(&1));
-    assert_eq!(ledger().charged.get("o-1"), Some(&4_200));
+    assert_eq!(ledger().await.charges.get("o-1"), Some(&1));
+    assert_eq!(ledger().await.charged.get("o-1"), Some(&4_200));
     // Same key, different amount: a clear error, nothing charged.
     match client
         .charge(&charge("o-1", "ann", 9_999, "tok_ok"), &key("o-1:charge"))
@@ -78,7 +78,7 @@ async fn charges_declines_and_refunds_over_grpc() {
             Err(PaymentError::Declined { reason }) => assert!(reason.contains(why), "{reason}"),
             other => panic!("expected Declined, got {other:?}"),
         }
-        assert!(!ledger().charged.contains_key(&req.order_id));
+        assert!(!ledger().await.charged.contains_key(&req.order_id));
     }
     // A VIP may spend more.
     client
@@ -100,15 +100,15 @@ async fn charges_declines_and_refunds_over_grpc() {
         .unwrap();
     assert_eq!(r1.refund_id, r2.refund_id);
     assert_eq!(r1.amount_cents, 4_200);
-    assert_eq!(ledger().refunded.get("o-1"), Some(&4_200));
-    assert_eq!(ledger().net("o-1"), 0);
+    assert_eq!(ledger().await.refunded.get("o-1"), Some(&4_200));
+    assert_eq!(ledger().await.net("o-1"), 0);
     assert!(matches!(
         client
             .refund("o-1", "ch_unknown", &CallOptions::new())
             .await,
         Err(PaymentError::UnknownCharge { .. })
     ));
-    assert!(ledger().charged_twice().is_empty());
+    assert!(ledger().await.charged_twice().is_empty());
 }
 
 #[tokio::test]
@@ -142,7 +142,14 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    assert!(Payments::new(store).ledger().unwrap().charged.is_empty());
+    assert!(
+        Payments::new(store)
+            .ledger()
+            .await
+            .unwrap()
+            .charged
+            .is_empty()
+    );
 }
 
 fn h_channel(h: &Harness) -> switchyard_rpc::grpc::GrpcChannel {
@@ -171,7 +178,7 @@ async fn the_bus_responder_answers_a_requester() {
         .unwrap();
     assert_eq!(a.charge_id, b.charge_id);
     assert_eq!(a.amount_cents, 1_500);
-    let ledger = Payments::new(store.clone()).ledger().unwrap();
+    let ledger = Payments::new(store.clone()).ledger().await.unwrap();
     assert_eq!(ledger.charges.get("o-1"), Some(&1));
 
     let declined = requester
@@ -200,6 +207,6 @@ async fn the_bus_responder_answers_a_requester() {
         .await
         .unwrap();
     assert_eq!(r1.refund_id, r2.refund_id);
-    let ledger = Payments::new(store).ledger().unwrap();
+    let ledger = Payments::new(store).ledger().await.unwrap();
     assert_eq!(ledger.net("o-1"), 0);
 }

@@ -155,7 +155,7 @@ async fn six_processes_place_sync_and_orchestration_orders() {
 
     // The shipping process writes the labels from its own bus.
     let labels = data.join("labels");
-    crate::support::eventually("two shipping labels", || {
+    crate::support::eventually("two shipping labels", async || {
         std::fs::read_dir(&labels).map(|d| d.count()).unwrap_or(0) >= 2
     })
     .await;
@@ -196,7 +196,10 @@ async fn six_processes_place_sync_and_orchestration_orders() {
 
     // The payment process charged each completed order once, the declined ones never.
     let store = EmbeddedStore::open(data.join("payment"), StoreConfig::default()).unwrap();
-    let ledger = Payments::new(Arc::new(store.clone())).ledger().unwrap();
+    let ledger = Payments::new(Arc::new(store.clone()))
+        .ledger()
+        .await
+        .unwrap();
     for id in ["serve-sync", "serve-saga"] {
         assert_eq!(ledger.charges.get(id), Some(&1), "{id}: {ledger:?}");
         assert!(ledger.net(id) > 0, "{id}: {ledger:?}");

@@ -83,13 +83,19 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
 
     let label = h.data_dir().join(shipping::label_path(&a.tracking));
     let core = Shipping::new(store.clone());
-    eventually("the label", || {
-        label.exists() && core.get("o-1").unwrap().and_then(|s| s.label).is_some()
+    eventually("the label", async || {
+        label.exists()
+            && core
+                .get("o-1")
+                .await
+                .unwrap()
+                .and_then(|s| s.label)
+                .is_some()
     })
     .await;
     let text = std::fs::read_to_string(&label).unwrap();
     assert!(text.contains(&a.tracking) && text.contains("o-1"), "{text}");
-    eventually("LabelGenerated", || {
+    eventually("LabelGenerated", async || {
         count(&seen, "shop.shipping.label_generated.v1") == 1
     })
     .await;
@@ -130,7 +136,7 @@ async fn tracking_is_idempotent_and_the_label_is_written_once() {
     )
     .unwrap();
     bus.publish(SHIPPING, copy).await.unwrap();
-    eventually("the copy", || {
+    eventually("the copy", async || {
         count(&seen, "shop.shipping.shipment_created.v1") == 2
     })
     .await;
@@ -164,7 +170,7 @@ async fn a_cancel_marks_a_shipment_cancelled_once_and_blocks_a_later_create() {
     assert_eq!(first.tracking.as_deref(), Some(created.tracking.as_str()));
     let again = client.cancel("c-1", &CallOptions::new()).await.unwrap();
     assert!(!again.cancelled_now, "a repeat changes nothing");
-    eventually("ShipmentCancelled", || {
+    eventually("ShipmentCancelled", async || {
         count(&seen, "shop.shipping.shipment_cancelled.v1") == 1
     })
     .await;

@@ -175,9 +175,9 @@ pub async fn raw(
 }
 
 /// Polls `f` every 20 ms until it is true, for at most 10 s.
-pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+pub async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
+    while !f().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"

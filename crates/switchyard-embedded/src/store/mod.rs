@@ -398,7 +398,7 @@ impl EmbeddedStore {
 
 #[async_trait]
 impl Store for EmbeddedStore {
-    fn get_raw(&self, table: &str, key: &str) -> Result<Option<RawRow>> {
+    async fn get_raw(&self, table: &str, key: &str) -> Result<Option<RawRow>> {
         check_name("table", table)?;
         let k = row_key(table, key);
         if k.len() > MAX_KEY {
@@ -415,7 +415,7 @@ impl Store for EmbeddedStore {
         })
     }
 
-    fn scan_raw(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<RawRow>> {
+    async fn scan_raw(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<RawRow>> {
         check_name("table", table)?;
         let p = row_key(table, prefix);
         if p.len() > MAX_KEY || limit == 0 {
@@ -445,7 +445,7 @@ impl Store for EmbeddedStore {
         self.submit(batch)?.await.map_err(|_| Error::Closed)?
     }
 
-    fn inbox_contains(&self, consumer: &str, id: MessageId) -> Result<bool> {
+    async fn inbox_contains(&self, consumer: &str, id: MessageId) -> Result<bool> {
         check_name("consumer", consumer)?;
         let k = inbox_key(consumer, id);
         if k.len() > MAX_KEY {
@@ -478,7 +478,7 @@ impl Store for EmbeddedStore {
         Ok(removed)
     }
 
-    fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
+    async fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -516,7 +516,7 @@ impl Store for EmbeddedStore {
         rx.await.map_err(|_| Error::Closed)?
     }
 
-    fn outbox_len(&self) -> Result<u64> {
+    async fn outbox_len(&self) -> Result<u64> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -757,8 +757,8 @@ mod tests {
         .with_subject(format!("order-{n}"))
     }
 
-    fn counter(db: &Arc<dyn Store>, key: &str) -> Option<u64> {
-        Txn::new(db.clone()).get(&COUNTERS, key).unwrap()
+    async fn counter(db: &Arc<dyn Store>, key: &str) -> Option<u64> {
+        Txn::new(db.clone()).get(&COUNTERS, key).await.unwrap()
     }
 
     /// Blocks the committer until the returned sender sends: commits submitted meanwhile
@@ -789,35 +789,49 @@ mod tests {
         txn.put(&ORDER, "a-1", &order("other table", 9)).unwrap();
         txn.put(&COUNTERS, "a-1", &7).unwrap();
         // A transaction reads its own writes.
-        assert_eq!(txn.get(&ORDERS, "a-2").unwrap(), Some(order("avocado", 2)));
+        assert_eq!(
+            txn.get(&ORDERS, "a-2").await.unwrap(),
+            Some(order("avocado", 2))
+        );
         txn.commit().await.unwrap();
 
         // One store-wide counter, +1 per put, in write order.
-        let versions: Vec<u64> = [("orders", "a-1"), ("orders", "a-2"), ("orders", "b-1")]
-            .iter()
-            .map(|(t, k)| db.get_raw(t, k).unwrap().unwrap().version)
-            .collect();
+        let mut versions = Vec::new();
+        for (t, k) in [("orders", "a-1"), ("orders", "a-2"), ("orders", "b-1")] {
+            versions.push(db.get_raw(t, k).await.unwrap().unwrap().version);
+        }
         assert_eq!(versions, vec![1, 2, 3]);
-        assert_eq!(db.get_raw("order", "a-1").unwrap().unwrap().version, 4);
-        assert_eq!(db.get_raw("counters", "a-1").unwrap().unwrap().version, 5);
-        assert_eq!(db.get_raw("orders", "zzz").unwrap(), None);
-        assert_eq!(db.get_raw("nope", "a-1").unwrap(), None);
+        assert_eq!(
+            db.get_raw("order", "a-1").await.unwrap().unwrap().version,
+            4
+        );
+        assert_eq!(
+            db.get_raw("counters", "a-1")
+                .await
+                .unwrap()
+                .unwrap()
+                .version,
+            5
+        );
+        assert_eq!(db.get_raw("orders", "zzz").await.unwrap(), None);
+        assert_eq!(db.get_raw("nope", "a-1").await.unwrap(), None);
 
         let read = Txn::new(db.clone());
         let a: Vec<String> = read
             .scan(&ORDERS, "a-", 10)
+            .await
             .unwrap()
             .into_iter()
             .map(|(k, _)| k)
             .collect();
         assert_eq!(a, vec!["a-1", "a-2"]);
-        assert_eq!(read.scan(&ORDERS, "a-", 1).unwrap().len(), 1);
-        assert_eq!(read.scan(&ORDERS, "", 10).unwrap().len(), 3);
-        assert_eq!(read.scan(&ORDERS, "c", 10).unwrap().len(), 0);
+        assert_eq!(read.scan(&ORDERS, "a-", 1).await.unwrap().len(), 1);
+        assert_eq!(read.scan(&ORDERS, "", 10).await.unwrap().len(), 3);
+        assert_eq!(read.scan(&ORDERS, "c", 10).await.unwrap().len(), 0);
         // "order" is a prefix of "orders": the tables stay apart.
-        let other = read.scan(&ORDER, "", 10).unwrap();
+        let other = read.scan(&ORDER, "", 10).await.unwrap();
         assert_eq!(other, vec![("a-1".to_string(), order("other table", 9))]);
-        let raw = db.scan_raw("orders", "", 10).unwrap();
+        let raw = db.scan_raw("orders", "", 10).await.unwrap();
         assert_eq!(
             raw.iter().map(|r| r.version).collect::<Vec<_>>(),
             vec![1, 2, 3]
@@ -832,10 +846,10 @@ mod tests {
         txn.put(&ORDERS, "a-1", &order("apple", 10)).unwrap();
         txn.delete(&ORDERS, "b-1");
         txn.commit().await.unwrap();
-        let row = db.get_raw("orders", "a-1").unwrap().unwrap();
+        let row = db.get_raw("orders", "a-1").await.unwrap().unwrap();
         assert_eq!(row.version, 6);
-        assert_eq!(db.get_raw("orders", "b-1").unwrap(), None);
-        assert_eq!(db.scan_raw("orders", "", 10).unwrap().len(), 2);
+        assert_eq!(db.get_raw("orders", "b-1").await.unwrap(), None);
+        assert_eq!(db.scan_raw("orders", "", 10).await.unwrap().len(), 2);
         assert_eq!(store.stats().commits.load(Ordering::Relaxed), 2);
         store.close().await.unwrap();
     }
@@ -850,8 +864,8 @@ mod tests {
 
         let t1 = Txn::new(db.clone());
         let t2 = Txn::new(db.clone());
-        assert_eq!(t1.get(&COUNTERS, "x").unwrap(), Some(1));
-        assert_eq!(t2.get(&COUNTERS, "x").unwrap(), Some(1));
+        assert_eq!(t1.get(&COUNTERS, "x").await.unwrap(), Some(1));
+        assert_eq!(t2.get(&COUNTERS, "x").await.unwrap(), Some(1));
         t1.put(&COUNTERS, "x", &2).unwrap();
         t2.put(&COUNTERS, "x", &3).unwrap();
         t2.put(&COUNTERS, "y", &3).unwrap();
@@ -867,22 +881,22 @@ mod tests {
         );
         assert!(e.to_string().contains("counters/x"), "{e}");
         // Nothing of the loser was written.
-        assert_eq!(counter(&db, "x"), Some(2));
-        assert_eq!(counter(&db, "y"), None);
-        assert_eq!(db.outbox_len().unwrap(), 0);
-        assert!(db.outbox_peek(10).unwrap().is_empty());
-        assert!(!db.inbox_contains("orders/billing", id).unwrap());
+        assert_eq!(counter(&db, "x").await, Some(2));
+        assert_eq!(counter(&db, "y").await, None);
+        assert_eq!(db.outbox_len().await.unwrap(), 0);
+        assert!(db.outbox_peek(10).await.unwrap().is_empty());
+        assert!(!db.inbox_contains("orders/billing", id).await.unwrap());
         assert_eq!(store.stats().conflicts.load(Ordering::Relaxed), 1);
 
         // A row read as absent that appears meanwhile conflicts too.
         let t3 = Txn::new(db.clone());
-        assert_eq!(t3.get(&COUNTERS, "new").unwrap(), None);
+        assert_eq!(t3.get(&COUNTERS, "new").await.unwrap(), None);
         let t4 = Txn::new(db.clone());
         t4.put(&COUNTERS, "new", &1).unwrap();
         t4.commit().await.unwrap();
         t3.put(&COUNTERS, "new", &5).unwrap();
         assert_eq!(t3.commit().await.unwrap_err().kind(), ErrorKind::Conflict);
-        assert_eq!(counter(&db, "new"), Some(1));
+        assert_eq!(counter(&db, "new").await, Some(1));
         store.close().await.unwrap();
     }
 
@@ -928,11 +942,11 @@ mod tests {
         );
         third.await.unwrap().unwrap();
         assert_eq!(store.stats().groups.load(Ordering::Relaxed), groups + 1);
-        let k = store.get_raw("counters", "k").unwrap().unwrap();
+        let k = store.get_raw("counters", "k").await.unwrap().unwrap();
         assert_eq!((k.value, k.version), (Bytes::from("1"), 1));
-        let j = store.get_raw("counters", "j").unwrap().unwrap();
+        let j = store.get_raw("counters", "j").await.unwrap().unwrap();
         assert_eq!((j.value, j.version), (Bytes::from("3"), 2));
-        assert_eq!(store.outbox_len().unwrap(), 0);
+        assert_eq!(store.outbox_len().await.unwrap(), 0);
         store.close().await.unwrap();
     }
 
@@ -947,10 +961,11 @@ mod tests {
         t.put(&COUNTERS, "a", &1).unwrap();
         t.mark_processed("orders/billing", id);
         t.commit().await.unwrap();
-        assert!(db.inbox_contains("orders/billing", id).unwrap());
-        assert!(!db.inbox_contains("orders/shipping", id).unwrap());
+        assert!(db.inbox_contains("orders/billing", id).await.unwrap());
+        assert!(!db.inbox_contains("orders/shipping", id).await.unwrap());
         assert!(
             !db.inbox_contains("orders/billing", MessageId::new())
+                .await
                 .unwrap()
         );
 
@@ -961,8 +976,8 @@ mod tests {
         let e = t.commit().await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyProcessed);
         assert!(e.to_string().contains(&id.to_string()), "{e}");
-        assert_eq!(counter(&db, "a"), Some(1));
-        assert_eq!(db.outbox_len().unwrap(), 0);
+        assert_eq!(counter(&db, "a").await, Some(1));
+        assert_eq!(db.outbox_len().await.unwrap(), 0);
 
         // Another consumer processes the same message independently.
         let t = Txn::new(db.clone());
@@ -986,10 +1001,10 @@ mod tests {
         let e = second.await.unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyProcessed);
         assert_eq!(store.stats().groups.load(Ordering::Relaxed), groups + 1);
-        assert_eq!(counter(&db, "in-group-1"), Some(1));
-        assert_eq!(counter(&db, "in-group-2"), None);
-        assert_eq!(db.outbox_len().unwrap(), 1);
-        assert!(db.inbox_contains("orders/billing", id2).unwrap());
+        assert_eq!(counter(&db, "in-group-1").await, Some(1));
+        assert_eq!(counter(&db, "in-group-2").await, None);
+        assert_eq!(db.outbox_len().await.unwrap(), 1);
+        assert!(db.inbox_contains("orders/billing", id2).await.unwrap());
         assert_eq!(store.stats().already_processed.load(Ordering::Relaxed), 2);
         store.close().await.unwrap();
     }
@@ -1007,7 +1022,7 @@ mod tests {
                     // lose more often than that, so keep going until it lands.
                     loop {
                         let r = transact(&db, |txn| async move {
-                            let n = txn.get(&COUNTERS, "hot")?.unwrap_or(0);
+                            let n = txn.get(&COUNTERS, "hot").await?.unwrap_or(0);
                             txn.put(&COUNTERS, "hot", &(n + 1))
                         })
                         .await;
@@ -1023,7 +1038,7 @@ mod tests {
         while let Some(r) = tasks.join_next().await {
             r.unwrap();
         }
-        assert_eq!(counter(&db, "hot"), Some(3200));
+        assert_eq!(counter(&db, "hot").await, Some(3200));
         let stats = store.stats();
         let commits = stats.commits.load(Ordering::Relaxed);
         let conflicts = stats.conflicts.load(Ordering::Relaxed);
@@ -1051,7 +1066,7 @@ mod tests {
                     let id = MessageId::new();
                     let key = key.as_str();
                     transact(&db, |txn| async move {
-                        let n = txn.get(&COUNTERS, key)?.unwrap_or(0);
+                        let n = txn.get(&COUNTERS, key).await?.unwrap_or(0);
                         txn.put(&COUNTERS, key, &(n + 1))?;
                         txn.publish_envelope("events", event(t * 100 + i));
                         txn.mark_processed("svc", id);
@@ -1066,9 +1081,9 @@ mod tests {
             r.unwrap();
         }
         for t in 0..64 {
-            assert_eq!(counter(&db, &format!("c-{t}")), Some(50));
+            assert_eq!(counter(&db, &format!("c-{t}")).await, Some(50));
         }
-        assert_eq!(db.outbox_len().unwrap(), 3200);
+        assert_eq!(db.outbox_len().await.unwrap(), 3200);
         let stats = store.stats();
         let commits = stats.commits.load(Ordering::Relaxed);
         let groups = stats.groups.load(Ordering::Relaxed);
@@ -1099,30 +1114,36 @@ mod tests {
                 .await
                 .expect("a commit with outbox entries notifies");
         }
-        assert_eq!(db.outbox_len().unwrap(), 6);
-        let peeked = db.outbox_peek(100).unwrap();
+        assert_eq!(db.outbox_len().await.unwrap(), 6);
+        let peeked = db.outbox_peek(100).await.unwrap();
         assert_eq!(peeked.len(), 6);
         for (i, (entry, (topic, env))) in peeked.iter().zip(&sent).enumerate() {
             assert_eq!(entry.seq, i as u64);
             assert_eq!(&entry.topic, topic);
             assert_eq!(&entry.envelope, env);
         }
-        assert_eq!(db.outbox_peek(2).unwrap().len(), 2);
-        assert!(db.outbox_peek(0).unwrap().is_empty());
+        assert_eq!(db.outbox_peek(2).await.unwrap().len(), 2);
+        assert!(db.outbox_peek(0).await.unwrap().is_empty());
 
         // Remove the first two (and a seq that does not exist).
         db.outbox_remove(&[0, 1, 99]).await.unwrap();
-        assert_eq!(db.outbox_len().unwrap(), 4);
-        let left: Vec<u64> = db.outbox_peek(100).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(db.outbox_len().await.unwrap(), 4);
+        let left: Vec<u64> = db
+            .outbox_peek(100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
         assert_eq!(left, vec![2, 3, 4, 5]);
         db.outbox_remove(&[1, 2]).await.unwrap();
-        assert_eq!(db.outbox_len().unwrap(), 3);
+        assert_eq!(db.outbox_len().await.unwrap(), 3);
 
         store.close().await.unwrap();
         drop(db);
         let (store, db) = open(dir.path());
-        assert_eq!(db.outbox_len().unwrap(), 3);
-        let again = db.outbox_peek(100).unwrap();
+        assert_eq!(db.outbox_len().await.unwrap(), 3);
+        let again = db.outbox_peek(100).await.unwrap();
         assert_eq!(
             again.iter().map(|e| e.seq).collect::<Vec<_>>(),
             vec![3, 4, 5]
@@ -1131,15 +1152,15 @@ mod tests {
 
         // Drain it completely: seqs still continue after a reopen.
         db.outbox_remove(&[3, 4, 5]).await.unwrap();
-        assert_eq!(db.outbox_len().unwrap(), 0);
+        assert_eq!(db.outbox_len().await.unwrap(), 0);
         store.close().await.unwrap();
         drop(db);
         let (store, db) = open(dir.path());
-        assert_eq!(db.outbox_len().unwrap(), 0);
+        assert_eq!(db.outbox_len().await.unwrap(), 0);
         let t = Txn::new(db.clone());
         t.publish_envelope("topic-0", event(99));
         t.commit().await.unwrap();
-        let next = db.outbox_peek(10).unwrap();
+        let next = db.outbox_peek(10).await.unwrap();
         assert_eq!(next.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![6]);
         store.close().await.unwrap();
     }
@@ -1164,9 +1185,9 @@ mod tests {
 
         assert_eq!(db.expire_inbox(cut).await.unwrap(), 3);
         for id in &old {
-            assert!(!db.inbox_contains("c", *id).unwrap());
+            assert!(!db.inbox_contains("c", *id).await.unwrap());
         }
-        assert!(db.inbox_contains("c", new).unwrap());
+        assert!(db.inbox_contains("c", new).await.unwrap());
         assert_eq!(db.expire_inbox(cut).await.unwrap(), 0);
         // An expired id can be processed again.
         let t = Txn::new(db.clone());
@@ -1175,9 +1196,9 @@ mod tests {
         store.close().await.unwrap();
         drop(db);
         let (store, db) = open(dir.path());
-        assert!(db.inbox_contains("c", old[0]).unwrap());
-        assert!(!db.inbox_contains("c", old[1]).unwrap());
-        assert!(db.inbox_contains("c", new).unwrap());
+        assert!(db.inbox_contains("c", old[0]).await.unwrap());
+        assert!(!db.inbox_contains("c", old[1]).await.unwrap());
+        assert!(db.inbox_contains("c", new).await.unwrap());
         store.close().await.unwrap();
     }
 
@@ -1199,10 +1220,10 @@ mod tests {
             store.close().await.unwrap();
             // Closed: everything refuses, clones included.
             assert_eq!(
-                db.get_raw("orders", "o-1").unwrap_err().kind(),
+                db.get_raw("orders", "o-1").await.unwrap_err().kind(),
                 ErrorKind::Closed
             );
-            assert_eq!(db.outbox_len().unwrap_err().kind(), ErrorKind::Closed);
+            assert_eq!(db.outbox_len().await.unwrap_err().kind(), ErrorKind::Closed);
             let t = Txn::new(db.clone());
             t.put(&ORDERS, "o-3", &order("fig", 1)).unwrap();
             assert_eq!(t.commit().await.unwrap_err().kind(), ErrorKind::Closed);
@@ -1210,17 +1231,26 @@ mod tests {
         }
         let (store, db) = open(dir.path());
         let t = Txn::new(db.clone());
-        assert_eq!(t.get(&ORDERS, "o-1").unwrap(), Some(order("pear", 4)));
-        assert_eq!(t.get(&ORDERS, "o-2").unwrap(), None);
-        assert_eq!(t.get(&ORDERS, "o-3").unwrap(), None);
-        assert!(db.inbox_contains("orders/billing", id).unwrap());
-        assert_eq!(db.outbox_len().unwrap(), 1);
-        assert_eq!(db.outbox_peek(10).unwrap()[0].envelope.data, event(1).data);
+        assert_eq!(t.get(&ORDERS, "o-1").await.unwrap(), Some(order("pear", 4)));
+        assert_eq!(t.get(&ORDERS, "o-2").await.unwrap(), None);
+        assert_eq!(t.get(&ORDERS, "o-3").await.unwrap(), None);
+        assert!(db.inbox_contains("orders/billing", id).await.unwrap());
+        assert_eq!(db.outbox_len().await.unwrap(), 1);
+        assert_eq!(
+            db.outbox_peek(10).await.unwrap()[0].envelope.data,
+            event(1).data
+        );
         // Versions keep counting up: a version is never handed out twice.
         t.put(&ORDERS, "o-2", &order("plum", 6)).unwrap();
         t.commit().await.unwrap();
-        assert_eq!(db.get_raw("orders", "o-1").unwrap().unwrap().version, 1);
-        assert_eq!(db.get_raw("orders", "o-2").unwrap().unwrap().version, 3);
+        assert_eq!(
+            db.get_raw("orders", "o-1").await.unwrap().unwrap().version,
+            1
+        );
+        assert_eq!(
+            db.get_raw("orders", "o-2").await.unwrap().unwrap().version,
+            3
+        );
         store.close().await.unwrap();
     }
 
@@ -1263,8 +1293,8 @@ mod tests {
         store.close().await.unwrap();
         drop(db);
         let (store, db) = open_with(dir.path(), config);
-        assert_eq!(counter(&db, "n"), Some(9));
-        assert_eq!(db.outbox_len().unwrap(), 10);
+        assert_eq!(counter(&db, "n").await, Some(9));
+        assert_eq!(db.outbox_len().await.unwrap(), 10);
         store.close().await.unwrap();
     }
 
@@ -1289,15 +1319,15 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
         assert_eq!(
-            db.get_raw("a\0b", "k").unwrap_err().kind(),
+            db.get_raw("a\0b", "k").await.unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
         // Keys may hold anything.
         let t = Txn::new(db.clone());
         t.put(&COUNTERS, "k\0ey ü", &1).unwrap();
         t.commit().await.unwrap();
-        assert_eq!(counter(&db, "k\0ey ü"), Some(1));
-        assert_eq!(db.scan_raw("counters", "k\0", 10).unwrap().len(), 1);
+        assert_eq!(counter(&db, "k\0ey ü").await, Some(1));
+        assert_eq!(db.scan_raw("counters", "k\0", 10).await.unwrap().len(), 1);
         store.close().await.unwrap();
     }
 
@@ -1328,7 +1358,10 @@ mod tests {
                     let id = MessageId::new();
                     let began = Instant::now();
                     let r = transact(&db, |txn| async move {
-                        let mut o = txn.get(&ORDERS, key)?.unwrap_or_else(|| order("new", 0));
+                        let mut o = txn
+                            .get(&ORDERS, key)
+                            .await?
+                            .unwrap_or_else(|| order("new", 0));
                         o.qty += 1;
                         txn.put(&ORDERS, key, &o)?;
                         txn.publish_envelope("orders", event(t * 1_000_000 + i));

@@ -72,6 +72,7 @@ async fn retry_with_idempotency_key_applies_the_effect_once() {
     assert_eq!(effects.get(), 1, "the effect happened once");
     let rec = Idempotency::new(store, "payment.charge")
         .record("order-1-charge")
+        .await
         .unwrap();
     assert!(matches!(rec, Some(Record::Completed { status: 200, .. })));
 

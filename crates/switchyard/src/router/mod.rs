@@ -618,7 +618,7 @@ impl RouteWorker {
             self.dead_letter(delivery, reason).await;
             return;
         };
-        match self.store.inbox_contains(&self.consumer, env.id) {
+        match self.store.inbox_contains(&self.consumer, env.id).await {
             Ok(true) => {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 self.settle(delivery.ack().await);

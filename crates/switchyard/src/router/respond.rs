@@ -238,7 +238,7 @@ impl RespondWorker {
         let txn = Txn::new(self.store.clone());
         // Read in the transaction: a concurrent duplicate (same key) that stores its reply
         // first makes this commit conflict, and the next attempt finds that reply.
-        match txn.get(&REPLIES, key) {
+        match txn.get(&REPLIES, key).await {
             Ok(Some(stored)) => return Step::Reply(stored, Sent::Again),
             Ok(None) => {}
             Err(e) => return Step::Failed(format!("reading stored replies failed: {e}")),
@@ -274,7 +274,7 @@ impl RespondWorker {
                 // The caller gets the refusal, stored so a retry gets it again; the
                 // handler's effects are discarded.
                 let fresh = Txn::new(self.store.clone());
-                if let Err(e) = fresh.get(&REPLIES, key) {
+                if let Err(e) = fresh.get(&REPLIES, key).await {
                     return Step::Failed(format!("reading stored replies failed: {e}"));
                 }
                 (
@@ -299,7 +299,7 @@ impl RespondWorker {
             Err(Error::Conflict { .. }) => Step::Conflict,
             Err(Error::AlreadyProcessed { .. }) => {
                 // A duplicate of this request id committed first: answer with its reply.
-                match Txn::new(self.store.clone()).get(&REPLIES, key) {
+                match Txn::new(self.store.clone()).get(&REPLIES, key).await {
                     Ok(Some(stored)) => Step::Reply(stored, Sent::Again),
                     Ok(None) => Step::Forgotten,
                     Err(e) => Step::Failed(format!("reading stored replies failed: {e}")),
@@ -353,7 +353,9 @@ fn stage_reply(txn: &Txn, key: &str, stored: &StoredReply) -> Result<()> {
 pub(super) async fn expire_replies(store: &Arc<dyn Store>, before: Timestamp) -> Result<u64> {
     let mut total = 0;
     loop {
-        let rows = store.scan_raw(REPLIES_BY_TIME.name(), "", EXPIRE_BATCH)?;
+        let rows = store
+            .scan_raw(REPLIES_BY_TIME.name(), "", EXPIRE_BATCH)
+            .await?;
         let full = rows.len() == EXPIRE_BATCH;
         let txn = Txn::new(store.clone());
         let mut n = 0;
@@ -412,10 +414,10 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1);
         let check = Txn::new(store.clone());
-        assert!(check.get(&REPLIES, "old").unwrap().is_none());
-        assert!(check.get(&REPLIES, "new").unwrap().is_some());
+        assert!(check.get(&REPLIES, "old").await.unwrap().is_none());
+        assert!(check.get(&REPLIES, "new").await.unwrap().is_some());
         assert_eq!(
-            check.scan(&REPLIES_BY_TIME, "", 10).unwrap().len(),
+            check.scan(&REPLIES_BY_TIME, "", 10).await.unwrap().len(),
             1,
             "the index row went with it"
         );

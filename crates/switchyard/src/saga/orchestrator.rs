@@ -267,8 +267,8 @@ impl Inner {
         }
     }
 
-    fn load(&self, id: &str) -> Result<Option<(SagaRecord, Fingerprint)>> {
-        match self.store.get_raw(SAGAS, id)? {
+    async fn load(&self, id: &str) -> Result<Option<(SagaRecord, Fingerprint)>> {
+        match self.store.get_raw(SAGAS, id).await? {
             Some(row) => Ok(Some((decode(id, &row.value)?, Fingerprint::of(&row.value)))),
             None => Ok(None),
         }
@@ -285,6 +285,7 @@ impl Inner {
         let row = self
             .store
             .get_raw(SAGAS, &rec.id)
+            .await
             .map_err(PersistError::Storage)?;
         let version = match row {
             Some(row) if Fingerprint::of(&row.value) == last => row.version,
@@ -363,7 +364,7 @@ impl Inner {
 
     /// One pass over saga `id`: drive it until it settles (or this driver loses it).
     async fn drive(self: Arc<Self>, id: String) {
-        match self.load(&id) {
+        match self.load(&id).await {
             Ok(Some((rec, bytes))) if !rec.state.is_settled() => {
                 match self.defs.get(&rec.saga).cloned() {
                     Some(def) => def.drive(self.clone(), rec, bytes).await,
@@ -390,7 +391,7 @@ impl Inner {
     async fn reload(&self, id: &str, last: Fingerprint) -> Option<SagaRecord> {
         let mut delay = Duration::from_millis(10);
         loop {
-            match self.store.get_raw(SAGAS, id) {
+            match self.store.get_raw(SAGAS, id).await {
                 Ok(Some(row)) if Fingerprint::of(&row.value) == last => {
                     return match decode(id, &row.value) {
                         Ok(rec) => Some(rec),
@@ -746,7 +747,7 @@ impl Orchestrator {
         let permits = Arc::new(Semaphore::new(self.inner.max_active));
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
-        let result = match resumed {
+        let result = match resumed.await {
             Err(e) => Err(e),
             Ok(n) => {
                 if n > 0 {
@@ -785,11 +786,16 @@ impl Orchestrator {
         result
     }
 
-    fn resume_unfinished(&self) -> Result<usize> {
+    async fn resume_unfinished(&self) -> Result<usize> {
         let mut n = 0;
         for state in [SagaState::Running, SagaState::Compensating] {
             let prefix = format!("{}/", state.as_str());
-            for row in self.inner.store.scan_raw(INDEX, &prefix, usize::MAX)? {
+            for row in self
+                .inner
+                .store
+                .scan_raw(INDEX, &prefix, usize::MAX)
+                .await?
+            {
                 if let Some(id) = row.key.strip_prefix(&prefix) {
                     self.inner.enqueue(id);
                     n += 1;
@@ -808,7 +814,7 @@ impl Orchestrator {
             .entry(id.to_string())
             .or_default()
             .push(tx);
-        let current = self.get(id);
+        let current = self.get(id).await;
         let settled = match &current {
             Ok(Some(rec)) => rec.state.is_settled(),
             _ => true,
@@ -828,17 +834,17 @@ impl Orchestrator {
     }
 
     /// Saga `id` with its full history, if it exists.
-    pub fn get(&self, id: &str) -> Result<Option<SagaRecord>> {
-        Ok(self.inner.load(id)?.map(|(rec, _)| rec))
+    pub async fn get(&self, id: &str) -> Result<Option<SagaRecord>> {
+        Ok(self.inner.load(id).await?.map(|(rec, _)| rec))
     }
 
     /// Up to `limit` sagas in `state`, oldest first (for generated ids).
-    pub fn list(&self, state: SagaState, limit: usize) -> Result<Vec<SagaRecord>> {
+    pub async fn list(&self, state: SagaState, limit: usize) -> Result<Vec<SagaRecord>> {
         let prefix = format!("{}/", state.as_str());
         let mut out = Vec::new();
-        for row in self.inner.store.scan_raw(INDEX, &prefix, limit)? {
+        for row in self.inner.store.scan_raw(INDEX, &prefix, limit).await? {
             if let Some(id) = row.key.strip_prefix(&prefix)
-                && let Some(rec) = self.get(id)?
+                && let Some(rec) = self.get(id).await?
             {
                 out.push(rec);
             }
@@ -847,12 +853,16 @@ impl Orchestrator {
     }
 
     /// How many sagas are in each state.
-    pub fn counts(&self) -> Result<SagaCounts> {
+    pub async fn counts(&self) -> Result<SagaCounts> {
         let mut counts = SagaCounts::default();
         for state in SagaState::ALL {
             let prefix = format!("{}/", state.as_str());
-            *counts.slot(state) =
-                self.inner.store.scan_raw(INDEX, &prefix, usize::MAX)?.len() as u64;
+            *counts.slot(state) = self
+                .inner
+                .store
+                .scan_raw(INDEX, &prefix, usize::MAX)
+                .await?
+                .len() as u64;
         }
         Ok(counts)
     }
@@ -862,7 +872,7 @@ impl Orchestrator {
     /// other state.
     pub async fn retry(&self, id: &str) -> Result<()> {
         for _ in 0..16 {
-            let Some((mut rec, bytes)) = self.inner.load(id)? else {
+            let Some((mut rec, bytes)) = self.inner.load(id).await? else {
                 return Err(Error::NotFound(format!("saga {id}")));
             };
             let before = rec.state;

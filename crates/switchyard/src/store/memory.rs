@@ -88,7 +88,7 @@ fn apply(inner: &mut Inner, batch: WriteBatch) -> Result<bool> {
 
 #[async_trait]
 impl Store for MemoryStore {
-    fn get_raw(&self, table: &str, key: &str) -> Result<Option<RawRow>> {
+    async fn get_raw(&self, table: &str, key: &str) -> Result<Option<RawRow>> {
         Ok(self
             .lock()
             .rows
@@ -100,7 +100,7 @@ impl Store for MemoryStore {
             }))
     }
 
-    fn scan_raw(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<RawRow>> {
+    async fn scan_raw(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<RawRow>> {
         let inner = self.lock();
         let start = (table.to_string(), prefix.to_string());
         Ok(inner
@@ -124,7 +124,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn inbox_contains(&self, consumer: &str, id: MessageId) -> Result<bool> {
+    async fn inbox_contains(&self, consumer: &str, id: MessageId) -> Result<bool> {
         Ok(self
             .lock()
             .inbox
@@ -138,7 +138,7 @@ impl Store for MemoryStore {
         Ok((n - inner.inbox.len()) as u64)
     }
 
-    fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
+    async fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>> {
         Ok(self
             .lock()
             .outbox
@@ -160,7 +160,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn outbox_len(&self) -> Result<u64> {
+    async fn outbox_len(&self) -> Result<u64> {
         Ok(self.lock().outbox.len() as u64)
     }
 

@@ -114,29 +114,29 @@ pub struct RawRow {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The committed row `key` of `table`.
-    fn get_raw(&self, table: &str, key: &str) -> Result<Option<RawRow>>;
+    async fn get_raw(&self, table: &str, key: &str) -> Result<Option<RawRow>>;
 
     /// Committed rows of `table` whose key starts with `prefix`, in key order, at most `limit`.
-    fn scan_raw(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<RawRow>>;
+    async fn scan_raw(&self, table: &str, prefix: &str, limit: usize) -> Result<Vec<RawRow>>;
 
     /// Applies `batch` atomically if its expectations hold and none of its inbox ids was
     /// processed before; durable when it returns.
     async fn commit(&self, batch: WriteBatch) -> Result<()>;
 
     /// Whether `consumer` has processed message `id` (within the inbox window).
-    fn inbox_contains(&self, consumer: &str, id: MessageId) -> Result<bool>;
+    async fn inbox_contains(&self, consumer: &str, id: MessageId) -> Result<bool>;
 
     /// Forgets inbox marks made before `before`; returns how many.
     async fn expire_inbox(&self, before: Timestamp) -> Result<u64>;
 
     /// The oldest outbox entries, in commit order, at most `limit`.
-    fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
+    async fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
 
     /// Removes published outbox entries.
     async fn outbox_remove(&self, seqs: &[u64]) -> Result<()>;
 
     /// Entries waiting in the outbox.
-    fn outbox_len(&self) -> Result<u64>;
+    async fn outbox_len(&self) -> Result<u64>;
 
     /// Notified after every commit that appended to the outbox (wakes the relay).
     fn outbox_notify(&self) -> Arc<Notify>;

@@ -114,20 +114,20 @@ impl Txn {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn read_raw(&self, table: &str, key: &str) -> Result<Option<Bytes>> {
+    async fn read_raw(&self, table: &str, key: &str) -> Result<Option<Bytes>> {
         let k = (table.to_string(), key.to_string());
         if let Some(local) = self.lock().local.get(&k) {
             return Ok(local.clone());
         }
-        let row = self.store.get_raw(table, key)?;
+        let row = self.store.get_raw(table, key).await?;
         let mut s = self.lock();
         s.reads.entry(k).or_insert(row.as_ref().map(|r| r.version));
         Ok(row.map(|r| r.value))
     }
 
     /// Reads a row (recording its version for the commit's conflict check).
-    pub fn get<T: DeserializeOwned>(&self, table: &Table<T>, key: &str) -> Result<Option<T>> {
-        match self.read_raw(table.name, key)? {
+    pub async fn get<T: DeserializeOwned>(&self, table: &Table<T>, key: &str) -> Result<Option<T>> {
+        match self.read_raw(table.name, key).await? {
             Some(b) => serde_json::from_slice(&b)
                 .map(Some)
                 .map_err(|e| json_err(table.name, key, e)),
@@ -137,7 +137,7 @@ impl Txn {
 
     /// Rows whose key starts with `prefix`, in key order, at most `limit` (committed rows
     /// merged with this transaction's writes; each returned row is conflict-checked).
-    pub fn scan<T: DeserializeOwned>(
+    pub async fn scan<T: DeserializeOwned>(
         &self,
         table: &Table<T>,
         prefix: &str,
@@ -153,7 +153,8 @@ impl Txn {
             .count();
         let committed = self
             .store
-            .scan_raw(table.name, prefix, limit.saturating_add(deleted))?;
+            .scan_raw(table.name, prefix, limit.saturating_add(deleted))
+            .await?;
         let mut merged: BTreeMap<String, Bytes> = BTreeMap::new();
         {
             let mut s = self.lock();

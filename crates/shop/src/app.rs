@@ -56,6 +56,7 @@ use crate::services::inventory::{self, Inventory};
 use crate::services::notification::{self, Notifier};
 use crate::services::payment::{self, Payments};
 use crate::services::shipping::{self, Shipping};
+pub use crate::wiring::StoreBackend;
 use crate::wiring::{self, Backing, OrderService, OrderSettings, Stores, Tasks};
 
 /// The ports of the five backing servers on 127.0.0.1 (0: any free port).
@@ -83,6 +84,8 @@ pub struct AppConfig {
     /// A bus to use instead of the embedded one under `<data_dir>/bus` (e.g. one wrapped
     /// in a chaos layer); the app closes it at shutdown.
     pub bus: Option<Arc<dyn Bus>>,
+    /// Where the services' stores live (default: embedded, under `data_dir`).
+    pub store: StoreBackend,
     /// The patterns to run (default: all).
     pub patterns: Vec<Pattern>,
     /// The Order service's client settings (timeouts, retries, breakers).
@@ -103,6 +106,7 @@ impl std::fmt::Debug for AppConfig {
             .field("data_dir", &self.data_dir)
             .field("ports", &self.ports)
             .field("bus", &self.bus.as_ref().map(|_| "custom"))
+            .field("store", &self.store)
             .field("patterns", &self.patterns)
             .field("stall_after", &self.stall_after)
             .field("request_timeout", &self.request_timeout)
@@ -118,6 +122,7 @@ impl AppConfig {
             data_dir: data_dir.into(),
             ports: Ports::default(),
             bus: None,
+            store: StoreBackend::Embedded,
             patterns: Pattern::ALL.to_vec(),
             client: ClientConfig {
                 default_timeout: Duration::from_secs(5),
@@ -129,6 +134,12 @@ impl AppConfig {
             request_timeout: Duration::from_secs(2),
             ship_attempts: crate::patterns::orchestration::SHIP_ATTEMPTS,
         }
+    }
+
+    /// This config with the services' stores on `store`.
+    pub fn with_store(mut self, store: StoreBackend) -> Self {
+        self.store = store;
+        self
     }
 
     /// This config with `bus` instead of the embedded one.
@@ -160,6 +171,15 @@ pub enum AppError {
         /// The store's error.
         #[source]
         source: switchyard::Error,
+    },
+    /// A service's PostgreSQL store could not be opened.
+    #[error("the {service} store on PostgreSQL failed: {source}")]
+    Postgres {
+        /// The service.
+        service: &'static str,
+        /// The store's error.
+        #[source]
+        source: switchyard_postgres::PgError,
     },
     /// The bus could not be opened or closed.
     #[error("the bus failed: {0}; check <data_dir>/bus (is another shop using it?)")]
@@ -322,12 +342,14 @@ impl ShopApp {
         let dir = config.data_dir.clone();
         wiring::create_data_dir(&dir)?;
         let mut stores = Stores::default();
-        let order_store = stores.open(&dir, wiring::ORDER)?;
-        let inventory_store = stores.open(&dir, inventory::SERVICE)?;
-        let payment_store = stores.open(&dir, payment::SERVICE)?;
-        let shipping_store = stores.open(&dir, shipping::SERVICE)?;
-        let notification_store = stores.open(&dir, notification::SERVICE)?;
-        let analytics_store = stores.open(&dir, analytics::SERVICE)?;
+        let order_store = stores.open(&config.store, &dir, wiring::ORDER).await?;
+        let inventory_store = stores.open(&config.store, &dir, inventory::SERVICE).await?;
+        let payment_store = stores.open(&config.store, &dir, payment::SERVICE).await?;
+        let shipping_store = stores.open(&config.store, &dir, shipping::SERVICE).await?;
+        let notification_store = stores
+            .open(&config.store, &dir, notification::SERVICE)
+            .await?;
+        let analytics_store = stores.open(&config.store, &dir, analytics::SERVICE).await?;
         let (bus, embedded_bus): (Arc<dyn Bus>, _) = match &config.bus {
             Some(b) => (b.clone(), None),
             None => {

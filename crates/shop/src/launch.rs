@@ -28,8 +28,10 @@ pub struct AppLauncher;
 #[async_trait]
 impl Launcher for AppLauncher {
     async fn up(&self, c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
-        crate::serve::embedded_only(&c.bus, &c.store)?;
-        let mut config = AppConfig::new(&c.data_dir).with_patterns(&c.patterns);
+        let store = crate::serve::backends(&c.bus, &c.store)?;
+        let mut config = AppConfig::new(&c.data_dir)
+            .with_patterns(&c.patterns)
+            .with_store(store);
         if c.port != 0 {
             config.ports = Ports {
                 inventory: c.addr(2)?.port(),

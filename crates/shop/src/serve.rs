@@ -44,7 +44,7 @@ use crate::order::Pattern;
 use crate::patterns::choreography::MonitorStats;
 use crate::services::inventory::Inventory;
 use crate::services::{ServeError, analytics, inventory, notification, payment, shipping};
-use crate::wiring::{self, Backing, OrderService, OrderSettings, Stores, Tasks};
+use crate::wiring::{self, Backing, OrderService, OrderSettings, StoreBackend, Stores, Tasks};
 
 /// The bus and store setting of this build's only backend.
 pub const EMBEDDED: &str = "embedded";
@@ -71,8 +71,8 @@ shipping=http://127.0.0.1:7104;notification=http://127.0.0.1:7105;analytics=http
 pub enum StartError {
     /// A backend other than the embedded one was asked for.
     #[error(
-        "this build runs the shop on the embedded bus and stores only (got --bus {bus} --store {store}); \
-         the NATS and PostgreSQL backends come with the distributed mode"
+        "this build runs the shop on the embedded bus, with embedded stores or PostgreSQL \
+         (got --bus {bus} --store {store}); use --store embedded or --store postgres://user@host:port/db"
     )]
     Backend {
         /// The `--bus` given.
@@ -162,16 +162,18 @@ fn list(patterns: &[Pattern]) -> String {
         .join(", ")
 }
 
-/// Refuses backends other than the embedded one (the only one this build has); shared
-/// by `shop up` and `shop serve`.
-pub fn embedded_only(bus: &str, store: &str) -> Result<(), StartError> {
-    if bus != EMBEDDED || store != EMBEDDED {
-        return Err(StartError::Backend {
-            bus: bus.to_string(),
-            store: store.to_string(),
-        });
+/// The store backend `--store` names; refuses a bus other than the embedded one (the
+/// only one this build runs the shop on) and a store URL it does not know. Shared by
+/// `shop up` and `shop serve`.
+pub fn backends(bus: &str, store: &str) -> Result<StoreBackend, StartError> {
+    let refused = || StartError::Backend {
+        bus: bus.to_string(),
+        store: store.to_string(),
+    };
+    if bus != EMBEDDED {
+        return Err(refused());
     }
-    Ok(())
+    StoreBackend::parse(store).ok_or_else(refused)
 }
 
 /// The patterns a process of `config` runs, and those left out: with the embedded bus
@@ -237,7 +239,7 @@ async fn bind(service: &'static str, addr: SocketAddr) -> Result<TcpListener, St
 /// [`Launched::services`]). It stops cleanly when `shutdown` completes: the Order API
 /// first, then flows and routers, relays, the server, and last the bus and the store.
 pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, StartError> {
-    embedded_only(&config.bus, &config.store)?;
+    let store_backend = backends(&config.bus, &config.store)?;
     let (patterns, left_out) = patterns_to_run(&config)?;
     let name = config.service.as_str();
     // Check the Order service's registry and bind the addresses before opening anything.
@@ -279,7 +281,7 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
     let dir = config.data_dir.clone();
     wiring::create_data_dir(&dir)?;
     let mut stores = Stores::default();
-    let store = stores.open(&dir, name)?;
+    let store = stores.open(&store_backend, &dir, name).await?;
     let bus_dir = dir.join(format!("bus-{name}"));
     let bus: Arc<dyn Bus> =
         Arc::new(
@@ -517,8 +519,16 @@ mod tests {
 
     #[test]
     fn other_backends_are_refused() {
-        let e = embedded_only("nats://127.0.0.1:4222", EMBEDDED).unwrap_err();
+        let e = backends("nats://127.0.0.1:4222", EMBEDDED).unwrap_err();
         assert!(e.to_string().contains("--bus nats://"), "{e}");
-        assert!(embedded_only(EMBEDDED, EMBEDDED).is_ok());
+        assert_eq!(
+            backends(EMBEDDED, EMBEDDED).unwrap(),
+            StoreBackend::Embedded
+        );
+        assert_eq!(
+            backends(EMBEDDED, "postgres://shop@127.0.0.1/shop").unwrap(),
+            StoreBackend::Postgres("postgres://shop@127.0.0.1/shop".into())
+        );
+        assert!(backends(EMBEDDED, "mysql://x").is_err());
     }
 }

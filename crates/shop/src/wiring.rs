@@ -2,8 +2,8 @@
 //! (every service in one process) and [`crate::serve`] (one service per process), so
 //! that a service runs the same way in both:
 //!
-//! - [`Stores`]: the services' embedded stores under the data directory, opened and
-//!   closed with the shop's error mapping;
+//! - [`Stores`]: the services' stores (embedded under the data directory, or schemas on
+//!   PostgreSQL), opened and closed with the shop's error mapping;
 //! - [`Backing`]: one backing service over its store — its server, its router handlers
 //!   for the patterns that run, whether the caller relays its outbox;
 //! - [`OrderService`]: the Order service's clients, flows, saga orchestrator and desk,
@@ -24,6 +24,7 @@ use switchyard::router::Router;
 use switchyard::saga::{Orchestrator, SagaState};
 use switchyard::store::Store;
 use switchyard_embedded::{EmbeddedStore, StoreConfig};
+use switchyard_postgres::{PgStore, PgStoreConfig};
 use switchyard_rpc::grpc::GrpcClient;
 use switchyard_rpc::registry::Registry;
 use switchyard_rpc::{ClientConfig, HttpClient};
@@ -59,50 +60,104 @@ pub(crate) fn create_data_dir(dir: &Path) -> Result<(), AppError> {
     })
 }
 
-/// The embedded stores a process opened, one per service under `<data_dir>/<service>`,
-/// closed together at shutdown.
+/// Where the services' stores live: `embedded` (one store per service under the data
+/// directory) or a PostgreSQL URL (one schema per service, named after it, shared by the
+/// service's instances).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// Embedded stores under `<data_dir>/<service>`.
+    #[default]
+    Embedded,
+    /// PostgreSQL at this URL (`postgres://…`).
+    Postgres(String),
+}
+
+impl StoreBackend {
+    /// Parses `--store`: `embedded`, or a `postgres://` / `postgresql://` URL.
+    pub fn parse(text: &str) -> Option<StoreBackend> {
+        match text.trim() {
+            "embedded" => Some(StoreBackend::Embedded),
+            url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Some(StoreBackend::Postgres(url.to_string()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One open store.
+enum OpenStore {
+    Embedded(PathBuf, EmbeddedStore),
+    Postgres(PgStore),
+}
+
+/// The stores a process opened, one per service, closed together at shutdown.
 #[derive(Default)]
 pub(crate) struct Stores {
-    open: Vec<(&'static str, PathBuf, EmbeddedStore)>,
+    open: Vec<(&'static str, OpenStore)>,
 }
 
 impl Stores {
-    /// Opens the store of `service` under `dir` (an error names the service and says to
-    /// check that no other shop uses the directory).
-    pub(crate) fn open(
+    /// Opens the store of `service` on `backend`: under `dir/<service>` when embedded (an
+    /// error names the service and says to check that no other shop uses the directory),
+    /// in the schema `<service>` on PostgreSQL.
+    pub(crate) async fn open(
         &mut self,
+        backend: &StoreBackend,
         dir: &Path,
         service: &'static str,
     ) -> Result<Arc<dyn Store>, AppError> {
-        let path = dir.join(service);
-        let store = EmbeddedStore::open(&path, StoreConfig::default()).map_err(|source| {
-            AppError::Store {
-                service,
-                path: path.clone(),
-                source,
+        match backend {
+            StoreBackend::Embedded => {
+                let path = dir.join(service);
+                let store =
+                    EmbeddedStore::open(&path, StoreConfig::default()).map_err(|source| {
+                        AppError::Store {
+                            service,
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
+                self.open
+                    .push((service, OpenStore::Embedded(path, store.clone())));
+                Ok(Arc::new(store))
             }
-        })?;
-        self.open.push((service, path, store.clone()));
-        Ok(Arc::new(store))
+            StoreBackend::Postgres(url) => {
+                let store = PgStore::connect(PgStoreConfig::new(url.clone(), service))
+                    .await
+                    .map_err(|source| AppError::Postgres { service, source })?;
+                self.open
+                    .push((service, OpenStore::Postgres(store.clone())));
+                Ok(Arc::new(store))
+            }
+        }
     }
 
-    /// The stores opened, for their statistics.
+    /// The embedded stores opened, for their statistics.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &EmbeddedStore> {
-        self.open.iter().map(|(_, _, s)| s)
+        self.open.iter().filter_map(|(_, s)| match s {
+            OpenStore::Embedded(_, store) => Some(store),
+            OpenStore::Postgres(_) => None,
+        })
     }
 
     /// Closes every store; the first failure, if any (the others are closed anyway).
     pub(crate) async fn close(self) -> Result<(), AppError> {
         let mut first = Ok(());
-        for (service, path, store) in self.open {
-            if let Err(source) = store.close().await
-                && first.is_ok()
-            {
-                first = Err(AppError::Store {
-                    service,
-                    path,
-                    source,
-                });
+        for (service, store) in self.open {
+            match store {
+                OpenStore::Embedded(path, store) => {
+                    if let Err(source) = store.close().await
+                        && first.is_ok()
+                    {
+                        first = Err(AppError::Store {
+                            service,
+                            path,
+                            source,
+                        });
+                    }
+                }
+                OpenStore::Postgres(store) => store.close().await,
             }
         }
         first

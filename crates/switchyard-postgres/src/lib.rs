@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Layout (decision 0010)
+//! # Layout (decision 0011)
 //!
 //! | contract | PostgreSQL, in the service's schema |
 //! | --- | --- |

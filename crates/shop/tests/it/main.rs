@@ -12,6 +12,7 @@ mod lab;
 mod notification;
 mod patterns;
 mod payment;
+mod postgres;
 mod serve;
 mod shipping;
 mod support;

@@ -21,7 +21,7 @@ use switchyard_testkit::chaos_bus::{ChaosBus, ChaosConfig, ChaosStats};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn chaos_bus(dir: &Path, seed: u64) -> Arc<ChaosBus> {
+pub(crate) fn chaos_bus(dir: &Path, seed: u64) -> Arc<ChaosBus> {
     let inner: Arc<dyn Bus> = Arc::new(EmbeddedBus::open(dir.join("bus")).unwrap());
     Arc::new(ChaosBus::new(
         inner,
@@ -72,7 +72,7 @@ async fn place_and_wait(app: &ShopApp, req: NewOrder) -> Order {
 
 /// Polls the invariant check until the shop is settled (no order in flight, no
 /// violation), for at most `within`; returns the last report.
-async fn settled(app: &ShopApp, within: Duration) -> CheckReport {
+pub(crate) async fn settled(app: &ShopApp, within: Duration) -> CheckReport {
     let deadline = Instant::now() + within;
     loop {
         let report = check(app).await.unwrap();
@@ -384,7 +384,7 @@ async fn a_notification_outage_fails_sync_orders_but_not_choreography_or_hybrid(
     app.shutdown().await.unwrap();
 }
 
-fn mixed(i: usize, prefix: &str) -> NewOrder {
+pub(crate) fn mixed(i: usize, prefix: &str) -> NewOrder {
     let pattern = Pattern::ALL[i % 5];
     let (customer, token) = match i % 10 {
         3 => ("broke-x".to_string(), "tok_ok"),
@@ -402,7 +402,7 @@ fn mixed(i: usize, prefix: &str) -> NewOrder {
     order(&format!("{prefix}-{i}"), pattern, &customer, items, token)
 }
 
-async fn diverged(app: &ShopApp) -> Vec<(String, Vec<String>)> {
+pub(crate) async fn diverged(app: &ShopApp) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     for status in [
         OrderStatus::Completed,

@@ -129,7 +129,10 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets inbox marks made before `before`; returns how many.
     async fn expire_inbox(&self, before: Timestamp) -> Result<u64>;
 
-    /// The oldest outbox entries, in commit order, at most `limit`.
+    /// The oldest outbox entries, in commit order, at most `limit`. A backend shared by
+    /// several processes (PostgreSQL) hands each entry to one of them at a time — a claim
+    /// with a lease, released by a clean close — so their relays share the work and a
+    /// crashed instance's entries are published by another once the lease lapses.
     async fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxEntry>>;
 
     /// Removes published outbox entries.

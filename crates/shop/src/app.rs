@@ -56,8 +56,8 @@ use crate::services::inventory::{self, Inventory};
 use crate::services::notification::{self, Notifier};
 use crate::services::payment::{self, Payments};
 use crate::services::shipping::{self, Shipping};
-pub use crate::wiring::StoreBackend;
 use crate::wiring::{self, Backing, OrderService, OrderSettings, Stores, Tasks};
+pub use crate::wiring::{BusBackend, StoreBackend};
 
 /// The ports of the five backing servers on 127.0.0.1 (0: any free port).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

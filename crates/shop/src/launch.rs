@@ -15,7 +15,7 @@ use crate::api::{
     self, AdminError, CheckItem, CheckReport, DeadLetterView, ReplayOutcome, ReplayRequest,
     ServiceInfo,
 };
-use crate::app::{AppConfig, Ports, ShopApp};
+use crate::app::{AppConfig, BusBackend, Ports, ShopApp};
 use crate::cli::up::{LaunchError, Launched, Launcher, ServeConfig, Shutdown, UpConfig};
 use crate::model::{Item, RARE_SKU, TOPICS};
 use crate::order::{NewOrder, OrderDesk, OrderStatus};
@@ -28,10 +28,13 @@ pub struct AppLauncher;
 #[async_trait]
 impl Launcher for AppLauncher {
     async fn up(&self, c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
-        let store = crate::serve::backends(&c.bus, &c.store)?;
+        let (bus, store) = crate::serve::backends(&c.bus, &c.store)?;
         let mut config = AppConfig::new(&c.data_dir)
             .with_patterns(&c.patterns)
             .with_store(store);
+        if let BusBackend::Nats(url) = &bus {
+            config = config.with_bus(BusBackend::nats(url));
+        }
         if c.port != 0 {
             config.ports = Ports {
                 inventory: c.addr(2)?.port(),

@@ -44,7 +44,9 @@ use crate::order::Pattern;
 use crate::patterns::choreography::MonitorStats;
 use crate::services::inventory::Inventory;
 use crate::services::{ServeError, analytics, inventory, notification, payment, shipping};
-use crate::wiring::{self, Backing, OrderService, OrderSettings, StoreBackend, Stores, Tasks};
+use crate::wiring::{
+    self, Backing, BusBackend, OrderService, OrderSettings, StoreBackend, Stores, Tasks,
+};
 
 /// The bus and store setting of this build's only backend.
 pub const EMBEDDED: &str = "embedded";
@@ -71,8 +73,8 @@ shipping=http://127.0.0.1:7104;notification=http://127.0.0.1:7105;analytics=http
 pub enum StartError {
     /// A backend other than the embedded one was asked for.
     #[error(
-        "this build runs the shop on the embedded bus, with embedded stores or PostgreSQL \
-         (got --bus {bus} --store {store}); use --store embedded or --store postgres://user@host:port/db"
+        "unknown backend (got --bus {bus} --store {store}): use --bus embedded or --bus nats://host:4222, \
+         and --store embedded or --store postgres://user@host:port/db"
     )]
     Backend {
         /// The `--bus` given.
@@ -162,18 +164,17 @@ fn list(patterns: &[Pattern]) -> String {
         .join(", ")
 }
 
-/// The store backend `--store` names; refuses a bus other than the embedded one (the
-/// only one this build runs the shop on) and a store URL it does not know. Shared by
-/// `shop up` and `shop serve`.
-pub fn backends(bus: &str, store: &str) -> Result<StoreBackend, StartError> {
+/// The bus and store backends `--bus` and `--store` name (a URL this build does not
+/// know is refused). Shared by `shop up` and `shop serve`.
+pub fn backends(bus: &str, store: &str) -> Result<(BusBackend, StoreBackend), StartError> {
     let refused = || StartError::Backend {
         bus: bus.to_string(),
         store: store.to_string(),
     };
-    if bus != EMBEDDED {
-        return Err(refused());
-    }
-    StoreBackend::parse(store).ok_or_else(refused)
+    Ok((
+        BusBackend::parse(bus).ok_or_else(refused)?,
+        StoreBackend::parse(store).ok_or_else(refused)?,
+    ))
 }
 
 /// The patterns a process of `config` runs, and those left out: with the embedded bus
@@ -239,7 +240,7 @@ async fn bind(service: &'static str, addr: SocketAddr) -> Result<TcpListener, St
 /// [`Launched::services`]). It stops cleanly when `shutdown` completes: the Order API
 /// first, then flows and routers, relays, the server, and last the bus and the store.
 pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, StartError> {
-    let store_backend = backends(&config.bus, &config.store)?;
+    let (bus_backend, store_backend) = backends(&config.bus, &config.store)?;
     let (patterns, left_out) = patterns_to_run(&config)?;
     let name = config.service.as_str();
     // Check the Order service's registry and bind the addresses before opening anything.
@@ -282,15 +283,19 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
     wiring::create_data_dir(&dir)?;
     let mut stores = Stores::default();
     let store = stores.open(&store_backend, &dir, name).await?;
-    let bus_dir = dir.join(format!("bus-{name}"));
-    let bus: Arc<dyn Bus> =
-        Arc::new(
-            EmbeddedBus::open(&bus_dir).map_err(|source| StartError::Bus {
-                service: name,
-                path: bus_dir.clone(),
-                source,
-            })?,
-        );
+    let bus: Arc<dyn Bus> = match &bus_backend {
+        BusBackend::Embedded => {
+            let bus_dir = dir.join(format!("bus-{name}"));
+            Arc::new(
+                EmbeddedBus::open(&bus_dir).map_err(|source| StartError::Bus {
+                    service: name,
+                    path: bus_dir.clone(),
+                    source,
+                })?,
+            )
+        }
+        BusBackend::Nats(url) => BusBackend::nats(url),
+    };
     let parts = Parts {
         dir,
         stores,
@@ -518,16 +523,19 @@ mod tests {
     }
 
     #[test]
-    fn other_backends_are_refused() {
-        let e = backends("nats://127.0.0.1:4222", EMBEDDED).unwrap_err();
-        assert!(e.to_string().contains("--bus nats://"), "{e}");
+    fn unknown_backends_are_refused() {
+        let e = backends("kafka://127.0.0.1:9092", EMBEDDED).unwrap_err();
+        assert!(e.to_string().contains("--bus kafka://"), "{e}");
         assert_eq!(
             backends(EMBEDDED, EMBEDDED).unwrap(),
-            StoreBackend::Embedded
+            (BusBackend::Embedded, StoreBackend::Embedded)
         );
         assert_eq!(
-            backends(EMBEDDED, "postgres://shop@127.0.0.1/shop").unwrap(),
-            StoreBackend::Postgres("postgres://shop@127.0.0.1/shop".into())
+            backends("nats://127.0.0.1:4222", "postgres://shop@127.0.0.1/shop").unwrap(),
+            (
+                BusBackend::Nats("nats://127.0.0.1:4222".into()),
+                StoreBackend::Postgres("postgres://shop@127.0.0.1/shop".into())
+            )
         );
         assert!(backends(EMBEDDED, "mysql://x").is_err());
     }

@@ -24,6 +24,7 @@ use switchyard::router::Router;
 use switchyard::saga::{Orchestrator, SagaState};
 use switchyard::store::Store;
 use switchyard_embedded::{EmbeddedStore, StoreConfig};
+use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_postgres::{PgStore, PgStoreConfig};
 use switchyard_rpc::grpc::GrpcClient;
 use switchyard_rpc::registry::Registry;
@@ -82,6 +83,35 @@ impl StoreBackend {
             }
             _ => None,
         }
+    }
+}
+
+/// Which bus the services share: `embedded` (a log under the data directory, private to
+/// one process) or a NATS server (JetStream streams shared by every process).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BusBackend {
+    /// The embedded bus.
+    #[default]
+    Embedded,
+    /// NATS at this URL (`nats://…`).
+    Nats(String),
+}
+
+impl BusBackend {
+    /// Parses `--bus`: `embedded`, or a `nats://` / `tls://` URL.
+    pub fn parse(text: &str) -> Option<BusBackend> {
+        match text.trim() {
+            "embedded" => Some(BusBackend::Embedded),
+            url if url.starts_with("nats://") || url.starts_with("tls://") => {
+                Some(BusBackend::Nats(url.to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The NATS bus at `url` (it connects on first use, and reconnects by itself).
+    pub fn nats(url: &str) -> Arc<dyn Bus> {
+        Arc::new(NatsBus::new(NatsConfig::new(url)))
     }
 }
 

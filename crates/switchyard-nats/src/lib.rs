@@ -47,6 +47,7 @@
 mod consumer;
 mod error;
 mod names;
+mod order;
 mod transient;
 
 use std::collections::HashMap;
@@ -66,7 +67,7 @@ use tokio::sync::{OnceCell, watch};
 
 pub use error::{NatsError, NatsErrorKind};
 
-use consumer::{GroupState, Source};
+use consumer::{GroupState, PARK_ROOM, Source};
 use names::Names;
 
 /// How to reach the server and how to lay out topics on it.
@@ -77,7 +78,8 @@ pub struct NatsConfig {
     /// Optional namespace put into every stream and subject name, so several independent
     /// buses (tests, tenants) can share one server. Letters, digits, `-` and `_` only.
     pub namespace: Option<String>,
-    /// Publisher-dedup window set on the streams this bus creates.
+    /// Publisher-dedup window set on the streams this bus creates; zero turns publisher
+    /// dedup off.
     pub dedup_window: Duration,
     /// Largest envelope accepted (see [`Envelope::encoded_len`]).
     pub max_message_bytes: usize,
@@ -220,9 +222,15 @@ impl Inner {
         let (_, js) = self.conn().await?;
         let subject = self.names.subject(topic);
         let mut futures = Vec::with_capacity(envelopes.len());
+        // A window of zero means no dedup: the server would read a zero
+        // `duplicate_window` as its default (2 minutes), so the id is not sent at all.
+        let dedup = !self.config.dedup_window.is_zero();
         for (e, msg_id, mut headers) in envelopes {
-            let msg_id = msg_id.unwrap_or_else(|| e.id.to_string());
-            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            match msg_id {
+                Some(id) => headers.insert("Nats-Msg-Id", id.as_str()),
+                None if dedup => headers.insert("Nats-Msg-Id", e.id.to_string().as_str()),
+                None => {}
+            }
             let f = js
                 .publish_with_headers(subject.clone(), headers, e.to_bytes())
                 .await
@@ -241,14 +249,25 @@ impl Inner {
         Ok(out)
     }
 
-    fn group_state(&self, topic: &str, group: &str, options: &SubscribeOptions) -> Arc<GroupState> {
+    /// The state of (`topic`, `group`) in this bus, and whether it was created now.
+    fn group_state(
+        &self,
+        topic: &str,
+        group: &str,
+        options: &SubscribeOptions,
+    ) -> (Arc<GroupState>, bool) {
         let mut groups = lock(&self.groups);
-        let g = groups
-            .entry((topic.to_string(), group.to_string()))
-            .or_insert_with(|| Arc::new(GroupState::new(topic, group)))
-            .clone();
-        g.set_policy(options.redelivery.clone());
-        g
+        let key = (topic.to_string(), group.to_string());
+        let (g, created) = match groups.get(&key) {
+            Some(g) => (g.clone(), false),
+            None => {
+                let g = Arc::new(GroupState::new(topic, group));
+                groups.insert(key, g.clone());
+                (g, true)
+            }
+        };
+        g.set_settings(options.redelivery.clone(), options.ack_wait);
+        (g, created)
     }
 }
 
@@ -300,11 +319,15 @@ impl Bus for NatsBus {
         let config = jetstream::consumer::pull::Config {
             durable_name: Some(self.inner.names.consumer(group)),
             ack_policy: AckPolicy::Explicit,
-            ack_wait: options.ack_wait,
-            // One delivery more than the policy allows: the client sees the extra one,
-            // dead-letters it and terminates it (an ack timeout on the last attempt).
-            max_deliver: i64::from(options.redelivery.max_attempts.max(1)) + 1,
-            max_ack_pending: i64::try_from(options.max_pending.max(1)).unwrap_or(i64::MAX),
+            // At most `LIVENESS`: this bus keeps what it holds alive with `+WPI`, so what a
+            // dead process held comes back soon; the lease itself is kept by the bus.
+            ack_wait: consumer::server_ack_wait(options.ack_wait),
+            // Unlimited: the client counts attempts and dead-letters the delivery after
+            // the last one (an ack timeout on the last attempt).
+            max_deliver: -1,
+            // Room for messages parked behind their subject, so other subjects still flow.
+            max_ack_pending: i64::try_from(options.max_pending.max(1).saturating_mul(PARK_ROOM))
+                .unwrap_or(i64::MAX),
             deliver_policy: match options.start {
                 StartPosition::Earliest => DeliverPolicy::All,
                 StartPosition::Latest => DeliverPolicy::New,
@@ -319,12 +342,31 @@ impl Bus for NatsBus {
                 .await
                 .map_err(|_| NatsError::consumer(topic, group, first))?,
         };
-        let state = self.inner.group_state(topic, group, &options);
-        Ok(Subscription::new(Box::new(Source::new(
-            self.inner.clone(),
-            consumer,
-            state,
-        ))))
+        let (state, created) = self.inner.group_state(topic, group, &options);
+        if created {
+            let (client, _) = self.inner.conn().await?;
+            consumer::spawn_keep_alive(
+                state.clone(),
+                client.clone(),
+                self.inner.closed.subscribe(),
+            );
+            // What another process holds unsettled (a killed one) comes back now, before
+            // any later message of the group.
+            if let Err(e) = consumer::take_over(
+                client,
+                &self.inner.names.stream(topic),
+                &self.inner.names.consumer(group),
+                consumer.cached_info(),
+            )
+            .await
+            {
+                tracing::warn!(topic, group, error = %e,
+                    "could not take over the group's unsettled messages; they come back after the server's ack_wait");
+            }
+        }
+        Ok(Subscription::new(Box::new(
+            Source::new(self.inner.clone(), consumer, state).await,
+        )))
     }
 
     async fn dead_letters(&self, topic: &str, limit: usize) -> Result<Vec<DeadLetter>> {

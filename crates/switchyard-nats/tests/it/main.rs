@@ -1,6 +1,9 @@
-//! Integration tests of the NATS bus: the bus conformance suite against a real
+//! Integration tests of the NATS bus: the bus conformance suite, and the router and
+//! request/reply suites over the NATS bus and the embedded store, against a real
 //! nats-server that each test starts itself (testkit, free loopback port).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod conformance;
+mod reply_conformance;
+mod router_conformance;

@@ -495,10 +495,7 @@ impl DeliverySource for Source {
                 Some(Ok(m)) => m,
             };
             let mut fetched = vec![first];
-            loop {
-                let Some(batch) = puller.current.as_mut() else {
-                    break;
-                };
+            while let Some(batch) = puller.current.as_mut() {
                 match batch.next().now_or_never() {
                     Some(Some(Ok(m))) => fetched.push(m),
                     Some(None) => {

@@ -90,12 +90,13 @@ pub(crate) struct GroupState {
     /// The group's one pull request in this bus: every fetched message enters the
     /// sequencer in the order the server delivered it.
     puller: tokio::sync::Mutex<Puller>,
+    /// The handle of the group's durable consumer (the latest subscriber's).
+    consumer: Mutex<Option<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>>>,
 }
 
-/// The consumer handle and the open pull request of a group in this bus.
+/// The open pull request of a group in this bus.
 #[derive(Default)]
 struct Puller {
-    consumer: Option<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>>,
     /// Kept across cancelled calls so nothing it brought is lost.
     current: Option<jetstream::consumer::pull::Batch>,
 }
@@ -114,6 +115,7 @@ impl GroupState {
             first_failure: Default::default(),
             sources: AtomicUsize::new(0),
             puller: Default::default(),
+            consumer: Mutex::new(None),
         }
     }
 
@@ -300,14 +302,14 @@ pub(crate) struct Source {
 }
 
 impl Source {
-    pub(crate) async fn new(
+    pub(crate) fn new(
         inner: Arc<Inner>,
         consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
         state: Arc<GroupState>,
     ) -> Self {
         let closed = inner.closed.subscribe();
         state.sources.fetch_add(1, Ordering::SeqCst);
-        state.puller.lock().await.consumer = Some(consumer);
+        *lock(&state.consumer) = Some(consumer);
         Source {
             settler: Arc::new(GroupSettler {
                 inner: inner.clone(),
@@ -458,7 +460,7 @@ impl DeliverySource for Source {
                 p = state.puller.lock() => p,
             };
             if puller.current.is_none() {
-                let Some(consumer) = puller.consumer.as_ref() else {
+                let Some(consumer) = lock(&state.consumer).clone() else {
                     return Err(Error::Closed);
                 };
                 let batch = consumer

@@ -10,7 +10,7 @@
 //! ([`take_over`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use switchyard::bus::{
 use switchyard::{DeadLetter, Delivery, Envelope, Error, RedeliveryPolicy, Result, Timestamp};
 use tokio::sync::{Notify, watch};
 
+use crate::ledger::Uncounted;
 use crate::order::{Arrival, Sequencer};
 use crate::{Inner, NatsError, lock};
 
@@ -50,10 +51,13 @@ const H_ATTEMPTS: &str = "Sy-Attempts";
 const H_FIRST: &str = "Sy-First-Failure";
 const H_LAST: &str = "Sy-Last-Failure";
 
-/// A message held by this bus: the JetStream message (to settle it) and its envelope.
+/// A message held by this bus: the JetStream message (to settle it), its envelope, and
+/// its stream sequence and delivery count.
 pub(crate) struct Held {
     message: jetstream::Message,
     envelope: Arc<Envelope>,
+    seq: u64,
+    delivered: u64,
 }
 
 /// The settings the latest subscriber gave the group.
@@ -81,6 +85,13 @@ pub(crate) fn server_ack_wait(ack_wait: Duration) -> Duration {
 pub(crate) struct GroupState {
     topic: Arc<str>,
     group: Arc<str>,
+    /// `<stream>.<consumer>`: the prefix of this group's keys in the ledger.
+    key_prefix: String,
+    /// Messages up to this sequence were delivered before this bus used the group: their
+    /// deliveries elsewhere may have been no attempts (see `ledger.rs`).
+    inherited: AtomicU64,
+    /// What the ledger knows of messages this bus holds (read or written here).
+    uncounted: Mutex<HashMap<u64, Uncounted>>,
     settings: Mutex<GroupSettings>,
     order: Mutex<Sequencer<Held>>,
     /// Woken when a parked message becomes ready.
@@ -102,10 +113,13 @@ struct Puller {
 }
 
 impl GroupState {
-    pub(crate) fn new(topic: &str, group: &str) -> Self {
+    pub(crate) fn new(topic: &str, group: &str, key_prefix: String) -> Self {
         GroupState {
             topic: topic.into(),
             group: group.into(),
+            key_prefix,
+            inherited: AtomicU64::new(0),
+            uncounted: Default::default(),
             settings: Mutex::new(GroupSettings {
                 policy: RedeliveryPolicy::default(),
                 ack_wait: Duration::from_secs(30),
@@ -119,25 +133,58 @@ impl GroupState {
         }
     }
 
+    /// Messages up to `seq` were delivered before this bus used the group.
+    pub(crate) fn set_inherited(&self, seq: u64) {
+        self.inherited.store(seq, Ordering::SeqCst);
+    }
+
     /// The latest subscriber sets the policy and the lease of the group.
     pub(crate) fn set_settings(&self, policy: RedeliveryPolicy, ack_wait: Duration) {
         *lock(&self.settings) = GroupSettings { policy, ack_wait };
     }
 
-    /// Hands every held message back to the group at once (a `-NAK` without delay: it
-    /// counts as a delivery); later settles of them fail as stale.
-    pub(crate) async fn release_all(&self) {
+    /// Hands every held message back to the group at once (a `-NAK` without delay);
+    /// later settles of them fail as stale.
+    pub(crate) async fn release_all(&self, inner: &Inner) {
         let held = lock(&self.order).drain_all();
-        self.release(held).await;
+        self.release(inner, held).await;
     }
 
-    async fn release(&self, held: Vec<Held>) {
-        for h in held {
+    /// Hands `held` back to the group; the delivery of a waiting one (`true`) was no
+    /// attempt, and the ledger says so before the `-NAK`.
+    async fn release(&self, inner: &Inner, held: Vec<(Held, bool)>) {
+        for (h, waiting) in held {
+            if waiting {
+                let mut u = lock(&self.uncounted).remove(&h.seq).unwrap_or_default();
+                if u.upto < h.delivered {
+                    u.n += h.delivered - u.upto.max(h.delivered - 1);
+                    u.upto = h.delivered;
+                    self.record(inner, h.seq, u).await;
+                }
+            }
             if let Err(e) = h.message.ack_with(AckKind::Nak(None)).await {
                 tracing::warn!(topic = %self.topic, group = %self.group, error = %e,
                     "handing a held message back failed; it returns after the server's ack_wait");
             }
         }
+    }
+
+    fn key(&self, seq: u64) -> String {
+        format!("{}.{seq}", self.key_prefix)
+    }
+
+    /// Writes the ledger entry of `seq` (a failure only costs an attempt too many).
+    async fn record(&self, inner: &Inner, seq: u64, u: Uncounted) {
+        if let Err(e) = inner.ledger.put(inner, &self.key(seq), u).await {
+            tracing::warn!(topic = %self.topic, group = %self.group, seq, error = %e,
+                "recording a delivery that was no attempt failed; it counts as one");
+        }
+    }
+
+    /// The attempt number of delivery `delivered` of `seq`.
+    fn attempt(&self, seq: u64, delivered: u64) -> u64 {
+        let n = lock(&self.uncounted).get(&seq).map_or(0, |u| u.n);
+        delivered.saturating_sub(n).max(1)
     }
 
     fn settings(&self) -> GroupSettings {
@@ -152,10 +199,21 @@ impl GroupState {
         }
     }
 
-    /// Marks `seq` settled for good and wakes a subscriber if the next of its subject is ready.
-    fn done(&self, seq: u64) {
+    /// Marks `seq` settled for good, wakes a subscriber if the next of its subject is
+    /// ready, and drops its ledger entry.
+    fn done(&self, inner: &Arc<Inner>, seq: u64) {
         if lock(&self.order).done(seq) {
             self.ready.notify_waiters();
+        }
+        let entry = lock(&self.uncounted).remove(&seq);
+        if entry.is_some_and(|u| u.n > 0) {
+            let inner = inner.clone();
+            let key = self.key(seq);
+            tokio::spawn(async move {
+                if let Err(e) = inner.ledger.delete(&inner, &key).await {
+                    tracing::debug!(key, error = %e, "dropping a ledger entry failed (it expires)");
+                }
+            });
         }
     }
 
@@ -170,7 +228,7 @@ impl GroupState {
             topic: self.topic.clone(),
             group: self.group.clone(),
             offset: seq,
-            attempt: u32::try_from(lease).unwrap_or(u32::MAX),
+            attempt: u32::try_from(self.attempt(seq, lease)).unwrap_or(u32::MAX),
             lease,
         };
         Delivery::new(envelope, info, settler.clone())
@@ -285,11 +343,7 @@ enum Special {
     /// A replay meant for another group: acknowledged.
     OtherGroup(jetstream::Message),
     /// The extra delivery after an ack timeout on the last attempt: dead-lettered.
-    Exhausted {
-        seq: u64,
-        delivered: u64,
-        held: Held,
-    },
+    Exhausted { seq: u64, attempts: u64, held: Held },
 }
 
 /// The [`DeliverySource`] of one subscriber. The subscribers of a group in one bus share
@@ -337,13 +391,39 @@ impl Source {
         out
     }
 
-    /// Puts fetched messages into the sequencer, in order; returns those handled here.
-    fn arrive(&self, fetched: Vec<jetstream::Message>) -> Vec<Special> {
+    /// Reads the ledger entries of fetched messages that this bus sees for the first
+    /// time and that were delivered before it used the group.
+    async fn read_ledger(&self, fetched: &[jetstream::Message]) {
+        let state = &self.settler.state;
+        let inherited = state.inherited.load(Ordering::SeqCst);
+        for m in fetched {
+            let Ok(i) = m.info() else { continue };
+            let seq = i.stream_sequence;
+            if seq > inherited || i.delivered <= 1 || lock(&state.uncounted).contains_key(&seq) {
+                continue;
+            }
+            let u = match self.inner.ledger.get(&self.inner, &state.key(seq)).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(at = %self.where_(), seq, error = %e,
+                        "reading the ledger failed; every delivery counts as an attempt");
+                    Uncounted::default()
+                }
+            };
+            lock(&state.uncounted).insert(seq, u);
+        }
+    }
+
+    /// Puts fetched messages into the sequencer, in order. Returns those handled here,
+    /// and the ledger entries to write: deliveries found to have been no attempts.
+    fn arrive(&self, fetched: Vec<jetstream::Message>) -> (Vec<Special>, Vec<(u64, Uncounted)>) {
         let state = &self.settler.state;
         let settings = state.settings();
         let max_attempts = u64::from(settings.policy.max_attempts.max(1));
+        let inherited = state.inherited.load(Ordering::SeqCst);
         let now = Instant::now();
         let mut special = Vec::new();
+        let mut records = Vec::new();
         for message in fetched {
             let (seq, delivered) = match message.info() {
                 Ok(i) => (i.stream_sequence, i.delivered.max(1) as u64),
@@ -368,23 +448,52 @@ impl Source {
                 continue;
             }
             let mut order = lock(&state.order);
+            let first_here = !order.contains(seq);
             let held = Held {
                 message,
                 envelope: envelope.clone(),
+                seq,
+                delivered,
             };
             let arrival = order.arrive(seq, delivered, envelope.subject.as_deref(), held, now);
-            if delivered > max_attempts
+            // Deliveries that were no attempts: the previous one of a waiting message
+            // redelivered here, or of one a dead process held while an earlier message of
+            // its subject, also inherited, was unsettled there (so it waited there too).
+            let not_attempts = match arrival {
+                Arrival::Replaced { .. } => Some(1),
+                Arrival::Parked
+                    if first_here
+                        && seq <= inherited
+                        && delivered > 1
+                        && order.blocker(seq).is_some_and(|b| b <= inherited) =>
+                {
+                    Some(1)
+                }
+                _ => None,
+            };
+            if let Some(k) = not_attempts {
+                let mut uncounted = lock(&state.uncounted);
+                let u = uncounted.entry(seq).or_default();
+                let upto = delivered - 1;
+                if u.upto < upto {
+                    u.n += k.min(upto - u.upto);
+                    u.upto = upto;
+                    records.push((seq, *u));
+                }
+            }
+            let attempt = state.attempt(seq, delivered);
+            if attempt > max_attempts
                 && arrival != Arrival::Stale
                 && let Some(held) = order.take(seq, now + AWAY_GRACE)
             {
                 special.push(Special::Exhausted {
                     seq,
-                    delivered,
+                    attempts: attempt - 1,
                     held,
                 });
             }
         }
-        special
+        (special, records)
     }
 
     /// Settles what [`arrive`](Self::arrive) set aside.
@@ -400,17 +509,17 @@ impl Source {
                 }
                 Special::Exhausted {
                     seq,
-                    delivered,
+                    attempts,
                     held,
                 } => {
                     let now = Timestamp::now();
                     let first = lock(&state.first_failure).remove(&seq).unwrap_or(now);
                     let reason = "not settled within ack_wait on the last attempt".to_string();
-                    let attempts = u32::try_from(delivered - 1).unwrap_or(u32::MAX);
+                    let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
                     self.settler
                         .dead_letter(seq, held, reason, attempts, first, now)
                         .await?;
-                    state.done(seq);
+                    state.done(&self.inner, seq);
                 }
             }
         }
@@ -435,7 +544,9 @@ impl Drop for Source {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { state.release(waiting).await });
+            let inner = self.inner.clone();
+            let waiting = waiting.into_iter().map(|h| (h, true)).collect();
+            rt.spawn(async move { state.release(&inner, waiting).await });
         }
     }
 }
@@ -507,8 +618,12 @@ impl DeliverySource for Source {
                     _ => break,
                 }
             }
-            let special = self.arrive(fetched);
+            self.read_ledger(&fetched).await;
+            let (special, records) = self.arrive(fetched);
             drop(puller);
+            for (seq, u) in records {
+                state.record(&self.inner, seq, u).await;
+            }
             self.handle(special).await?;
             state.ready.notify_waiters();
         }
@@ -584,7 +699,7 @@ impl Settler for GroupSettler {
             Settle::Ack => {
                 lock(&s.first_failure).remove(&seq);
                 held.message.ack().await.map_err(fail)?;
-                s.done(seq);
+                s.done(&self.inner, seq);
                 Ok(())
             }
             Settle::Nack { reason, .. } => {
@@ -595,7 +710,7 @@ impl Settler for GroupSettler {
                         lock(&s.first_failure).remove(&seq);
                         self.dead_letter(seq, held, reason, info.attempt, first, ts)
                             .await?;
-                        s.done(seq);
+                        s.done(&self.inner, seq);
                         Ok(())
                     }
                     // Stays away, its subject blocked, until it comes back.
@@ -611,7 +726,7 @@ impl Settler for GroupSettler {
                 let first = lock(&s.first_failure).remove(&seq).unwrap_or(ts);
                 self.dead_letter(seq, held, reason, info.attempt, first, ts)
                     .await?;
-                s.done(seq);
+                s.done(&self.inner, seq);
                 Ok(())
             }
         }

@@ -66,6 +66,7 @@
 
 mod consumer;
 mod error;
+mod ledger;
 mod names;
 mod order;
 mod transient;
@@ -88,6 +89,7 @@ use tokio::sync::{OnceCell, watch};
 pub use error::{NatsError, NatsErrorKind};
 
 use consumer::{GroupState, PARK_ROOM, Source};
+use ledger::Ledger;
 use names::Names;
 
 /// How to reach the server and how to lay out topics on it.
@@ -141,6 +143,8 @@ impl std::fmt::Debug for NatsBus {
 pub(crate) struct Inner {
     pub(crate) config: NatsConfig,
     pub(crate) names: Names,
+    /// Deliveries that were no attempts.
+    pub(crate) ledger: Ledger,
     conn: OnceCell<(async_nats::Client, jetstream::Context)>,
     /// Streams known to exist (created or looked up once).
     streams: tokio::sync::Mutex<HashMap<String, jetstream::stream::Stream>>,
@@ -165,6 +169,7 @@ impl NatsBus {
         NatsBus {
             inner: Arc::new(Inner {
                 config,
+                ledger: Ledger::new(names.ledger_bucket()),
                 names,
                 conn: OnceCell::new(),
                 streams: Default::default(),
@@ -281,7 +286,12 @@ impl Inner {
         let (g, created) = match groups.get(&key) {
             Some(g) => (g.clone(), false),
             None => {
-                let g = Arc::new(GroupState::new(topic, group));
+                let key_prefix = format!(
+                    "{}.{}",
+                    self.names.stream(topic),
+                    self.names.consumer(group)
+                );
+                let g = Arc::new(GroupState::new(topic, group, key_prefix));
                 groups.insert(key, g.clone());
                 (g, true)
             }
@@ -364,6 +374,7 @@ impl Bus for NatsBus {
         };
         let (state, created) = self.inner.group_state(topic, group, &options);
         if created {
+            state.set_inherited(consumer.cached_info().delivered.stream_sequence);
             let (client, _) = self.inner.conn().await?;
             consumer::spawn_keep_alive(
                 state.clone(),
@@ -461,7 +472,7 @@ impl Bus for NatsBus {
         // Unsettled deliveries go back to the group now instead of after their ack_wait.
         let groups: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
         for g in groups {
-            g.release_all().await;
+            g.release_all(&self.inner).await;
         }
         // A barrier: the server has processed every ack, nak and unsubscribe sent above,
         // so a bus opened next on another connection sees their effect.

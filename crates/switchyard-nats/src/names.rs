@@ -50,6 +50,11 @@ impl Names {
         format!("{}{topic}", self.subject_prefix)
     }
 
+    /// The key-value bucket of deliveries that were no attempts (`ledger.rs`).
+    pub(crate) fn ledger_bucket(&self) -> String {
+        format!("{}UNCOUNTED", self.stream_prefix)
+    }
+
     /// The durable consumer of `group`.
     pub(crate) fn consumer(&self, group: &str) -> String {
         escape(group)

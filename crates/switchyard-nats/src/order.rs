@@ -21,6 +21,13 @@ pub(crate) enum Arrival {
     Ready,
     /// Parked behind an earlier message of its subject.
     Parked,
+    /// A newer delivery of a message that was waiting here since delivery `was` (its
+    /// keep-alive came too late): it still waits, and the deliveries after `was` were no
+    /// attempts.
+    Replaced {
+        /// The delivery count it had.
+        was: u64,
+    },
     /// An older copy of a message delivered again already: ignore it.
     Stale,
 }
@@ -125,9 +132,9 @@ impl<M> Sequencer<M> {
                     message: m,
                     ..
                 } => {
-                    *d = delivered;
+                    let was = std::mem::replace(d, delivered);
                     *m = message;
-                    return Arrival::Parked;
+                    return Arrival::Replaced { was };
                 }
                 // Back from a nack: it is the head of its subject again.
                 State::Away { .. } => {
@@ -161,6 +168,19 @@ impl<M> Sequencer<M> {
         } else {
             Arrival::Parked
         }
+    }
+
+    /// Whether `seq` is known here (held, or away).
+    pub(crate) fn contains(&self, seq: u64) -> bool {
+        self.entries.contains_key(&seq)
+    }
+
+    /// The oldest unsettled sequence of `seq`'s subject known here, when older than `seq`
+    /// (what `seq` waits behind).
+    pub(crate) fn blocker(&self, seq: u64) -> Option<u64> {
+        let s = self.entries.get(&seq)?.subject.as_ref()?;
+        let first = *self.subjects.get(s)?.seqs.first()?;
+        (first < seq).then_some(first)
     }
 
     /// Whether `seq` (parked) may go out: it is the oldest known message of its subject
@@ -417,18 +437,19 @@ impl<M> Sequencer<M> {
         out
     }
 
-    /// Takes every held message out (in flight, parked or ready) and forgets everything:
-    /// the bus closes.
-    pub(crate) fn drain_all(&mut self) -> Vec<M> {
+    /// Takes every held message out and forgets everything (the bus closes): each with
+    /// whether it was waiting (parked or ready) rather than in flight.
+    pub(crate) fn drain_all(&mut self) -> Vec<(M, bool)> {
         let entries = std::mem::take(&mut self.entries);
         self.subjects.clear();
         self.ready.clear();
         entries
             .into_values()
             .filter_map(|e| match e.state {
-                State::InFlight { message, .. }
-                | State::Parked { message, .. }
-                | State::Ready { message, .. } => Some(message),
+                State::InFlight { message, .. } => Some((message, false)),
+                State::Parked { message, .. } | State::Ready { message, .. } => {
+                    Some((message, true))
+                }
                 State::Away { .. } => None,
             })
             .collect()
@@ -522,6 +543,26 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_copy_of_a_waiting_message_replaces_it_and_says_since_when() {
+        let (mut s, now) = seqr();
+        s.arrive(1, 1, Some("a"), 1, now);
+        assert_eq!(s.arrive(5, 1, Some("a"), 5, now), Arrival::Parked);
+        assert_eq!(s.blocker(5), Some(1));
+        assert_eq!(s.blocker(1), None);
+        assert_eq!(
+            s.arrive(5, 3, Some("a"), 50, now),
+            Arrival::Replaced { was: 1 }
+        );
+        assert_eq!(next(&mut s, now), Some((1, 1)));
+        s.begin_settle(1, 1, now);
+        s.done(1);
+        assert_eq!(
+            s.take_ready(now, WAIT).map(|(q, l, m)| (q, l, *m)),
+            Some((5, 3, 50))
+        );
+    }
+
+    #[test]
     fn an_away_message_that_never_comes_back_stops_blocking_at_its_time() {
         let (mut s, now) = seqr();
         s.arrive(1, 1, Some("a"), 1, now);
@@ -562,7 +603,7 @@ mod tests {
         assert_eq!(touched, vec![2], "the in-flight one passed its ack_wait");
         assert_eq!(s.held(), 2);
         assert_eq!(s.drain_waiting(), vec![2]);
-        assert_eq!(s.drain_all(), vec![1]);
+        assert_eq!(s.drain_all(), vec![(1, false)]);
         assert_eq!(s.held(), 0);
     }
 }

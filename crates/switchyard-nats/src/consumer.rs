@@ -29,8 +29,11 @@ use crate::ledger::Uncounted;
 use crate::order::{Arrival, Sequencer};
 use crate::{Inner, NatsError, lock};
 
-/// How long one pull request waits on the server before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long one pull request waits on the server before it is renewed. Not a multiple of
+/// [`LIVENESS`]: a redelivery that reaches a pull request just as it expires is lost for
+/// another server `ack_wait` (and counts a delivery), and a request made when a member
+/// died would otherwise expire exactly when the dead member's message comes back.
+const PULL_EXPIRES: Duration = Duration::from_secs(27);
 
 /// The longest `ack_wait` the server gets: a message held by a process that died comes
 /// back after this at the latest (a live process keeps what it holds with `+WPI`).
@@ -316,7 +319,7 @@ pub(crate) async fn take_over(
             .map_err(|e| fail(e.into()))?;
     }
     match tokio::time::timeout(
-        PULL_EXPIRES,
+        LIVENESS,
         client.request(subject(last), Bytes::from_static(b"-NAK")),
     )
     .await

@@ -117,7 +117,8 @@ fn what_a_dead_member_held_comes_back_to_a_live_one_within_seconds() {
             id,
             "the dead member's message comes back"
         );
-        assert_eq!(back.attempt(), 2);
+        // The dead member's delivery counts (more, if a redelivery was lost in flight).
+        assert!(back.attempt() >= 2, "attempt {}", back.attempt());
         back.ack().await.unwrap();
         assert!(
             tokio::time::timeout(Duration::from_millis(300), survivor.next())

@@ -1,4 +1,5 @@
-//! Deliveries that were not attempts, kept in a JetStream key-value bucket.
+//! Deliveries that were not attempts, kept in a JetStream stream used as a key-value
+//! store (one subject per message, the last value kept).
 //!
 //! The contract's attempt number is JetStream's delivery count, except that a delivery
 //! during which the message only waited behind its subject (*parked*) and then went back
@@ -6,10 +7,14 @@
 //! attempt. Such deliveries are counted here, per message, so the count survives the
 //! process: `attempt = delivered - uncounted`. Entries exist only for messages that went
 //! through such a hand-back (rare: restarts), and are deleted once the message is settled.
+//!
+//! A plain stream (`max_messages_per_subject` = 1) rather than async-nats' key-value API:
+//! its bucket calls fail against nats-server 2.9.10 (the reply does not parse), while
+//! streams work.
 
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use bytes::Bytes;
 use switchyard::Result;
 use tokio::sync::OnceCell;
@@ -45,69 +50,82 @@ impl Uncounted {
     }
 }
 
-/// The bucket of one bus (its namespace), opened on first use.
+/// The ledger stream of one bus (its namespace), created on first use.
 pub(crate) struct Ledger {
-    bucket: String,
-    store: OnceCell<kv::Store>,
+    stream: String,
+    subject_prefix: String,
+    handle: OnceCell<stream::Stream>,
 }
 
 impl Ledger {
-    pub(crate) fn new(bucket: String) -> Self {
+    /// A ledger in stream `stream`, one subject per key under `subject_prefix`.
+    pub(crate) fn new(stream: String, subject_prefix: String) -> Self {
         Ledger {
-            bucket,
-            store: OnceCell::new(),
+            stream,
+            subject_prefix,
+            handle: OnceCell::new(),
         }
     }
 
-    async fn store(&self, inner: &Inner) -> Result<&kv::Store> {
-        self.store
+    fn subject(&self, key: &str) -> String {
+        format!("{}.{key}", self.subject_prefix)
+    }
+
+    async fn handle(&self, inner: &Inner) -> Result<&stream::Stream> {
+        self.handle
             .get_or_try_init(|| async {
                 let (_, js) = inner.conn().await?;
-                if let Ok(s) = js.get_key_value(&self.bucket).await {
-                    return Ok(s);
-                }
-                js.create_key_value(kv::Config {
-                    bucket: self.bucket.clone(),
-                    history: 1,
+                js.get_or_create_stream(stream::Config {
+                    name: self.stream.clone(),
+                    subjects: vec![format!("{}.>", self.subject_prefix)],
+                    max_messages_per_subject: 1,
                     max_age: MAX_AGE,
-                    storage: async_nats::jetstream::stream::StorageType::File,
+                    storage: stream::StorageType::File,
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| NatsError::stream(&self.bucket, e))
+                .map_err(|e| NatsError::stream(&self.stream, e))
             })
             .await
     }
 
     /// The entry of `key` (none: every delivery so far was an attempt, or unknown).
     pub(crate) async fn get(&self, inner: &Inner, key: &str) -> Result<Uncounted> {
-        let store = self.store(inner).await?;
-        let value = store
-            .get(key)
-            .await
-            .map_err(|e| NatsError::consume(format!("reading `{key}` of {}", self.bucket), e))?;
-        Ok(value
-            .and_then(|v| Uncounted::decode(&v))
-            .unwrap_or_default())
+        let s = self.handle(inner).await?;
+        match s.get_last_raw_message_by_subject(&self.subject(key)).await {
+            Ok(m) => Ok(Uncounted::decode(&m.payload).unwrap_or_default()),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                Ok(Uncounted::default())
+            }
+            Err(e) => Err(NatsError::consume(
+                format!("reading `{key}` of {}", self.stream),
+                e,
+            )),
+        }
     }
 
     /// Stores the entry of `key`.
     pub(crate) async fn put(&self, inner: &Inner, key: &str, value: Uncounted) -> Result<()> {
-        let store = self.store(inner).await?;
-        store
-            .put(key, value.encode())
+        self.handle(inner).await?;
+        let (_, js) = inner.conn().await?;
+        let fail = |e: async_nats::Error| {
+            NatsError::consume(format!("writing `{key}` of {}", self.stream), e)
+        };
+        js.publish(self.subject(key), value.encode())
             .await
-            .map_err(|e| NatsError::consume(format!("writing `{key}` of {}", self.bucket), e))?;
+            .map_err(|e| fail(e.into()))?
+            .await
+            .map_err(|e| fail(e.into()))?;
         Ok(())
     }
 
     /// Drops the entry of `key` (its message is settled).
     pub(crate) async fn delete(&self, inner: &Inner, key: &str) -> Result<()> {
-        let store = self.store(inner).await?;
-        store
-            .purge(key)
+        let s = self.handle(inner).await?;
+        s.purge()
+            .filter(self.subject(key))
             .await
-            .map_err(|e| NatsError::consume(format!("deleting `{key}` of {}", self.bucket), e))?;
+            .map_err(|e| NatsError::consume(format!("deleting `{key}` of {}", self.stream), e))?;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@
 //! | publisher dedup | `Nats-Msg-Id` = envelope id, the stream's duplicate window |
 //! | durable publish | the JetStream publish ack is awaited |
 //! | group | a durable pull consumer, explicit ack; the client counts attempts |
+//! | attempt | the delivery count, minus deliveries that were no attempts (a key-value bucket) |
 //! | per-subject ordering | a sequencer per group in each bus parks a message while an earlier one of its subject is unsettled |
 //! | ack_wait | the server's is at most 5 s; the bus keeps what it holds alive with `+WPI` for the lease's whole `ack_wait` |
 //! | nack with delay | `-NAK` with a delay (policy backoff when none is given) |
@@ -50,8 +51,8 @@
 //! - **Taking over is not polite to live members.** A new process redelivers what a live
 //!   member of the group holds too; that member's settle still succeeds and the effect
 //!   stays once through the inbox, but the message is handled twice.
-//! - **Attempts count server deliveries.** A message parked behind its subject when its
-//!   bus closes, or taken over, counts one delivery more than it was handled.
+//! - **Attempts.** A delivery lost in flight, or made ready but not handed out before its
+//!   process died, still counts as an attempt.
 //! - **The window.** The server's `max_ack_pending` is 4 × `max_pending`, and the bus may
 //!   hold that many messages in memory; a subject parked behind a backlog longer than the
 //!   window stalls the other subjects until it moves.
@@ -61,6 +62,7 @@
 //! | `names` | topic and group names to stream, consumer and subject names |
 //! | `consumer` | the delivery source, settler, keep-alive and take-over of a group |
 //! | `order` | per-subject ordering of a group's messages (a state machine, no I/O) |
+//! | `ledger` | deliveries that were no attempts, in a key-value bucket |
 //! | `transient` | the transient channel on core NATS |
 //! | `error` | this crate's error type |
 
@@ -169,7 +171,7 @@ impl NatsBus {
         NatsBus {
             inner: Arc::new(Inner {
                 config,
-                ledger: Ledger::new(names.ledger_bucket()),
+                ledger: Ledger::new(names.ledger_stream(), names.ledger_subjects()),
                 names,
                 conn: OnceCell::new(),
                 streams: Default::default(),

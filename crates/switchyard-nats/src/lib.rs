@@ -24,7 +24,7 @@
 //! | publisher dedup | `Nats-Msg-Id` = envelope id, the stream's duplicate window |
 //! | durable publish | the JetStream publish ack is awaited |
 //! | group | a durable pull consumer, explicit ack; the client counts attempts |
-//! | attempt | the delivery count, minus deliveries that were no attempts (a key-value bucket) |
+//! | attempt | the delivery count, minus deliveries that were no attempts (a ledger stream) |
 //! | per-subject ordering | a sequencer per group in each bus parks a message while an earlier one of its subject is unsettled |
 //! | ack_wait | the server's is at most 5 s; the bus keeps what it holds alive with `+WPI` for the lease's whole `ack_wait` |
 //! | nack with delay | `-NAK` with a delay (policy backoff when none is given) |
@@ -62,7 +62,7 @@
 //! | `names` | topic and group names to stream, consumer and subject names |
 //! | `consumer` | the delivery source, settler, keep-alive and take-over of a group |
 //! | `order` | per-subject ordering of a group's messages (a state machine, no I/O) |
-//! | `ledger` | deliveries that were no attempts, in a key-value bucket |
+//! | `ledger` | deliveries that were no attempts, in a stream used as a key-value store |
 //! | `transient` | the transient channel on core NATS |
 //! | `error` | this crate's error type |
 

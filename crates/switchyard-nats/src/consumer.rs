@@ -10,7 +10,7 @@
 //! ([`take_over`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,10 @@ pub(crate) const LIVENESS: Duration = Duration::from_secs(5);
 /// How long a message that left this bus unsettled (nacked, or its settle failed) keeps
 /// its subject blocked beyond its expected return, in case another member got it.
 const AWAY_GRACE: Duration = Duration::from_secs(12);
+
+/// How long a released message waits at the server before it is redelivered (see
+/// [`GroupState::release_all`]).
+const RELEASE_DELAY: Duration = Duration::from_millis(200);
 
 /// The server's window (`max_ack_pending`) is this many times `max_pending`: messages
 /// parked behind their subject occupy it, and the other subjects need room to flow.
@@ -90,9 +94,6 @@ pub(crate) struct GroupState {
     group: Arc<str>,
     /// `<stream>.<consumer>`: the prefix of this group's keys in the ledger.
     key_prefix: String,
-    /// Messages up to this sequence were delivered before this bus used the group: their
-    /// deliveries elsewhere may have been no attempts (see `ledger.rs`).
-    inherited: AtomicU64,
     /// What the ledger knows of messages this bus holds (read or written here).
     uncounted: Mutex<HashMap<u64, Uncounted>>,
     settings: Mutex<GroupSettings>,
@@ -101,6 +102,9 @@ pub(crate) struct GroupState {
     ready: Notify,
     first_failure: Mutex<HashMap<u64, Timestamp>>,
     sources: AtomicUsize,
+    /// Waiting messages the last subscriber left behind, handed back by the keep-alive
+    /// task (or by `close`, in one ordered pass with the rest).
+    leaving: Mutex<Vec<Held>>,
     /// The group's one pull request in this bus: every fetched message enters the
     /// sequencer in the order the server delivered it.
     puller: tokio::sync::Mutex<Puller>,
@@ -121,7 +125,6 @@ impl GroupState {
             topic: topic.into(),
             group: group.into(),
             key_prefix,
-            inherited: AtomicU64::new(0),
             uncounted: Default::default(),
             settings: Mutex::new(GroupSettings {
                 policy: RedeliveryPolicy::default(),
@@ -131,14 +134,18 @@ impl GroupState {
             ready: Notify::new(),
             first_failure: Default::default(),
             sources: AtomicUsize::new(0),
+            leaving: Mutex::new(Vec::new()),
             puller: Default::default(),
             consumer: Mutex::new(None),
         }
     }
 
-    /// Messages up to `seq` were delivered before this bus used the group.
-    pub(crate) fn set_inherited(&self, seq: u64) {
-        self.inherited.store(seq, Ordering::SeqCst);
+    /// `unsettled` messages were taken over from other processes: messages with a
+    /// subject wait until all are back (they return in the order they went back to the
+    /// server, not in stream order), for twice [`LIVENESS`] at most (one of them may be
+    /// lost in flight once).
+    pub(crate) fn set_inherited(&self, unsettled: usize) {
+        lock(&self.order).hold_inherited(unsettled, Instant::now() + 2 * LIVENESS);
     }
 
     /// The latest subscriber sets the policy and the lease of the group.
@@ -146,10 +153,20 @@ impl GroupState {
         *lock(&self.settings) = GroupSettings { policy, ack_wait };
     }
 
-    /// Hands every held message back to the group at once (a `-NAK` without delay);
-    /// later settles of them fail as stale.
+    /// Hands every held message back to the group, in stream order, redelivered after
+    /// [`RELEASE_DELAY`]; later settles of them fail as stale.
     pub(crate) async fn release_all(&self, inner: &Inner) {
-        let held = lock(&self.order).drain_all();
+        // The open pull request goes first (its unsubscribe precedes the naks on the
+        // connection), or the server could hand a released message to it, to be lost.
+        self.puller.lock().await.current = None;
+        let mut held = lock(&self.order).drain_all();
+        held.extend(
+            std::mem::take(&mut *lock(&self.leaving))
+                .into_iter()
+                .map(|h| (h, true)),
+        );
+        // In stream order: the server redelivers them in the order they come back.
+        held.sort_by_key(|(h, _)| h.seq);
         self.release(inner, held).await;
     }
 
@@ -165,7 +182,10 @@ impl GroupState {
                     self.record(inner, h.seq, u).await;
                 }
             }
-            if let Err(e) = h.message.ack_with(AckKind::Nak(None)).await {
+            // After a short delay: the server would hand a message released at once to
+            // this bus's pull request, whose unsubscribe async-nats sends from a spawned
+            // task (possibly after the nak); that delivery would be lost and counted.
+            if let Err(e) = h.message.ack_with(AckKind::Nak(Some(RELEASE_DELAY))).await {
                 tracing::warn!(topic = %self.topic, group = %self.group, error = %e,
                     "handing a held message back failed; it returns after the server's ack_wait");
             }
@@ -242,6 +262,7 @@ impl GroupState {
 /// away messages that did not come back; runs until the bus closes or is dropped.
 pub(crate) fn spawn_keep_alive(
     state: Arc<GroupState>,
+    inner: std::sync::Weak<Inner>,
     client: async_nats::Client,
     mut closed: watch::Receiver<bool>,
 ) {
@@ -265,10 +286,20 @@ pub(crate) fn spawn_keep_alive(
                         replies.push(r.clone());
                     }
                 });
-                order.expire_away(now)
+                let expired = order.expire_away(now);
+                order.lift_if_due(now) || expired
             };
             if woke {
                 state.ready.notify_waiters();
+            }
+            let leaving: Vec<_> = std::mem::take(&mut *lock(&state.leaving))
+                .into_iter()
+                .map(|h| (h, true))
+                .collect();
+            if !leaving.is_empty()
+                && let Some(inner) = inner.upgrade()
+            {
+                state.release(&inner, leaving).await;
             }
             for r in replies {
                 if let Err(e) = client.publish(r, Bytes::from_static(b"+WPI")).await {
@@ -394,15 +425,17 @@ impl Source {
         out
     }
 
-    /// Reads the ledger entries of fetched messages that this bus sees for the first
-    /// time and that were delivered before it used the group.
+    /// Reads the ledger entries of fetched redeliveries that this bus sees for the first
+    /// time.
     async fn read_ledger(&self, fetched: &[jetstream::Message]) {
         let state = &self.settler.state;
-        let inherited = state.inherited.load(Ordering::SeqCst);
         for m in fetched {
             let Ok(i) = m.info() else { continue };
             let seq = i.stream_sequence;
-            if seq > inherited || i.delivered <= 1 || lock(&state.uncounted).contains_key(&seq) {
+            if i.delivered <= 1
+                || lock(&state.uncounted).contains_key(&seq)
+                || lock(&state.order).contains(seq)
+            {
                 continue;
             }
             let u = match self.inner.ledger.get(&self.inner, &state.key(seq)).await {
@@ -423,7 +456,6 @@ impl Source {
         let state = &self.settler.state;
         let settings = state.settings();
         let max_attempts = u64::from(settings.policy.max_attempts.max(1));
-        let inherited = state.inherited.load(Ordering::SeqCst);
         let now = Instant::now();
         let mut special = Vec::new();
         let mut records = Vec::new();
@@ -452,6 +484,8 @@ impl Source {
             }
             let mut order = lock(&state.order);
             let first_here = !order.contains(seq);
+            // While taken-over messages come back, every keyed one is one of them.
+            let taken_over = order.holding() && delivered > 1;
             let held = Held {
                 message,
                 envelope: envelope.clone(),
@@ -464,12 +498,7 @@ impl Source {
             // its subject, also inherited, was unsettled there (so it waited there too).
             let not_attempts = match arrival {
                 Arrival::Replaced { .. } => Some(1),
-                Arrival::Parked
-                    if first_here
-                        && seq <= inherited
-                        && delivered > 1
-                        && order.blocker(seq).is_some_and(|b| b <= inherited) =>
-                {
+                Arrival::Parked if first_here && taken_over && order.blocker(seq).is_some() => {
                     Some(1)
                 }
                 _ => None,
@@ -540,17 +569,17 @@ impl Drop for Source {
         if state.sources.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
-        // The last subscriber of the group in this bus left: what waits here goes back
-        // to the group (deliveries in flight stay settleable).
+        // The last subscriber of the group in this bus left: its open pull request ends,
+        // and what waits here goes back to the group (deliveries in flight stay
+        // settleable).
+        if let Ok(mut puller) = state.puller.try_lock() {
+            puller.current = None;
+        }
         let waiting = lock(&state.order).drain_waiting();
         if waiting.is_empty() {
             return;
         }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let inner = self.inner.clone();
-            let waiting = waiting.into_iter().map(|h| (h, true)).collect();
-            rt.spawn(async move { state.release(&inner, waiting).await });
-        }
+        lock(&state.leaving).extend(waiting);
     }
 }
 

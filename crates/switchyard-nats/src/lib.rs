@@ -376,10 +376,11 @@ impl Bus for NatsBus {
         };
         let (state, created) = self.inner.group_state(topic, group, &options);
         if created {
-            state.set_inherited(consumer.cached_info().delivered.stream_sequence);
+            state.set_inherited(consumer.cached_info().num_ack_pending);
             let (client, _) = self.inner.conn().await?;
             consumer::spawn_keep_alive(
                 state.clone(),
+                Arc::downgrade(&self.inner),
                 client.clone(),
                 self.inner.closed.subscribe(),
             );

@@ -10,7 +10,7 @@
 //! back, is settled, or has not come back within the time it was expected
 //! ([`Sequencer::expire_away`]: another member of the group got it).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,12 +71,24 @@ struct SubjectQueue {
     in_flight: usize,
 }
 
+/// Messages another process left unsettled, redelivered in whatever order they went back
+/// to the server: none with a subject goes out until all of them are here.
+#[derive(Debug)]
+struct Hold {
+    /// How many there are (the server's count of unsettled messages).
+    expected: usize,
+    seen: HashSet<u64>,
+    /// Lifted at this time in any case (one of them went to another member).
+    until: Instant,
+}
+
 /// The ordering state of one group in one bus. `M` is the held message.
 #[derive(Debug)]
 pub(crate) struct Sequencer<M> {
     entries: BTreeMap<u64, Entry<M>>,
     subjects: HashMap<Arc<str>, SubjectQueue>,
     ready: VecDeque<u64>,
+    hold: Option<Hold>,
 }
 
 impl<M> Default for Sequencer<M> {
@@ -85,14 +97,92 @@ impl<M> Default for Sequencer<M> {
             entries: BTreeMap::new(),
             subjects: HashMap::new(),
             ready: VecDeque::new(),
+            hold: None,
         }
     }
 }
 
 impl<M> Sequencer<M> {
+    /// `expected` messages were left unsettled by another process and are being
+    /// redelivered: messages with a subject wait until all of them are here, a first
+    /// delivery arrives (the server hands out redeliveries first, so none is left), or
+    /// `until`.
+    pub(crate) fn hold_inherited(&mut self, expected: usize, until: Instant) {
+        if expected > 0 {
+            self.hold = Some(Hold {
+                expected,
+                seen: HashSet::new(),
+                until,
+            });
+        }
+    }
+
+    /// Ends the hold if its time passed; returns whether a message became ready.
+    pub(crate) fn lift_if_due(&mut self, now: Instant) -> bool {
+        match &self.hold {
+            Some(h) if h.until <= now => self.lift(),
+            _ => false,
+        }
+    }
+
+    fn lift(&mut self) -> bool {
+        self.hold = None;
+        let heads: Vec<u64> = self
+            .subjects
+            .values()
+            .filter_map(|q| q.seqs.first().copied())
+            .collect();
+        let mut woke = false;
+        for seq in heads {
+            woke |= self.promote(seq);
+        }
+        woke
+    }
+
+    /// Whether messages left by another process are still being waited for.
+    pub(crate) fn holding(&self) -> bool {
+        self.hold.is_some()
+    }
+
+    /// Counts an arrival against the hold, and ends it when it is complete.
+    fn note_for_hold(&mut self, seq: u64, delivered: u64) {
+        let Some(h) = &mut self.hold else {
+            return;
+        };
+        if delivered <= 1 {
+            self.lift();
+            return;
+        }
+        h.seen.insert(seq);
+        if h.seen.len() >= h.expected {
+            self.lift();
+        }
+    }
+
     /// Takes in a delivery of `seq` (the server's `delivered` count) with its subject.
     /// Deliveries must arrive in the order the server made them.
     pub(crate) fn arrive(
+        &mut self,
+        seq: u64,
+        delivered: u64,
+        subject: Option<&str>,
+        message: M,
+        now: Instant,
+    ) -> Arrival {
+        let arrival = self.take_in(seq, delivered, subject, message, now);
+        if arrival != Arrival::Stale {
+            self.note_for_hold(seq, delivered);
+        }
+        match self.entries.get(&seq) {
+            Some(Entry {
+                state: State::Ready { .. },
+                ..
+            }) if arrival == Arrival::Parked => Arrival::Ready,
+            _ => arrival,
+        }
+    }
+
+    fn take_in(
         &mut self,
         seq: u64,
         delivered: u64,
@@ -192,6 +282,9 @@ impl<M> Sequencer<M> {
         let Some(s) = &e.subject else {
             return true;
         };
+        if self.hold.is_some() {
+            return false;
+        }
         self.subjects
             .get(s)
             .is_some_and(|q| q.in_flight == 0 && q.seqs.first() == Some(&seq))
@@ -560,6 +653,46 @@ mod tests {
             s.take_ready(now, WAIT).map(|(q, l, m)| (q, l, *m)),
             Some((5, 3, 50))
         );
+    }
+
+    #[test]
+    fn messages_left_by_another_process_wait_until_all_are_back() {
+        let (mut s, now) = seqr();
+        s.hold_inherited(3, now + WAIT);
+        // Redelivered out of order: 2 and 3 first.
+        assert_eq!(s.arrive(2, 2, Some("a"), 2, now), Arrival::Parked);
+        assert_eq!(
+            s.arrive(3, 2, None, 3, now),
+            Arrival::Ready,
+            "no subject: no order"
+        );
+        assert_eq!(next(&mut s, now), Some((3, 2)));
+        assert_eq!(
+            s.arrive(1, 2, Some("a"), 1, now),
+            Arrival::Ready,
+            "all back"
+        );
+        assert_eq!(next(&mut s, now), Some((1, 2)));
+        assert_eq!(next(&mut s, now), None);
+    }
+
+    #[test]
+    fn a_first_delivery_or_the_time_ends_the_hold() {
+        let (mut s, now) = seqr();
+        s.hold_inherited(3, now + WAIT);
+        s.arrive(2, 2, Some("a"), 2, now);
+        assert!(s.holding());
+        s.arrive(9, 1, Some("b"), 9, now);
+        assert!(!s.holding(), "the server had no redelivery left");
+        let mut ready = vec![next(&mut s, now), next(&mut s, now)];
+        ready.sort();
+        assert_eq!(ready, vec![Some((2, 2)), Some((9, 1))]);
+        let (mut s, now) = seqr();
+        s.hold_inherited(3, now + WAIT);
+        s.arrive(2, 2, Some("a"), 2, now);
+        assert!(!s.lift_if_due(now));
+        assert!(s.lift_if_due(now + WAIT));
+        assert_eq!(next(&mut s, now), Some((2, 2)));
     }
 
     #[test]

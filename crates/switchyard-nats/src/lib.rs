@@ -37,7 +37,9 @@
 //!
 //! Conformance: every case of the bus suite (23), the router suite (10, the SIGKILL cases
 //! included) and the request/reply suite (11) passes against a real nats-server, with the
-//! embedded store beside the bus; none is ignored and no gap is declared.
+//! embedded store beside the bus; none is ignored and no gap is declared. One router
+//! case, `router_killed_between_commit_and_ack_applies_the_effect_once`, still fails in
+//! about 1 run of 5 (its idle window is shorter than a third backoff; decision 0009).
 //!
 //! **Not provided yet** (details in `docs/decisions/0009-nats-bus.md`):
 //!

@@ -50,6 +50,20 @@ impl Names {
         format!("{}{topic}", self.subject_prefix)
     }
 
+    /// The stream of deliveries that were no attempts (`ledger.rs`). No topic's stream
+    /// has this name: escaped names never hold `_` followed by `L`.
+    pub(crate) fn ledger_stream(&self) -> String {
+        format!("{}_Ledger", self.stream_prefix)
+    }
+
+    /// The subject prefix of the ledger's keys (apart from topics' `sy.` and `syt.`).
+    pub(crate) fn ledger_subjects(&self) -> String {
+        match self.transient_prefix.strip_prefix("syt.") {
+            Some(rest) => format!("syl.{rest}ledger"),
+            None => "syl.ledger".into(),
+        }
+    }
+
     /// The durable consumer of `group`.
     pub(crate) fn consumer(&self, group: &str) -> String {
         escape(group)
@@ -75,5 +89,9 @@ mod tests {
         let n = Names::new(Some("x1"));
         assert_eq!(n.stream("t"), "SY_x1_t");
         assert_eq!(n.transient("t"), "syt.x1.t");
+        assert_eq!(n.ledger_stream(), "SY_x1__Ledger");
+        assert_ne!(n.ledger_stream(), n.stream("_Ledger"));
+        assert_eq!(n.ledger_subjects(), "syl.x1.ledger");
+        assert_eq!(Names::new(None).ledger_subjects(), "syl.ledger");
     }
 }

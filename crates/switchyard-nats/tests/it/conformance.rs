@@ -3,26 +3,51 @@
 //! Each test starts its own nats-server; the factory gives every data directory its own
 //! namespace on it (so a reopen of one directory finds the same streams).
 //!
-//! Every bus case is generated. Four fail and are `#[ignore]`d with the reason (run
-//! them with `cargo test -p switchyard-nats --test it -- --ignored`):
-//! `ordering_per_subject_with_competing_consumers`,
-//! `a_parked_subject_with_a_long_backlog_does_not_stall_others` and
-//! `exhausted_attempts_go_to_the_dlq_with_reason` (per-subject ordering is not
-//! implemented), and `consumer_killed_mid_message_is_redelivered` (JetStream redelivers a
-//! dead consumer's message only after its ack_wait). See docs/decisions/0009-nats-bus.md.
+//! Every bus case is generated, and none is ignored.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
+use std::sync::Arc;
 
-use switchyard_conformance::{BusFactory, Settings};
+use switchyard::Capabilities;
+use switchyard_conformance::{BusFactory, Settings, StoreFactory};
+use switchyard_embedded::{EmbeddedStore, StoreConfig};
 use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_testkit::servers::NatsServer;
 
 /// Opens a `NatsBus` per data directory. The test process knows the server URL and
 /// writes it into the directory, so a child process of a crash case (which gets only the
 /// directory) reaches the same server.
-struct Factory {
+pub(crate) struct Factory {
     url: Option<String>,
+}
+
+impl Factory {
+    /// The factory of a test process, which started the server at `url`.
+    pub(crate) fn new(url: String) -> Self {
+        Factory { url: Some(url) }
+    }
+
+    /// The factory of a child process: reads the URL from the directory.
+    pub(crate) fn child() -> Self {
+        Factory { url: None }
+    }
+}
+
+/// The embedded (fjall) store, paired with the NATS bus in the router and reply suites.
+pub(crate) struct EmbeddedStores;
+
+impl StoreFactory for EmbeddedStores {
+    type Store = EmbeddedStore;
+    fn open(&self, dir: &Path) -> switchyard::Result<Arc<EmbeddedStore>> {
+        EmbeddedStore::open(dir, StoreConfig::default()).map(Arc::new)
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::all()
+    }
+    async fn close(&self, store: &EmbeddedStore) -> switchyard::Result<()> {
+        store.close().await
+    }
 }
 
 const URL_FILE: &str = "nats-url";
@@ -59,7 +84,7 @@ macro_rules! cases {
                     println!("nats-server not installed: case skipped");
                     return;
                 };
-                let factory = Factory { url: Some(server.url()) };
+                let factory = Factory::new(server.url());
                 switchyard_conformance::run(
                     &factory,
                     stringify!($case),
@@ -83,18 +108,15 @@ macro_rules! cases {
 /// The child process of the crash cases (does nothing unless started as one).
 #[test]
 fn conformance_child() {
-    switchyard_conformance::child_entry(&Factory { url: None });
+    switchyard_conformance::child_entry(&Factory::child());
 }
 
 cases!(
     publish_and_consume_in_order,
     every_group_gets_every_message,
     competing_consumers_split_a_group,
-    #[ignore = "fails: per-subject ordering within a group is not implemented; see decision 0009"]
     ordering_per_subject_with_competing_consumers,
-    #[ignore = "fails: per-subject ordering within a group is not implemented; see decision 0009"]
     a_parked_subject_with_a_long_backlog_does_not_stall_others,
-    #[ignore = "fails at its ordering assertion (the next message of the subject is handed out while the first is retried); the DLQ part works; see decision 0009"]
     exhausted_attempts_go_to_the_dlq_with_reason,
     nack_with_delay_redelivers_after_the_delay,
     ack_timeout_redelivers_and_stale_ack_is_rejected,
@@ -108,7 +130,6 @@ cases!(
     close_wakes_waiting_consumers,
     positions_and_dead_letters_survive_reopen,
     publish_survives_sigkill,
-    #[ignore = "fails: JetStream redelivers a killed consumer's message only after its ack_wait (600 s in this case), and the next messages are handed out meanwhile; see decision 0009"]
     consumer_killed_mid_message_is_redelivered,
     backlog_of_1m_with_bounded_memory,
     transient_one_member_of_each_group_gets_each_message,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use switchyard::relay::OutboxRelay;
 use switchyard::router::{Context, HandlerError, Router};
 use switchyard::store::{Store, Table, Txn, transact};
-use switchyard::{Bus, Event};
+use switchyard::{Bus, Event, RedeliveryPolicy, SubscribeOptions};
 
 use crate::child::DIR_VAR;
 use crate::{BusFactory, Settings, StoreFactory};
@@ -163,6 +163,23 @@ async fn route<B: BusFactory, S: StoreFactory>(bf: &B, sf: &S, dir: &Path, kill_
                 std::thread::sleep(Duration::from_secs(10));
             }
         });
+    // Every message writes the one `total` row, so concurrent handlers conflict and retry:
+    // short backoffs and attempts enough that a retried message is back well within the
+    // idle window below (the default backoff, ~800 ms, could outlast it).
+    router.options(
+        "made",
+        "counter",
+        SubscribeOptions {
+            redelivery: RedeliveryPolicy {
+                max_attempts: 50,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(50),
+                multiplier: 2.0,
+                jitter: 0.2,
+            },
+            ..Default::default()
+        },
+    );
     router.on("made", "counter", |ctx: Context, ev: Made| async move {
         let id = ctx.envelope.id.to_string();
         let n = ctx.txn.get(&APPLIED, &id).await?.unwrap_or(0);

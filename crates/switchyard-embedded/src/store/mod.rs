@@ -12,7 +12,7 @@
 //! let store = EmbeddedStore::open("./data/billing", StoreConfig::default())?;
 //! let db: Arc<dyn Store> = Arc::new(store.clone());
 //! transact(&db, |txn| async move {
-//!     let n = txn.get(&COUNTERS, "invoices")?.unwrap_or(0);
+//!     let n = txn.get(&COUNTERS, "invoices").await?.unwrap_or(0);
 //!     txn.put(&COUNTERS, "invoices", &(n + 1))
 //! })
 //! .await?;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use switchyard::Capabilities;
 use switchyard_conformance::{BusFactory, Settings, StoreFactory};
 use switchyard_embedded::{EmbeddedBus, EmbeddedConfig};
+use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_postgres::{PgStore, PgStoreConfig};
 use switchyard_testkit::servers::Postgres;
 
@@ -134,6 +135,49 @@ impl BusFactory for Embedded {
                 ..Default::default()
             },
         )
+    }
+}
+
+/// The NATS bus, one namespace per case directory on a server the test started. The
+/// test process writes the URL into the directory when it opens the bus there, so a
+/// crash case's child (which gets only the directory) reaches the same server.
+pub(crate) struct Nats {
+    url: Option<String>,
+}
+
+impl Nats {
+    /// The factory of a test process, which started the server at `url`.
+    pub(crate) fn new(url: String) -> Self {
+        Nats { url: Some(url) }
+    }
+
+    /// The factory of a child process: reads the URL from the directory.
+    pub(crate) fn child() -> Self {
+        Nats { url: None }
+    }
+}
+
+const NATS_URL_FILE: &str = "nats-url";
+
+impl BusFactory for Nats {
+    type Bus = NatsBus;
+
+    fn open(&self, dir: &Path, settings: &Settings) -> switchyard::Result<NatsBus> {
+        let mut h = DefaultHasher::new();
+        dir.hash(&mut h);
+        let url = match &self.url {
+            Some(url) => {
+                std::fs::create_dir_all(dir).unwrap();
+                std::fs::write(dir.join(NATS_URL_FILE), url).unwrap();
+                url.clone()
+            }
+            None => std::fs::read_to_string(dir.join(NATS_URL_FILE)).unwrap(),
+        };
+        let mut config = NatsConfig::new(url);
+        config.namespace = Some(format!("c{:016x}", h.finish()));
+        config.dedup_window = settings.dedup_window;
+        config.max_message_bytes = settings.max_message_bytes;
+        Ok(NatsBus::new(config))
     }
 }
 

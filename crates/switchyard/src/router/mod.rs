@@ -28,7 +28,7 @@
 //! const SEEN: Table<u64> = Table::new("seen");
 //! let mut router = Router::new("billing", bus, store);
 //! router.on("orders", "billing", |ctx: Context, ev: OrderCreated| async move {
-//!     let n = ctx.txn.get(&SEEN, &ev.order_id)?.unwrap_or(0);
+//!     let n = ctx.txn.get(&SEEN, &ev.order_id).await?.unwrap_or(0);
 //!     ctx.txn.put(&SEEN, &ev.order_id, &(n + 1))?;
 //!     Ok::<(), HandlerError>(())
 //! });

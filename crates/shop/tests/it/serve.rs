@@ -1,7 +1,9 @@
 //! The shop as six processes, `shop serve <service>` each, the Order service finding the
 //! others through `--registry`: orders placed with the `shop` binary against the Order
 //! process's REST API, the payment process's own store checked after it stopped, and
-//! the configurations `shop serve order` refuses.
+//! the configurations `shop serve order` refuses; then the distributed mode, the six
+//! processes sharing a real nats-server and PostgreSQL, through a kill and a broker
+//! restart.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -208,4 +210,226 @@ async fn six_processes_place_sync_and_orchestration_orders() {
         assert_eq!(ledger.net(id), 0, "{id}: {ledger:?}");
     }
     store.close().await.unwrap();
+}
+
+/// The distributed mode on one machine: six `shop serve` processes sharing a real
+/// nats-server (events, requests, replies) and a real PostgreSQL (one schema per
+/// service), orders through every pattern, then 1,000 orders during which the payment
+/// process is killed by pid and started again, and nats-server restarts: every order ends,
+/// and the payment schema holds one charge per completed order and nothing for failed
+/// ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_processes_on_nats_and_postgres_run_every_pattern_and_survive_a_kill() {
+    let Some(mut nats) =
+        switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
+    else {
+        return;
+    };
+    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+        return;
+    };
+    let (bus, db) = (nats.url(), pg.url());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let distributed = |service: &str, listen: &str| {
+        spawn_serve(
+            &data,
+            &[service, "--listen", listen, "--bus", &bus, "--store", &db],
+        )
+    };
+
+    let mut backing: HashMap<&str, Child> = HashMap::new();
+    let mut registry = Vec::new();
+    let mut url_of = HashMap::new();
+    for name in BACKING {
+        let child = distributed(name, "127.0.0.1:0");
+        let url = printed_urls(&child, &format!("serve {name}"))[name].clone();
+        registry.push(format!("{name}={url}"));
+        url_of.insert(name, url);
+        backing.insert(name, child);
+    }
+    let registry = registry.join(";");
+    let order = spawn_serve(
+        &data,
+        &[
+            "order",
+            "--registry",
+            &registry,
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &bus,
+            "--store",
+            &db,
+        ],
+    );
+    let rest = printed_urls(&order, "serve order")["order"].clone();
+
+    // Every pattern completes across the processes; a declined payment fails the order.
+    for pattern in [
+        "sync",
+        "choreography",
+        "request_reply",
+        "orchestration",
+        "hybrid",
+    ] {
+        let id = format!("d-{pattern}");
+        let o = shop_cli(
+            &rest,
+            &[
+                "order",
+                "--pattern",
+                pattern,
+                "--order-id",
+                &id,
+                "--wait",
+                "30s",
+            ],
+        )
+        .await;
+        assert_eq!(o.status.code(), Some(0), "{pattern}: {}", out(&o));
+        assert!(stdout(&o).contains("completed"), "{pattern}: {}", out(&o));
+        let o = shop_cli(
+            &rest,
+            &[
+                "order",
+                "--pattern",
+                pattern,
+                "--order-id",
+                &format!("{id}-declined"),
+                "--token",
+                "tok_decline",
+                "--wait",
+                "30s",
+            ],
+        )
+        .await;
+        assert_eq!(o.status.code(), Some(3), "{pattern} declined: {}", out(&o));
+    }
+
+    // 1,000 orders through every pattern from 8 clients; the payment process is killed by
+    // pid a third of the way in (with calls and events in flight) and started again on
+    // its address.
+    const BATCH: usize = 1000;
+    let patterns = [
+        "sync",
+        "choreography",
+        "request-reply",
+        "orchestration",
+        "hybrid",
+    ];
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let (next, rest) = (next.clone(), rest.clone());
+        clients.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= BATCH {
+                    return;
+                }
+                let body = serde_json::json!({
+                    "order_id": format!("k-{i}"),
+                    "customer": format!("c{i}"),
+                    "items": [{"sku": format!("sku-{:03}", 1 + i % 20), "qty": 1}],
+                    "payment_token": "tok_ok",
+                    "pattern": patterns[i % patterns.len()],
+                })
+                .to_string();
+                // While the payment process is down a sync placement may fail (5xx): the
+                // order is then failed or was never accepted, and must not stay in flight.
+                let r = raw(
+                    &rest,
+                    "POST",
+                    "/orders",
+                    Some("application/json"),
+                    body.as_bytes(),
+                )
+                .await;
+                assert!(
+                    !(400..500).contains(&r.status),
+                    "order k-{i} refused: {} {}",
+                    r.status,
+                    r.body
+                );
+            }
+        }));
+    }
+    while next.load(std::sync::atomic::Ordering::SeqCst) < BATCH / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut payment = backing.remove("payment").unwrap();
+    payment.kill().unwrap();
+    let addr = url_of["payment"].trim_start_matches("http://").to_string();
+    let again = distributed("payment", &addr);
+    printed_urls(&again, "serve payment (restarted)");
+    backing.insert("payment", again);
+    // Two thirds in, the broker itself restarts (same port, same store): publishers and
+    // consumers reconnect by themselves.
+    while next.load(std::sync::atomic::Ordering::SeqCst) < 2 * BATCH / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nats.restart().unwrap();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let placed: Vec<String> = (0..BATCH).map(|i| format!("k-{i}")).collect();
+    // Every accepted order ends.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut ended: HashMap<String, String> = HashMap::new();
+    while ended.len() < placed.len() && Instant::now() < deadline {
+        for id in &placed {
+            if ended.contains_key(id) {
+                continue;
+            }
+            let r = raw(&rest, "GET", &format!("/orders/{id}"), None, b"").await;
+            if r.status == 404 {
+                ended.insert(id.clone(), "never accepted".into());
+                continue;
+            }
+            let o: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            let status = o["status"].as_str().unwrap_or_default().to_string();
+            if status == "completed" || status == "failed" {
+                ended.insert(id.clone(), status);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stuck: Vec<&String> = placed
+        .iter()
+        .filter(|id| !ended.contains_key(*id))
+        .collect();
+    assert!(stuck.is_empty(), "orders still in flight: {stuck:?}");
+    let completed = ended.values().filter(|s| *s == "completed").count();
+    println!(
+        "distributed batch of {BATCH} with the payment process killed and nats-server restarted: {completed} completed, {} failed, {} never accepted",
+        ended.values().filter(|s| *s == "failed").count(),
+        ended.values().filter(|s| *s == "never accepted").count()
+    );
+    assert!(completed > BATCH / 2, "{ended:?}");
+
+    stop_child(order, "serve order");
+    for (name, child) in backing {
+        stop_child(child, &format!("serve {name}"));
+    }
+
+    // The payment schema: one charge per completed order, nothing kept for a failed one.
+    let store = switchyard_postgres::PgStore::connect(switchyard_postgres::PgStoreConfig::new(
+        db.clone(),
+        "payment",
+    ))
+    .await
+    .unwrap();
+    let ledger = Payments::new(Arc::new(store.clone()))
+        .ledger()
+        .await
+        .unwrap();
+    for (id, status) in &ended {
+        let charges = ledger.charges.get(id).copied().unwrap_or(0);
+        match status.as_str() {
+            "completed" => assert_eq!(charges, 1, "{id}: one charge"),
+            _ => assert_eq!(ledger.net(id), 0, "{id} ({status}): no money kept"),
+        }
+    }
+    store.close().await;
 }

@@ -29,6 +29,17 @@ pub struct AppLauncher;
 impl Launcher for AppLauncher {
     async fn up(&self, c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
         let (bus, store) = crate::serve::backends(&c.bus, &c.store)?;
+        if matches!(bus, BusBackend::Nats(_)) {
+            // A shared broker: every service its own process.
+            return crate::processes::up(c, shutdown).await;
+        }
+        if !c.replicas.is_empty() {
+            return Err(
+                "--replicas runs services as several processes, which needs a shared bus: \
+                        add --bus nats://host:4222 (and --store postgres://… to share state)"
+                    .into(),
+            );
+        }
         let mut config = AppConfig::new(&c.data_dir)
             .with_patterns(&c.patterns)
             .with_store(store);

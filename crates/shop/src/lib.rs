@@ -57,6 +57,7 @@ pub mod launch;
 pub mod model;
 pub mod order;
 pub mod patterns;
+pub mod processes;
 pub mod serve;
 pub mod services;
 mod wiring;

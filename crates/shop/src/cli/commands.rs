@@ -440,6 +440,7 @@ pub fn up_config(r: &Resolved, a: UpArgs) -> Result<UpConfig, CliError> {
             .or_else(|| f.store.clone())
             .unwrap_or_else(|| "embedded".into()),
         demo: !a.no_demo && f.demo.unwrap_or(true),
+        replicas: a.replicas,
     };
     config.addr(6)?;
     Ok(config)

@@ -209,6 +209,25 @@ pub struct UpArgs {
     /// some declined or out of stock on purpose).
     #[arg(long, env = "SHOP_NO_DEMO")]
     pub no_demo: bool,
+    /// Processes per backing service in the distributed mode, e.g. payment=3,inventory=2
+    /// (needs --bus nats://…) [default: one each].
+    #[arg(long, env = "SHOP_REPLICAS", value_delimiter = ',', value_parser = parse_replicas)]
+    pub replicas: Vec<(String, u32)>,
+}
+
+/// Parses `name=count` of `--replicas`.
+fn parse_replicas(s: &str) -> Result<(String, u32), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: use name=count, e.g. payment=3"))?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: the count must be a whole number"))?;
+    if n == 0 {
+        return Err(format!("`{s}`: at least one process"));
+    }
+    Ok((name.trim().to_string(), n))
 }
 
 /// `shop serve`.

@@ -81,6 +81,10 @@ pub struct UpConfig {
     pub store: String,
     /// Place demo orders through every pattern (default on; `--no-demo`).
     pub demo: bool,
+    /// Processes per backing service in the distributed mode (`--replicas payment=3`);
+    /// one each when not named.
+    #[serde(default)]
+    pub replicas: Vec<(String, u32)>,
 }
 
 impl UpConfig {
@@ -241,12 +245,40 @@ pub async fn up(launcher: Option<&dyn Launcher>, config: UpConfig) -> Result<(),
     Ok(())
 }
 
-/// `shop serve <service>`: runs one service until Ctrl-C / SIGTERM.
+/// Set by `shop up` on the service processes it starts: a process whose standard input
+/// closes (its `shop up` is gone, even killed) stops as if interrupted, so no service
+/// outlives the shop it belongs to.
+pub const EXIT_WITH_PARENT: &str = "SHOP_EXIT_WITH_PARENT";
+
+/// Completes when standard input reaches its end (see [`EXIT_WITH_PARENT`]); never
+/// when the variable is not set.
+async fn parent_gone() {
+    if std::env::var_os(EXIT_WITH_PARENT).is_none() {
+        return std::future::pending().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        let _ = tx.send(());
+    });
+    let _ = rx.await;
+    eprintln!("the shop that started this service is gone; stopping");
+}
+
+/// `shop serve <service>`: runs one service until Ctrl-C / SIGTERM (or, started by
+/// `shop up`, until that process is gone).
 pub async fn serve(launcher: Option<&dyn Launcher>, config: ServeConfig) -> Result<(), CliError> {
     let launcher = launcher.ok_or(CliError::NotWired("serve"))?;
     tracing::info!(?config, "starting one service");
     let what = format!("service {}", config.service.as_str());
-    run_until(&what, |s| launcher.serve(config, s), interrupted()).await?;
+    let stop = async {
+        tokio::select! {
+            _ = interrupted() => {}
+            _ = parent_gone() => {}
+        }
+    };
+    run_until(&what, |s| launcher.serve(config, s), stop).await?;
     Ok(())
 }
 
@@ -293,6 +325,7 @@ mod tests {
             bus: "embedded".into(),
             store: "embedded".into(),
             demo: false,
+            replicas: Vec::new(),
         }
     }
 

@@ -22,6 +22,7 @@ async fn every_pattern_through_the_public_api_then_the_check_passes() {
         bus: "embedded".into(),
         store: "embedded".into(),
         demo: false,
+        replicas: Vec::new(),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let launched = AppLauncher
@@ -129,4 +130,69 @@ async fn every_pattern_through_the_public_api_then_the_check_passes() {
 
     stop.send(()).unwrap();
     launched.stopped.await.unwrap();
+}
+
+/// `shop up` in the distributed mode: every service its own process on a real
+/// nats-server and PostgreSQL, two payment processes behind one name; orders through
+/// every pattern; SIGTERM stops them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shop_up_on_nats_and_postgres_runs_every_service_as_a_process() {
+    let Some(nats) = switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
+    else {
+        return;
+    };
+    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = crate::support::shop_command();
+    cmd.args(["up", "--port", "0", "--no-demo", "--replicas", "payment=2"])
+        .args(["--bus", &nats.url(), "--store", &pg.url()])
+        .arg("--data-dir")
+        .arg(dir.path());
+    let up = switchyard_testkit::Child::spawn(cmd).unwrap();
+    let urls = crate::support::printed_urls(&up, "up (distributed)");
+    let rest = urls["order"].clone();
+    for name in [
+        "inventory",
+        "shipping",
+        "notification",
+        "analytics",
+        "order-grpc",
+    ] {
+        assert!(urls.contains_key(name), "{name} missing: {urls:?}");
+    }
+    for pattern in [
+        "sync",
+        "choreography",
+        "request-reply",
+        "orchestration",
+        "hybrid",
+    ] {
+        let id = format!("up-{pattern}");
+        let o = crate::support::shop_cli(
+            &rest,
+            &[
+                "order",
+                "--pattern",
+                pattern,
+                "--order-id",
+                &id,
+                "--wait",
+                "30s",
+            ],
+        )
+        .await;
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{pattern}: {}",
+            crate::support::out(&o)
+        );
+    }
+    assert!(
+        urls.contains_key("payment-1") && urls.contains_key("payment-2"),
+        "two payment processes: {urls:?}"
+    );
+    crate::support::stop_child(up, "up (distributed)");
 }

@@ -70,7 +70,12 @@ fn payload() -> Bytes {
 }
 
 fn envelope(payload: &Bytes) -> Envelope {
-    Envelope::new("bench.event.v1", "/bench", "application/json", payload.clone())
+    Envelope::new(
+        "bench.event.v1",
+        "/bench",
+        "application/json",
+        payload.clone(),
+    )
 }
 
 /// The subscribe options of the switchyard side, and the raw consumer's equivalents.
@@ -312,7 +317,11 @@ impl Switchyard {
             self.bus.publish_batch(TOPIC, batch).await?;
             left -= k;
         }
-        self.sub = Some(self.bus.subscribe(TOPIC, GROUP, subscribe_options()).await?);
+        self.sub = Some(
+            self.bus
+                .subscribe(TOPIC, GROUP, subscribe_options())
+                .await?,
+        );
         Ok(())
     }
 
@@ -322,7 +331,9 @@ impl Switchyard {
         let start = Instant::now();
         let mut seen = 0u64;
         while seen < n {
-            let want = usize::try_from(n - seen).unwrap_or(PULL_BATCH).min(PULL_BATCH);
+            let want = usize::try_from(n - seen)
+                .unwrap_or(PULL_BATCH)
+                .min(PULL_BATCH);
             for d in sub.next_batch(want).await? {
                 d.ack().await?;
                 seen += 1;
@@ -453,7 +464,11 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     let mut figures = Vec::new();
 
     let cases = [
-        (Case::PublishC1, "publish.c1", "publish, ack awaited, one at a time"),
+        (
+            Case::PublishC1,
+            "publish.c1",
+            "publish, ack awaited, one at a time",
+        ),
         (
             Case::PublishAsync,
             "publish.async1000",
@@ -480,9 +495,6 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             progress(&format!("nats.{name} (run {}/{})", run + 1, s.runs));
             let tag = format!("b{ci}r{run}");
             let (r, w) = pair(&url, &admin, case, &tag, run % 2 == 0, s).await?;
-            if std::env::var_os("NATS_BENCH_TRACE").is_some() {
-                eprintln!("\n{name} run {run} raw_first={} raw={r:.0} sy={w:.0}", run % 2 == 0);
-            }
             raw.push(r);
             sy.push(w);
             ratio.push(w / r);

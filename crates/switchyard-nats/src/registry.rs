@@ -614,7 +614,10 @@ impl Drop for Registration {
                 });
             }
             Err(_) => {
-                tracing::warn!(key, "registration dropped outside a runtime; the entry expires after the TTL");
+                tracing::warn!(
+                    key,
+                    "registration dropped outside a runtime; the entry expires after the TTL"
+                );
             }
         }
     }

@@ -157,7 +157,10 @@ async fn invalid_names_are_rejected_with_a_typed_error() {
         id: Some("has space".into()),
         ..Default::default()
     };
-    let e = r.register_with("pay", "http://x:1", opts).await.unwrap_err();
+    let e = r
+        .register_with("pay", "http://x:1", opts)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), Invalid);
     let e = NatsRegistry::connect(RegistryConfig::new("nats://127.0.0.1:1"))
         .await
@@ -255,9 +258,18 @@ async fn registrations_and_the_watcher_recover_from_a_server_restart() {
     let url = server.url();
     let owner = NatsRegistry::connect(config(&url, ttl)).await.unwrap();
     let watcher = NatsRegistry::connect(config(&url, ttl)).await.unwrap();
-    let a = owner.register("payment", "http://127.0.0.1:1").await.unwrap();
-    let b = owner.register("payment", "http://127.0.0.1:2").await.unwrap();
-    wait_until(&watcher, "both listed", |r| r.instances("payment").len() == 2).await;
+    let a = owner
+        .register("payment", "http://127.0.0.1:1")
+        .await
+        .unwrap();
+    let b = owner
+        .register("payment", "http://127.0.0.1:2")
+        .await
+        .unwrap();
+    wait_until(&watcher, "both listed", |r| {
+        r.instances("payment").len() == 2
+    })
+    .await;
     let before = watcher
         .entries("payment")
         .iter()
@@ -281,7 +293,10 @@ async fn registrations_and_the_watcher_recover_from_a_server_restart() {
     })
     .await;
     // The watch works after the restart: a new registration and a deregistration show.
-    let c = owner.register("payment", "http://127.0.0.1:3").await.unwrap();
+    let c = owner
+        .register("payment", "http://127.0.0.1:3")
+        .await
+        .unwrap();
     wait_until(&watcher, "the new instance listed", |r| {
         r.instances("payment").len() == 3
     })
@@ -351,7 +366,10 @@ async fn rpc_client_balances_over_registered_servers() {
     // Deregister server 0: every later call goes to server 1.
     let first = registrations.remove(0);
     first.stop().await.unwrap();
-    wait_until(&registry, "server 0 gone", |r| r.instances("who").len() == 1).await;
+    wait_until(&registry, "server 0 gone", |r| {
+        r.instances("who").len() == 1
+    })
+    .await;
     for _ in 0..20 {
         let v: serde_json::Value = svc.get_json("/who").await.unwrap();
         assert_eq!(v["server"], 1);

@@ -5,6 +5,7 @@
 //! Figures are documented in `crates/bench/README.md`.
 
 mod bus;
+mod nats;
 mod reply;
 mod report;
 mod rpc;
@@ -41,6 +42,8 @@ enum Suite {
     Reply(Args),
     /// Durable 3-step sagas: latency, throughput, fsyncs per saga, memory in flight.
     Saga(Args),
+    /// NATS JetStream: switchyard's NatsBus against raw async-nats, and embedded vs NATS end to end.
+    Nats(Args),
     /// The shop: completed orders/s and latencies per pattern, 64 clients over REST.
     Shop(Args),
     /// Internal: hold sagas in flight in a fresh process and print its peak RSS.
@@ -200,6 +203,19 @@ fn main() -> std::process::ExitCode {
                     settings.runs, settings.secs
                 );
                 let figures = saga::run(&settings).await?;
+                print(&args, &figures);
+                Ok(())
+            }
+            Suite::Nats(args) => {
+                let settings = settings(&args);
+                eprintln!(
+                    "bench nats: {} runs per figure, {} s each, {}-byte payloads, {} in flight for async; medians with ranges",
+                    settings.runs,
+                    settings.secs,
+                    nats::PAYLOAD_BYTES,
+                    nats::IN_FLIGHT
+                );
+                let figures = nats::run(&settings).await?;
                 print(&args, &figures);
                 Ok(())
             }

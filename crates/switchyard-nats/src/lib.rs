@@ -67,12 +67,19 @@
 //! | `ledger` | deliveries that were no attempts, in a stream used as a key-value store |
 //! | `transient` | the transient channel on core NATS |
 //! | `error` | this crate's error type |
+//! | `registry` | (feature `registry`) the service registry on a JetStream KV bucket, for `switchyard-rpc` clients (decision 0010) |
+//!
+//! | feature | what it adds |
+//! | --- | --- |
+//! | `registry` | `registry::NatsRegistry`, a `switchyard_rpc::registry::Registry` on a KV bucket with TTL and heartbeats; pulls in `switchyard-rpc` (and the HTTP/gRPC stacks), so it is off by default |
 
 mod consumer;
 mod error;
 mod ledger;
 mod names;
 mod order;
+#[cfg(feature = "registry")]
+pub mod registry;
 mod transient;
 
 use std::collections::HashMap;

@@ -1,12 +1,14 @@
-//! Integration tests of the NATS bus: the bus conformance suite, the keep-alive of held
-//! messages, attempts across restarts, and the router and request/reply suites over the NATS bus and the embedded
-//! store, against a real nats-server that each test starts itself (testkit, free
-//! loopback port).
+//! Integration tests of the NATS backend against a real nats-server that each test
+//! starts itself (testkit, free loopback port): the bus conformance suite, the keep-alive
+//! of held messages, attempts across restarts, the router and request/reply suites over
+//! the NATS bus and the embedded store, and the service registry (feature `registry`,
+//! enabled for tests through the dev-dependency on this crate).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod attempts;
 mod conformance;
 mod keep_alive;
+mod registry;
 mod reply_conformance;
 mod router_conformance;

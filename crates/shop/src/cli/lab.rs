@@ -22,8 +22,8 @@ use crate::order::Pattern;
 /// `shop lab`.
 #[derive(Debug, Clone, Args)]
 pub struct LabArgs {
-    /// Short runs (1 s each, 0.5 s outages, 0.5 s breaker cool-off, 0.4 s saturation
-    /// steps): the whole lab in under a minute.
+    /// Short runs (1 s each, 0.5 s outages, 0.5 s breaker cool-off, 0.3 s saturation
+    /// steps from 200 orders/s): the whole lab in under a minute.
     #[arg(long)]
     pub quick: bool,
     /// The seed of every random choice [default: random, printed].
@@ -49,6 +49,10 @@ pub struct LabArgs {
     /// [default: 5s, or 0.5s with --quick].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub breaker_open_for: Option<Duration>,
+    /// Saturation: the arrival rate of the first step, orders/s [default: 50, or 200
+    /// with --quick].
+    #[arg(long, value_name = "RATE")]
+    pub saturation_from: Option<f64>,
     /// Saturation: the completion latency p99 a sustainable step keeps within.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub p99_limit: Duration,
@@ -114,6 +118,14 @@ pub fn config(a: &LabArgs) -> Result<LabConfig, CliError> {
         )));
     }
     c.saturation.p99_limit = a.p99_limit;
+    if let Some(r) = a.saturation_from {
+        if !(1.0..=100_000.0).contains(&r) {
+            return Err(CliError::Usage(format!(
+                "--saturation-from {r}: give 1 to 100000 orders/s"
+            )));
+        }
+        c.saturation.start_per_s = r;
+    }
     if let Some(d) = a.breaker_open_for {
         if d > Duration::from_secs(600) {
             return Err(CliError::Usage(format!(

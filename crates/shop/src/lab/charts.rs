@@ -120,7 +120,9 @@ fn draw_cdf<DB: DrawingBackend>(
         .y_desc("orders completed within, %")
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
+        .x_labels(12)
         .x_label_formatter(&|v| format_ms(*v))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     for (i, (name, p)) in lines.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
@@ -206,16 +208,13 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, bars: &Bars) -> 
             })
         }))?;
     }
-    if bars.series.len() > 1 {
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
-    }
-    Ok(())
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
 }
 
 fn format_ms(v: f64) -> String {

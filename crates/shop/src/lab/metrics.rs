@@ -194,7 +194,7 @@ pub struct SaturationStep {
     /// The arrival rate the load generator kept, orders/s (below the offered rate when
     /// the machine could not keep up even placing them).
     pub arrivals_per_s: f64,
-    /// Orders of this step that completed, per second of the step.
+    /// Orders of this step that completed, per second of its arrivals.
     pub achieved_per_s: f64,
     /// Orders placed in this step.
     pub orders: usize,
@@ -216,7 +216,8 @@ pub struct SaturationStep {
 
 /// Judges one saturation step: `records` are the orders placed in it (those that did
 /// not end within the limit have no `completion_ms`), `offered_per_s` the rate asked for,
-/// `step_s` how long arrivals lasted, `p99_limit_ms` the completion latency p99 allowed.
+/// `step_s` how long its arrivals took (the step, or longer when the load generator fell
+/// behind), `p99_limit_ms` the completion latency p99 allowed.
 pub fn assess_step(
     records: &[OrderRecord],
     offered_per_s: f64,

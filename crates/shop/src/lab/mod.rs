@@ -168,8 +168,8 @@ impl LabConfig {
     }
 
     /// `--quick`: 1 s runs with a 0.5 s outage, 8 clients, a 0.5 s breaker cool-off
-    /// (so a run does not wait out the 5 s one); saturation from 100 orders/s, ×2 per
-    /// 0.4 s step, up to 7 steps (6,400/s). Under a minute in all.
+    /// (so a run does not wait out the 5 s one); saturation from 200 orders/s, ×2 per
+    /// 0.3 s step, up to 6 steps (6,400/s). Under a minute in all on an idle machine.
     pub fn quick(seed: u64) -> Self {
         let full = LabConfig::full(seed);
         LabConfig {
@@ -178,10 +178,10 @@ impl LabConfig {
             concurrency: 8,
             breaker_open_for: Duration::from_millis(500),
             saturation: SaturationConfig {
-                start_per_s: 100.0,
+                start_per_s: 200.0,
                 factor: 2.0,
-                max_steps: 7,
-                step_for: Duration::from_millis(400),
+                max_steps: 6,
+                step_for: Duration::from_millis(300),
                 ..full.saturation.clone()
             },
             ..full
@@ -347,12 +347,14 @@ async fn run_one(
     app_config.client.breaker.open_for = config.breaker_open_for;
     let app = Arc::new(ShopApp::start(app_config).await?);
     let started = Instant::now();
+    let start_s = wall.elapsed().as_secs_f64();
     let wall_start_ms = Timestamp::now().unix_micros() / 1000;
     let load = if scenario == Scenario::Saturation {
         saturate(config, &app, pattern, started, index, live).await?
     } else {
         closed_loop(config, &app, pattern, scenario, started, index, live).await?
     };
+    let load_s = started.elapsed().as_secs_f64();
     let Load {
         mut records,
         ids,
@@ -366,6 +368,7 @@ async fn run_one(
 
     // Let the asynchronous parts finish, then read what every service recorded.
     live.set_phase("settling");
+    let settling = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(120);
     let completed = records.iter().filter(|r| r.completed).count();
     let report = loop {
@@ -379,6 +382,8 @@ async fn run_one(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     live.set_phase("measuring");
+    let settle_s = settling.elapsed().as_secs_f64();
+    let measuring = Instant::now();
     let mut compensations = 0;
     for (record, id) in records.iter_mut().zip(&ids) {
         let Some(order) = app
@@ -417,6 +422,8 @@ async fn run_one(
     let figures = metrics::figures(&records, run_s);
     let outage = outage.map(|(start_s, end_s)| metrics::outage_figures(&records, start_s, end_s));
     live.set_phase("stopping the shop");
+    let measure_s = measuring.elapsed().as_secs_f64();
+    let stopping = Instant::now();
     match Arc::try_unwrap(app) {
         Ok(app) => app.shutdown().await?,
         Err(_) => {
@@ -425,6 +432,17 @@ async fn run_one(
             ));
         }
     }
+    // Where a run's time goes (RUST_LOG=shop::lab=debug).
+    tracing::debug!(
+        pattern = pattern.as_str(),
+        scenario = scenario.as_str(),
+        start_s,
+        load_s,
+        settle_s,
+        measure_s,
+        stop_s = stopping.elapsed().as_secs_f64(),
+        "lab run phases"
+    );
     Ok(RunResult {
         pattern,
         scenario,
@@ -588,13 +606,16 @@ async fn saturate(
         live.set_phase(format!("step {}: {rate:.0} orders/s", k + 1));
         let step_start = Instant::now();
         let mut placing: Vec<Placing> = Vec::new();
+        // The step's arrivals: one every 1/rate s; a late wake-up places the ones due
+        // meanwhile at once, and the step ends when the last one is placed.
+        let planned = ((sat.step_for.as_secs_f64() * rate).round() as usize).max(1);
         loop {
             let elapsed = step_start.elapsed();
-            if elapsed >= sat.step_for {
-                break;
-            }
-            // Every arrival due by now (a late wake-up places the missed ones at once).
-            let due = (elapsed.as_secs_f64() * rate).floor() as usize + 1;
+            let due = if elapsed >= sat.step_for {
+                planned
+            } else {
+                ((elapsed.as_secs_f64() * rate).floor() as usize + 1).min(planned)
+            };
             while placing.len() < due {
                 let req = new_order(&mut rng, format!("lab-s{k}-{}", placing.len()), pattern);
                 let (app, live) = (app.clone(), live.clone());
@@ -605,9 +626,14 @@ async fn saturate(
                     placed
                 }));
             }
+            if elapsed >= sat.step_for {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        let step_s = sat.step_for.as_secs_f64();
+        // How long the arrivals took: the step, or longer when the generator fell
+        // behind (its rate is judged against the offered one).
+        let step_s = step_start.elapsed().as_secs_f64();
         run_s += step_s;
         let patience = Instant::now() + sat.p99_limit;
         while Instant::now() < patience && !placing.iter().all(|h| h.is_finished()) {

@@ -5,7 +5,9 @@
 //! keeps every invariant; the charts are valid SVG and PNG; results.json validates
 //! against docs/lab-results.schema.json. Quick runs; no timed asserts.
 
-use shop::lab::{self, LabConfig, RunResult, Scenario};
+use std::time::Duration;
+
+use shop::lab::{self, LabConfig, RunResult, SaturationConfig, Scenario};
 use shop::order::Pattern;
 
 use crate::support::{out, shop_command};
@@ -28,6 +30,15 @@ async fn a_payment_outage_fails_sync_orders_and_delays_choreography_ones() {
             Scenario::Saturation,
         ],
         data_dir: Some(dir.path().to_path_buf()),
+        // A first step any machine sustains, however busy (tests run side by side): the
+        // mechanism is under test here, not this machine's figures.
+        saturation: SaturationConfig {
+            start_per_s: 10.0,
+            factor: 4.0,
+            max_steps: 3,
+            step_for: Duration::from_millis(400),
+            p99_limit: Duration::from_secs(5),
+        },
         ..LabConfig::quick(42)
     };
     let mut seen = Vec::new();
@@ -189,6 +200,10 @@ async fn shop_lab_prints_the_tradeoff_table_and_writes_results_json() {
                     "baseline,side-effect-down,saturation",
                     "--seed",
                     "9",
+                    "--saturation-from",
+                    "10",
+                    "--p99-limit",
+                    "5s",
                     "--out",
                 ])
                 .arg(&out_dir)

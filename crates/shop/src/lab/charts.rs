@@ -102,9 +102,10 @@ fn draw_cdf<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     lines: &[(String, Vec<f64>)],
 ) -> DrawResult<DB> {
+    // Whole decades, so that every one is labelled.
     let all = lines.iter().flat_map(|(_, v)| v.iter().copied());
-    let lo = all.clone().fold(f64::INFINITY, f64::min).max(0.01);
-    let hi = all.fold(0.0, f64::max).max(lo * 10.0);
+    let lo = 10f64.powf(all.clone().fold(f64::INFINITY, f64::min).max(0.01).log10().floor());
+    let hi = 10f64.powf(all.fold(0.0, f64::max).max(lo * 10.0).log10().ceil());
     let mut chart = ChartBuilder::on(root)
         .caption(
             "Completion latency CDF, baseline (log scale)",
@@ -113,7 +114,7 @@ fn draw_cdf<DB: DrawingBackend>(
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0f64..100f64)?;
+        .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)?;
     chart
         .configure_mesh()
         .x_desc("completion latency, ms")
@@ -176,6 +177,13 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, bars: &Bars) -> 
         .x_labels(n)
         .x_label_formatter(&name_at)
         .y_desc(bars.y_desc.as_str())
+        .y_label_formatter(&|v| {
+            if top >= 20.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.1}")
+            }
+        })
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
         .draw()?;

@@ -310,6 +310,10 @@ pub async fn run_with(
     };
     let total = config.patterns.len() * config.scenarios.len();
     let mut results = Vec::with_capacity(total);
+    // The removal of the previous run's shop (temporary directory only): it runs while
+    // the next shop starts and ends before that run places orders, so it never overlaps
+    // a measurement (and the lab does not end with one long removal).
+    let mut removing: Option<Removal> = None;
     for (i, (pattern, scenario)) in config
         .patterns
         .iter()
@@ -320,7 +324,21 @@ pub async fn run_with(
         progress(i, total, pattern, scenario);
         let dir = root.join(format!("{}-{}", pattern.as_str(), scenario.as_str()));
         std::fs::create_dir_all(&dir).map_err(LabError::DataDir)?;
-        let result = run_one(config, pattern, scenario, dir, i as u64, live).await?;
+        let result = run_one(
+            config,
+            pattern,
+            scenario,
+            dir.clone(),
+            i as u64,
+            live,
+            removing.take(),
+        )
+        .await?;
+        if temporary.is_some() {
+            removing = Some(tokio::task::spawn_blocking(move || {
+                std::fs::remove_dir_all(&dir)
+            }));
+        }
         tracing::info!(
             pattern = pattern.as_str(),
             scenario = scenario.as_str(),
@@ -330,10 +348,37 @@ pub async fn run_with(
         );
         results.push(result);
     }
+    finish_removal(removing).await;
+    if let Some(t) = temporary {
+        let removing = Instant::now();
+        if let Err(e) = t.close() {
+            tracing::warn!(error = %e, "could not remove the lab's data directory");
+        }
+        tracing::debug!(
+            secs = removing.elapsed().as_secs_f64(),
+            "removed the lab's data directory"
+        );
+    }
     Ok(results)
 }
 
-/// Places orders for one run and measures them.
+/// The removal of a finished run's directory, in a blocking task.
+type Removal = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// Waits for `removal`, if any; a failure is logged (the directory goes with the
+/// temporary root anyway).
+async fn finish_removal(removal: Option<Removal>) {
+    if let Some(r) = removal {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not remove a lab run's directory"),
+            Err(e) => tracing::warn!(error = %e, "removing a lab run's directory failed"),
+        }
+    }
+}
+
+/// Places orders for one run and measures them; `removal` (the previous run's
+/// directory) is waited for after the shop started, before the first order.
 async fn run_one(
     config: &LabConfig,
     pattern: Pattern,
@@ -341,11 +386,13 @@ async fn run_one(
     dir: PathBuf,
     index: u64,
     live: &Arc<Live>,
+    removal: Option<Removal>,
 ) -> Result<RunResult, LabError> {
     let wall = Instant::now();
     let mut app_config = AppConfig::new(&dir).with_patterns(&[pattern]);
     app_config.client.breaker.open_for = config.breaker_open_for;
     let app = Arc::new(ShopApp::start(app_config).await?);
+    finish_removal(removal).await;
     let started = Instant::now();
     let start_s = wall.elapsed().as_secs_f64();
     let wall_start_ms = Timestamp::now().unix_micros() / 1000;

@@ -222,22 +222,27 @@ pub fn saturation_table(results: &[RunResult]) -> Table {
         "STEPS offered → achieved/s @ p99 (✗: not sustained)",
         "LIMITED BY",
     ]);
-    for r in results.iter().filter(|r| r.scenario == Scenario::Saturation) {
+    for r in results
+        .iter()
+        .filter(|r| r.scenario == Scenario::Saturation)
+    {
         let Some(s) = &r.saturation else { continue };
-        let steps: Vec<String> = s
-            .steps
-            .iter()
-            .map(|st| {
-                format!(
-                    "{:.0}→{:.0} @ {}{}",
-                    st.offered_per_s,
-                    st.achieved_per_s,
-                    st.completion_p99_ms
-                        .map_or(format!(">{:.0} ms", s.p99_limit_ms), |p| format!("{} ms", ms(p))),
-                    if st.sustainable { "" } else { " ✗" }
-                )
-            })
-            .collect();
+        let steps: Vec<String> =
+            s.steps
+                .iter()
+                .map(|st| {
+                    format!(
+                        "{:.0}→{:.0} @ {}{}",
+                        st.offered_per_s,
+                        st.achieved_per_s,
+                        st.completion_p99_ms.map_or(
+                            format!(">{:.0} ms", s.p99_limit_ms),
+                            |p| format!("{} ms", ms(p))
+                        ),
+                        if st.sustainable { "" } else { " ✗" }
+                    )
+                })
+                .collect();
         t.row([
             r.pattern.as_str().to_string(),
             format!("{:.0}", s.max_sustainable_per_s),
@@ -355,7 +360,8 @@ impl Progress {
         } else {
             self.run.elapsed().as_millis() as u64
         };
-        self.run.set_position(pos.min(self.run.length().unwrap_or(pos)));
+        self.run
+            .set_position(pos.min(self.run.length().unwrap_or(pos)));
         self.run.set_message(format!(
             "{title} — {}: {} placed, {} ended",
             live.phase(),

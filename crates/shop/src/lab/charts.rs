@@ -61,8 +61,7 @@ pub enum ChartError {
 /// Registers the bundled font once.
 fn font() -> Result<(), ChartError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    let ok = *REGISTERED
-        .get_or_init(|| register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok());
+    let ok = *REGISTERED.get_or_init(|| register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok());
     if ok { Ok(()) } else { Err(ChartError::Font) }
 }
 
@@ -104,13 +103,16 @@ fn draw_cdf<DB: DrawingBackend>(
 ) -> DrawResult<DB> {
     // Whole decades, so that every one is labelled.
     let all = lines.iter().flat_map(|(_, v)| v.iter().copied());
-    let lo = 10f64.powf(all.clone().fold(f64::INFINITY, f64::min).max(0.01).log10().floor());
+    let lo = 10f64.powf(
+        all.clone()
+            .fold(f64::INFINITY, f64::min)
+            .max(0.01)
+            .log10()
+            .floor(),
+    );
     let hi = 10f64.powf(all.fold(0.0, f64::max).max(lo * 10.0).log10().ceil());
     let mut chart = ChartBuilder::on(root)
-        .caption(
-            "Completion latency CDF, baseline (log scale)",
-            (FONT, 22),
-        )
+        .caption("Completion latency CDF, baseline (log scale)", (FONT, 22))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
@@ -153,7 +155,7 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, bars: &Bars) -> 
             .iter()
             .flat_map(|(_, v)| v.iter().flatten().copied())
             .fold(0.0, f64::max)
-            * 1.15
+            * 1.3
     });
     let top = if top > 0.0 { top } else { 1.0 };
     let mut chart = ChartBuilder::on(root)
@@ -194,9 +196,7 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, bars: &Bars) -> 
         let x0 = |g: usize| g as f64 - 0.4 + s as f64 * width;
         chart
             .draw_series(values.iter().enumerate().filter_map(|(g, v)| {
-                v.map(|v| {
-                    Rectangle::new([(x0(g), 0.0), (x0(g) + width * 0.92, v)], color.filled())
-                })
+                v.map(|v| Rectangle::new([(x0(g), 0.0), (x0(g) + width * 0.92, v)], color.filled()))
             }))?
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 12, y + 6)], color.filled()));
@@ -208,10 +208,7 @@ fn draw_bars<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, bars: &Bars) -> 
                     (FONT, 12)
                         .into_font()
                         .color(&BLACK)
-                        .pos(Pos::new(
-                            HPos::Center,
-                            VPos::Bottom,
-                        )),
+                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
                 )
             })
         }))?;
@@ -308,8 +305,9 @@ fn charts(results: &[RunResult]) -> Vec<(&'static str, Chart)> {
         out.push((
             "saturation",
             Chart::Bars(Bars {
-                title: "Maximum sustainable throughput (open-loop, completion p99 within the limit)"
-                    .into(),
+                title:
+                    "Maximum sustainable throughput (open-loop, completion p99 within the limit)"
+                        .into(),
                 y_desc: "completed orders/s".into(),
                 groups: names.clone(),
                 series: vec![(
@@ -347,7 +345,7 @@ fn charts(results: &[RunResult]) -> Vec<(&'static str, Chart)> {
                         )
                     })
                     .collect(),
-                y_max: Some(115.0),
+                y_max: Some(135.0),
             }),
         ));
         out.push((

@@ -448,7 +448,10 @@ mod tests {
             .collect();
         let s = assess_step(&ok, 200.0, 0.5, 1_000.0);
         assert!(s.sustainable, "{s:?}");
-        assert_eq!((s.orders, s.completed, s.failed, s.stalled), (100, 100, 0, 0));
+        assert_eq!(
+            (s.orders, s.completed, s.failed, s.stalled),
+            (100, 100, 0, 0)
+        );
         assert_eq!(s.achieved_per_s, 200.0);
         assert_eq!(s.arrivals_per_s, 200.0);
         assert_eq!(s.completion_p99_ms, Some(49.0));

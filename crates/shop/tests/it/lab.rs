@@ -94,7 +94,10 @@ async fn a_payment_outage_fails_sync_orders_and_delays_choreography_ones() {
     assert_eq!(choreo.figures.availability_coupling, 0.0);
     // Payment's handler failed while it was down: its events were redelivered.
     assert!(choreo.redeliveries > 0, "{choreo:?}");
-    assert_eq!(choreo.outage.as_ref().map(|o| o.success_rate_during), Some(1.0));
+    assert_eq!(
+        choreo.outage.as_ref().map(|o| o.success_rate_during),
+        Some(1.0)
+    );
     // Choreography orders placed during the outage waited for Payment to come back.
     let outage_ms = config.outage.as_secs_f64() * 1000.0;
     assert!(
@@ -167,9 +170,11 @@ fn assert_valid_chart(path: &std::path::Path) {
 
 /// Validates `results` against docs/lab-results.schema.json (JSON Schema 2020-12).
 fn assert_matches_schema(results: &serde_json::Value) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/lab-results.schema.json");
-    let schema: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/lab-results.schema.json"
+    );
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let mut schemas = boon::Schemas::new();
     let mut compiler = boon::Compiler::new();
     compiler
@@ -242,7 +247,10 @@ async fn shop_lab_prints_the_tradeoff_table_and_writes_results_json() {
     assert_eq!(run["figures"]["success_rate"], 1.0);
     assert_eq!(run["outage"]["success_rate_during"], 1.0);
     let sat = &json["runs"][2]["saturation"];
-    assert!(sat["max_sustainable_per_s"].as_f64().unwrap() > 0.0, "{sat}");
+    assert!(
+        sat["max_sustainable_per_s"].as_f64().unwrap() > 0.0,
+        "{sat}"
+    );
     // The charts went with it; the stderr of a non-terminal carries no progress bar.
     for name in ["latency-cdf", "saturation", "outage-success", "catch-up"] {
         for ext in ["svg", "png"] {
@@ -250,15 +258,20 @@ async fn shop_lab_prints_the_tradeoff_table_and_writes_results_json() {
         }
     }
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!stderr.contains("runs,"), "no progress bar off a terminal:\n{stderr}");
+    assert!(
+        !stderr.contains("runs,"),
+        "no progress bar off a terminal:\n{stderr}"
+    );
 }
 
 /// The schema rejects what it does not describe (it is not a rubber stamp).
 #[test]
 fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/lab-results.schema.json");
-    let schema: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/lab-results.schema.json"
+    );
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let mut schemas = boon::Schemas::new();
     let mut compiler = boon::Compiler::new();
     compiler
@@ -288,5 +301,8 @@ fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
     assert!(schemas.validate(&wrong, index).is_err(), "wrong type");
     let mut pattern = valid;
     pattern["settings"]["patterns"] = serde_json::json!(["carrier-pigeon"]);
-    assert!(schemas.validate(&pattern, index).is_err(), "unknown pattern");
+    assert!(
+        schemas.validate(&pattern, index).is_err(),
+        "unknown pattern"
+    );
 }

@@ -358,7 +358,7 @@ impl Progress {
         let pos = if saturation {
             live.step()
         } else {
-            self.run.elapsed().as_millis() as u64
+            live.placing_for().as_millis() as u64
         };
         self.run
             .set_position(pos.min(self.run.length().unwrap_or(pos)));

@@ -145,7 +145,7 @@ pub struct LabConfig {
 impl LabConfig {
     /// The default lab: every pattern and scenario, 15 s runs with a 10 s outage, 16
     /// clients, the client's default 5 s breaker cool-off; saturation from 50 orders/s,
-    /// ×1.5 per 3 s step, up to 12 steps (about 2,900/s), p99 limit 1 s (about twelve
+    /// ×1.5 per 3 s step, up to 12 steps (about 4,300/s), p99 limit 1 s (about ten
     /// minutes in all).
     pub fn full(seed: u64) -> Self {
         LabConfig {
@@ -197,6 +197,7 @@ pub struct Live {
     ended: AtomicU64,
     step: AtomicU64,
     phase: Mutex<String>,
+    placing_since: Mutex<Option<Instant>>,
 }
 
 impl Live {
@@ -215,6 +216,15 @@ impl Live {
         self.step.load(Ordering::Relaxed)
     }
 
+    /// How long the run has been placing orders (zero before it started to).
+    pub fn placing_for(&self) -> Duration {
+        self.placing_since
+            .lock()
+            .ok()
+            .and_then(|s| s.map(|t| t.elapsed()))
+            .unwrap_or_default()
+    }
+
     /// What the run is doing (placing orders, settling, measuring, a saturation step).
     pub fn phase(&self) -> String {
         self.phase.lock().map(|p| p.clone()).unwrap_or_default()
@@ -230,7 +240,10 @@ impl Live {
         self.placed.store(0, Ordering::Relaxed);
         self.ended.store(0, Ordering::Relaxed);
         self.step.store(0, Ordering::Relaxed);
-        self.set_phase("starting");
+        if let Ok(mut s) = self.placing_since.lock() {
+            *s = None;
+        }
+        self.set_phase("starting the shop");
     }
 }
 
@@ -548,6 +561,9 @@ async fn closed_loop(
     live: &Arc<Live>,
 ) -> Result<Load, LabError> {
     live.set_phase("placing orders");
+    if let Ok(mut s) = live.placing_since.lock() {
+        *s = Some(Instant::now());
+    }
     let faults = app.faults().clone();
     let outage = config.outage;
     let quarter = config.run_for / 4;

@@ -41,6 +41,7 @@ use std::time::Duration;
 
 use switchyard::Bus;
 use switchyard::reply::Requester;
+use switchyard::router::RouterStats;
 use switchyard::saga::Orchestrator;
 use switchyard_embedded::EmbeddedBus;
 use switchyard_rpc::ClientConfig;
@@ -302,6 +303,20 @@ impl std::ops::Sub for DiskStats {
     }
 }
 
+/// Totals of the counters of every router of the app (see [`ShopApp::router_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterTotals {
+    /// Messages handled and acknowledged (requests answered).
+    pub processed: u64,
+    /// Deliveries skipped as duplicates (the inbox had them).
+    pub duplicates: u64,
+    /// Retryable handler failures: events nacked for redelivery, requests retried in
+    /// place by a responder.
+    pub retried: u64,
+    /// Messages the routers sent to a DLQ.
+    pub dead_lettered: u64,
+}
+
 /// The running shop. See the [module docs](self).
 pub struct ShopApp {
     order: OrderService,
@@ -314,6 +329,8 @@ pub struct ShopApp {
     /// The embedded bus, when the app opened it (not given one).
     embedded_bus: Option<EmbeddedBus>,
     tasks: Tasks,
+    /// The counters of every router started, by service.
+    router_stats: Vec<(&'static str, Arc<RouterStats>)>,
     _registrations: Vec<Registration>,
 }
 
@@ -464,12 +481,15 @@ impl ShopApp {
 
         // Routers, one per service store.
         let monitor = Arc::new(MonitorStats::default());
+        let mut router_stats = Vec::new();
         if let Some(router) = order.router(&bus, &order_store, &monitor) {
+            router_stats.push((wiring::ORDER, router.stats()));
             tasks.spawn_router(wiring::ORDER, router).await?;
         }
         for service in &backing {
             let service_faults = faults.of(service.name()).unwrap_or_default();
             if let Some(router) = service.router(&bus, &dir, &config.patterns, &service_faults) {
+                router_stats.push((service.name(), router.stats()));
                 tasks.spawn_router(service.name(), router).await?;
             }
         }
@@ -502,6 +522,7 @@ impl ShopApp {
             bus,
             stores,
             tasks,
+            router_stats,
             _registrations: registrations,
             embedded_bus,
         })
@@ -523,6 +544,20 @@ impl ShopApp {
             d.bus_syncs = w.fsyncs.load(Relaxed);
         }
         d
+    }
+
+    /// The counters of every router (the Order service's and the backing services'),
+    /// summed: redeliveries, duplicates skipped, dead letters.
+    pub fn router_stats(&self) -> RouterTotals {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut t = RouterTotals::default();
+        for (_, s) in &self.router_stats {
+            t.processed += s.processed.load(Relaxed);
+            t.duplicates += s.duplicates.load(Relaxed);
+            t.retried += s.retried.load(Relaxed);
+            t.dead_lettered += s.dead_lettered.load(Relaxed);
+        }
+        t
     }
 
     /// The order desk, with the flow of every running pattern.

@@ -1,6 +1,8 @@
 //! What the lab measures, computed from one record per order: latencies, throughput,
-//! success, availability coupling and the consistency window. Pure functions over plain
-//! data, so each one is tested on hand-made records.
+//! success, availability coupling, the consistency window, what an outage did (success
+//! during it, the time until everything caught up after it) and whether a saturation
+//! step was sustainable. Pure functions over plain data, so each one is tested on
+//! hand-made records.
 
 use serde::{Deserialize, Serialize};
 
@@ -107,6 +109,197 @@ pub fn figures(records: &[OrderRecord], run_s: f64) -> Figures {
     }
 }
 
+/// The completion latency at each percentile 1..=100 (index `i` holds p`i + 1`), ms, of
+/// the orders that ended; empty when none did. The latency CDF of a run.
+pub fn percentiles(records: &[OrderRecord]) -> Vec<f64> {
+    let mut v: Vec<f64> = records.iter().filter_map(|r| r.completion_ms).collect();
+    if v.is_empty() {
+        return Vec::new();
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    (1..=100)
+        .map(|p| {
+            let rank = (p as f64 / 100.0 * v.len() as f64).ceil() as usize;
+            v[rank.clamp(1, v.len()) - 1]
+        })
+        .collect()
+}
+
+/// When an order stopped changing, ms after it was placed: a completed order when every
+/// service agreed on it, a failed one when it ended (or when placing it failed); `None`
+/// when it never got there (it did not end, or a completed order's parts never all
+/// happened).
+pub fn settled_ms(r: &OrderRecord) -> Option<f64> {
+    if r.completed {
+        r.consistent_ms
+    } else if r.completion_ms.is_some() {
+        r.completion_ms
+    } else if r.reason.is_some() {
+        Some(r.placement_ms)
+    } else {
+        None
+    }
+}
+
+/// What an outage did to a run (dependency-down, side-effect-down).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutageFigures {
+    /// When the dependency went down, seconds since the run started.
+    pub start_s: f64,
+    /// When it came back, seconds since the run started.
+    pub end_s: f64,
+    /// Orders placed while it was down.
+    pub orders_during: usize,
+    /// Completed / placed, of the orders placed while it was down (1 when none were).
+    pub success_rate_during: f64,
+    /// From the end of the outage until the last order placed before or during it had
+    /// settled (see [`settled_ms`]), ms; 0 when all had settled by the end; `None` when
+    /// one never did.
+    pub catch_up_ms: Option<f64>,
+}
+
+/// The outage figures of `records` for an outage from `start_s` to `end_s` (seconds
+/// since the run started).
+pub fn outage_figures(records: &[OrderRecord], start_s: f64, end_s: f64) -> OutageFigures {
+    let during: Vec<&OrderRecord> = records
+        .iter()
+        .filter(|r| r.placed_at_s >= start_s && r.placed_at_s < end_s)
+        .collect();
+    let completed = during.iter().filter(|r| r.completed).count();
+    let mut catch_up = Some(0.0f64);
+    for r in records.iter().filter(|r| r.placed_at_s < end_s) {
+        catch_up = match (catch_up, settled_ms(r)) {
+            (Some(c), Some(s)) => Some(c.max(r.placed_at_s * 1000.0 + s - end_s * 1000.0)),
+            _ => None,
+        };
+    }
+    OutageFigures {
+        start_s,
+        end_s,
+        orders_during: during.len(),
+        success_rate_during: if during.is_empty() {
+            1.0
+        } else {
+            completed as f64 / during.len() as f64
+        },
+        catch_up_ms: catch_up,
+    }
+}
+
+/// One step of the saturation scenario: orders arriving at a fixed rate for a while.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaturationStep {
+    /// The arrival rate asked for, orders/s.
+    pub offered_per_s: f64,
+    /// The arrival rate the load generator kept, orders/s (below the offered rate when
+    /// the machine could not keep up even placing them).
+    pub arrivals_per_s: f64,
+    /// Orders of this step that completed, per second of its arrivals.
+    pub achieved_per_s: f64,
+    /// Orders placed in this step.
+    pub orders: usize,
+    /// Of them, completed.
+    pub completed: usize,
+    /// Of them, failed (ended without completing, or placing them failed).
+    pub failed: usize,
+    /// Of them, not ended within the latency limit after the step's last arrival.
+    pub stalled: usize,
+    /// Completion latency p99, ms (`None` when more than 1 % did not end within the
+    /// limit: the p99 is beyond it).
+    pub completion_p99_ms: Option<f64>,
+    /// Whether the shop sustained this rate: p99 within the limit, at most 1 % failed,
+    /// and arrivals kept at 90 % of the offered rate or more.
+    pub sustainable: bool,
+    /// Why not, when it did not.
+    pub limited_by: Option<String>,
+}
+
+/// Judges one saturation step: `records` are the orders placed in it (those that did
+/// not end within the limit have no `completion_ms`), `offered_per_s` the rate asked for,
+/// `step_s` how long its arrivals took (the step, or longer when the load generator fell
+/// behind), `p99_limit_ms` the completion latency p99 allowed.
+pub fn assess_step(
+    records: &[OrderRecord],
+    offered_per_s: f64,
+    step_s: f64,
+    p99_limit_ms: f64,
+) -> SaturationStep {
+    let n = records.len();
+    let completed = records.iter().filter(|r| r.completed).count();
+    let stalled = records
+        .iter()
+        .filter(|r| r.completion_ms.is_none() && r.reason.is_none())
+        .count();
+    let failed = n - completed - stalled;
+    // Orders that did not end count as slower than any that did.
+    let mut latencies: Vec<f64> = records
+        .iter()
+        .filter(|r| r.completion_ms.is_some() || r.reason.is_none())
+        .map(|r| r.completion_ms.unwrap_or(f64::INFINITY))
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let p99 = if latencies.is_empty() {
+        Some(0.0)
+    } else {
+        Some(quantile(&latencies, 0.99)).filter(|v| v.is_finite())
+    };
+    let rate = |k: usize| if step_s > 0.0 { k as f64 / step_s } else { 0.0 };
+    let arrivals_per_s = rate(n);
+    let limited_by = if n == 0 {
+        Some("no order was placed".to_string())
+    } else if let Some(p) = p99.filter(|p| *p > p99_limit_ms) {
+        Some(format!(
+            "completion p99 {p:.0} ms over the {p99_limit_ms:.0} ms limit"
+        ))
+    } else if p99.is_none() {
+        Some(format!(
+            "{stalled} of {n} orders did not end within {p99_limit_ms:.0} ms"
+        ))
+    } else if failed as f64 > n as f64 * 0.01 {
+        Some(format!("{failed} of {n} orders failed"))
+    } else if arrivals_per_s < offered_per_s * 0.9 {
+        Some(format!(
+            "arrivals fell behind: {arrivals_per_s:.0} of {offered_per_s:.0}/s placed"
+        ))
+    } else {
+        None
+    };
+    SaturationStep {
+        offered_per_s,
+        arrivals_per_s,
+        achieved_per_s: rate(completed),
+        orders: n,
+        completed,
+        failed,
+        stalled,
+        completion_p99_ms: p99,
+        sustainable: limited_by.is_none(),
+        limited_by,
+    }
+}
+
+/// The saturation scenario's result for one pattern.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saturation {
+    /// The completion latency p99 a sustainable step kept within, ms.
+    pub p99_limit_ms: f64,
+    /// The maximum sustainable throughput: the highest completed-orders rate of a
+    /// sustainable step, orders/s (0 when even the first step was not sustained).
+    pub max_sustainable_per_s: f64,
+    /// Every step run, in order; the last one is the first not sustained, unless the
+    /// steps ran out first.
+    pub steps: Vec<SaturationStep>,
+}
+
+/// The highest completed-orders rate among the sustainable `steps` (0 when none was).
+pub fn max_sustainable(steps: &[SaturationStep]) -> f64 {
+    steps
+        .iter()
+        .filter(|s| s.sustainable)
+        .map(|s| s.achieved_per_s)
+        .fold(0.0, f64::max)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -185,5 +378,122 @@ mod tests {
         assert_eq!(f.orders, 9);
         assert_eq!(f.success_rate, 4.0 / 9.0);
         assert_eq!(figures(&[], 1.0), Figures::default());
+    }
+
+    fn at(placed_at_s: f64, settled: Option<f64>, completed: bool) -> OrderRecord {
+        OrderRecord {
+            placed_at_s,
+            placement_ms: 1.0,
+            completion_ms: settled,
+            completed,
+            reason: (!completed && settled.is_some()).then(|| "payment unavailable".into()),
+            consistent_ms: settled.filter(|_| completed),
+        }
+    }
+
+    #[test]
+    fn percentiles_are_the_latency_cdf() {
+        let r: Vec<OrderRecord> = (1..=200)
+            .map(|i| rec(1.0, Some(f64::from(i)), None))
+            .chain([rec(1.0, None, Some("placing failed"))])
+            .collect();
+        let p = percentiles(&r);
+        assert_eq!(p.len(), 100);
+        assert_eq!(p[0], 2.0, "p1 of 1..=200");
+        assert_eq!(p[49], 100.0, "p50");
+        assert_eq!(p[99], 200.0, "p100");
+        assert!(p.windows(2).all(|w| w[0] <= w[1]));
+        assert!(percentiles(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_outage_is_caught_up_when_the_last_order_before_its_end_settled() {
+        // Outage from 1 s to 2 s. Settled: before it (0.5 s + 10 ms), during it (one
+        // completed 2,500 ms after placement at 1.5 s: settled 2 s after the end), one
+        // failed fast during it, one after it (ignored).
+        let r = vec![
+            at(0.5, Some(10.0), true),
+            at(1.5, Some(2_500.0), true),
+            at(1.6, Some(5.0), false),
+            at(2.5, Some(9_000.0), true),
+        ];
+        let o = outage_figures(&r, 1.0, 2.0);
+        assert_eq!(o.orders_during, 2);
+        assert_eq!(o.success_rate_during, 0.5);
+        assert_eq!(o.catch_up_ms, Some(2_000.0));
+        // Everything settled before the end: 0, not negative.
+        assert_eq!(outage_figures(&r[..1], 1.0, 2.0).catch_up_ms, Some(0.0));
+        // An order from before the end that never settled: never caught up.
+        let mut stuck = r.clone();
+        stuck.push(at(1.9, None, false));
+        assert_eq!(outage_figures(&stuck, 1.0, 2.0).catch_up_ms, None);
+        // A placement that failed settles when placing returned.
+        let refused = OrderRecord {
+            placement_ms: 300.0,
+            completion_ms: None,
+            reason: Some("payment unavailable".into()),
+            ..at(1.9, None, false)
+        };
+        assert_eq!(settled_ms(&refused), Some(300.0));
+        let o = outage_figures(&[refused], 1.0, 2.0);
+        assert!((o.catch_up_ms.unwrap() - 200.0).abs() < 1e-6, "{o:?}");
+        assert_eq!(outage_figures(&[], 1.0, 2.0).success_rate_during, 1.0);
+    }
+
+    #[test]
+    fn a_saturation_step_is_sustainable_within_the_limit_and_not_beyond() {
+        // 100 orders in 0.5 s at 200/s offered, all completed within 50 ms.
+        let ok: Vec<OrderRecord> = (0..100)
+            .map(|i| rec(1.0, Some(f64::from(i % 50)), None))
+            .collect();
+        let s = assess_step(&ok, 200.0, 0.5, 1_000.0);
+        assert!(s.sustainable, "{s:?}");
+        assert_eq!(
+            (s.orders, s.completed, s.failed, s.stalled),
+            (100, 100, 0, 0)
+        );
+        assert_eq!(s.achieved_per_s, 200.0);
+        assert_eq!(s.arrivals_per_s, 200.0);
+        assert_eq!(s.completion_p99_ms, Some(49.0));
+        // p99 over the limit.
+        let slow: Vec<OrderRecord> = (0..100)
+            .map(|i| rec(1.0, Some(if i < 95 { 10.0 } else { 1_500.0 }), None))
+            .collect();
+        let s = assess_step(&slow, 200.0, 0.5, 1_000.0);
+        assert!(!s.sustainable);
+        assert!(s.limited_by.as_deref().unwrap().contains("p99"), "{s:?}");
+        // Two of 100 never ended: the p99 is beyond the limit, unknown.
+        let mut stalled = ok.clone();
+        for r in &mut stalled[..2] {
+            r.completion_ms = None;
+            r.completed = false;
+            r.consistent_ms = None;
+        }
+        let s = assess_step(&stalled, 200.0, 0.5, 1_000.0);
+        assert_eq!(s.stalled, 2);
+        assert_eq!(s.completion_p99_ms, None);
+        assert!(!s.sustainable);
+        // Failures over 1 %.
+        let mut failing = ok.clone();
+        for r in &mut failing[..3] {
+            r.completed = false;
+            r.reason = Some("out of stock".into());
+        }
+        let s = assess_step(&failing, 200.0, 0.5, 1_000.0);
+        assert_eq!(s.failed, 3);
+        assert!(!s.sustainable, "{s:?}");
+        // The generator kept only half the offered rate.
+        let s = assess_step(&ok, 400.0, 0.5, 1_000.0);
+        assert!(!s.sustainable);
+        assert!(s.limited_by.as_deref().unwrap().contains("arrivals"));
+        assert!(!assess_step(&[], 100.0, 0.5, 1_000.0).sustainable);
+        // The max is the best sustainable achieved rate.
+        let steps = [
+            assess_step(&ok, 200.0, 0.5, 1_000.0),
+            assess_step(&ok, 100.0, 0.25, 1_000.0),
+            assess_step(&slow, 800.0, 0.125, 1_000.0),
+        ];
+        assert_eq!(max_sustainable(&steps), 400.0);
+        assert_eq!(max_sustainable(&steps[2..]), 0.0);
     }
 }

@@ -1,6 +1,9 @@
 //! The `shop` suite: orders placed through the Order service's public REST API, per
 //! pattern, by 64 concurrent clients against the whole shop in one process (embedded bus
-//! and stores, real HTTP and gRPC between the services).
+//! and stores, real HTTP and gRPC between the services) — `shop.<pattern>.*` — and, when
+//! nats-server and PostgreSQL are installed, the same with the bus on NATS JetStream and
+//! the stores on PostgreSQL (servers the suite starts on loopback ports) —
+//! `shop.nats_pg.<pattern>.*`.
 //!
 //! A client places an order (`POST /orders`) and then waits for its end
 //! (`GET /orders/{id}?wait=60s`; the sync pattern answers `POST` with the final order).
@@ -20,7 +23,7 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use shop::app::{AppConfig, ShopApp};
+use shop::app::{AppConfig, ShopApp, StoreBackend};
 use shop::model::Item;
 use shop::order::{NewOrder, Order, OrderStatus, Pattern};
 use tokio::net::TcpListener;
@@ -134,11 +137,73 @@ async fn one(
     Ok((placed.as_micros() as u64, done.as_micros() as u64))
 }
 
+/// Where a run's shop keeps its state.
+#[derive(Clone, Copy)]
+enum Backends<'a> {
+    /// The embedded bus and stores.
+    Embedded,
+    /// A NATS JetStream server and a PostgreSQL server (started by the suite): each run
+    /// gets its own namespace on NATS and its own database.
+    NatsPostgres(&'a DistributedServers),
+}
+
+/// The servers of the distributed runs.
+struct DistributedServers {
+    nats: switchyard_testkit::servers::NatsServer,
+    postgres: switchyard_testkit::servers::Postgres,
+    runs: std::sync::atomic::AtomicU32,
+}
+
+impl DistributedServers {
+    /// Starts both, or `None` when one is not installed (said on stderr).
+    fn start() -> Result<Option<Self>, BoxError> {
+        let Some(nats) = switchyard_testkit::servers::NatsServer::start()? else {
+            return Ok(None);
+        };
+        let Some(postgres) = switchyard_testkit::servers::Postgres::start()? else {
+            return Ok(None);
+        };
+        Ok(Some(DistributedServers {
+            nats,
+            postgres,
+            runs: std::sync::atomic::AtomicU32::new(0),
+        }))
+    }
+
+    /// A fresh namespace and database for one run: the app's config on them.
+    async fn config(&self, config: AppConfig) -> Result<AppConfig, BoxError> {
+        use sqlx::Connection;
+        let n = self.runs.fetch_add(1, Ordering::Relaxed);
+        let admin = self.postgres.url();
+        let mut conn = sqlx::PgConnection::connect(&admin).await?;
+        sqlx::query(&format!("CREATE DATABASE run{n}"))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        let db = format!("{}/run{n}", admin.trim_end_matches("/postgres"));
+        let mut bus = switchyard_nats::NatsConfig::new(self.nats.url());
+        bus.namespace = Some(format!("run{n}"));
+        Ok(config
+            .with_bus(Arc::new(switchyard_nats::NatsBus::new(bus)))
+            .with_store(StoreBackend::Postgres(db)))
+    }
+}
+
 /// `CLIENTS` closed-loop clients placing `pattern` orders for `secs` against a fresh shop
-/// whose data lives in a new directory under `data`.
-async fn run_pattern(pattern: Pattern, secs: f64, data: &std::path::Path) -> Result<Run, BoxError> {
+/// whose data lives in a new directory under `data` (and, distributed, on the servers).
+async fn run_pattern(
+    pattern: Pattern,
+    secs: f64,
+    data: &std::path::Path,
+    backends: Backends<'_>,
+) -> Result<Run, BoxError> {
     let dir = tempfile::tempdir_in(data)?.keep();
-    let app = ShopApp::start(AppConfig::new(&dir).with_patterns(&[pattern])).await?;
+    let config = AppConfig::new(&dir).with_patterns(&[pattern]);
+    let config = match backends {
+        Backends::Embedded => config,
+        Backends::NatsPostgres(servers) => servers.config(config).await?,
+    };
+    let app = ShopApp::start(config).await?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api = shop::api::start(
         app.desk().clone(),
@@ -221,58 +286,88 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    for pattern in Pattern::ALL {
-        let name = format!("shop.{}", pattern.figure_name());
-        if !s.selected(&name) {
-            continue;
+    // The same load on NATS JetStream + PostgreSQL (services in this process, talking
+    // through the servers), when both are installed.
+    let distributed = if Pattern::ALL
+        .iter()
+        .any(|p| s.selected(&format!("shop.nats_pg.{}", p.figure_name())))
+    {
+        DistributedServers::start()?
+    } else {
+        None
+    };
+    let mut variants = vec![("shop".to_string(), Backends::Embedded)];
+    if let Some(servers) = &distributed {
+        variants.push(("shop.nats_pg".to_string(), Backends::NatsPostgres(servers)));
+    }
+    for (prefix, backends) in variants {
+        for pattern in Pattern::ALL {
+            let name = format!("{prefix}.{}", pattern.figure_name());
+            if !s.selected(&name) {
+                continue;
+            }
+            let mut runs = Vec::new();
+            for i in 0..s.runs {
+                progress(&format!("{name} run {}/{}", i + 1, s.runs));
+                runs.push(run_pattern(pattern, s.secs, &data, backends).await?);
+            }
+            push_figures(
+                &mut figures,
+                &name,
+                &runs,
+                matches!(backends, Backends::Embedded),
+            );
         }
-        let mut runs = Vec::new();
-        for i in 0..s.runs {
-            progress(&format!("{name} run {}/{}", i + 1, s.runs));
-            runs.push(run_pattern(pattern, s.secs, &data).await?);
-        }
-        let col = |f: fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
-        figures.push(
-            Figure::from_runs(&format!("{name}.c64"), "orders/s", col(|r| r.per_sec))
-                .with_note(format!("{CLIENTS} clients, REST, completed orders")),
-        );
-        figures.push(Figure::from_runs(
-            &format!("{name}.placement.p50"),
-            "ms",
-            col(|r| r.placement_p50),
-        ));
-        figures.push(Figure::from_runs(
-            &format!("{name}.placement.p99"),
-            "ms",
-            col(|r| r.placement_p99),
-        ));
-        figures.push(Figure::from_runs(
-            &format!("{name}.completion.p50"),
-            "ms",
-            col(|r| r.completion_p50),
-        ));
-        figures.push(Figure::from_runs(
-            &format!("{name}.completion.p99"),
-            "ms",
-            col(|r| r.completion_p99),
-        ));
-        figures.push(
-            Figure::from_runs(
-                &format!("{name}.commits_per_order"),
-                "commits",
-                col(|r| r.commits_per_order),
-            )
-            .with_note("store commits, all six services"),
-        );
-        figures.push(
-            Figure::from_runs(
-                &format!("{name}.syncs_per_order"),
-                "syncs",
-                col(|r| r.syncs_per_order),
-            )
-            .with_note("store journal syncs + bus fdatasyncs"),
-        );
     }
     eprint!("\r\x1b[2K");
     Ok(figures)
+}
+
+/// The figures of one pattern's runs under `name` (`disk`: the embedded backends, whose
+/// commits and syncs are counted).
+fn push_figures(figures: &mut Vec<Figure>, name: &str, runs: &[Run], disk: bool) {
+    let col = |f: fn(&Run) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    figures.push(
+        Figure::from_runs(&format!("{name}.c64"), "orders/s", col(|r| r.per_sec))
+            .with_note(format!("{CLIENTS} clients, REST, completed orders")),
+    );
+    figures.push(Figure::from_runs(
+        &format!("{name}.placement.p50"),
+        "ms",
+        col(|r| r.placement_p50),
+    ));
+    figures.push(Figure::from_runs(
+        &format!("{name}.placement.p99"),
+        "ms",
+        col(|r| r.placement_p99),
+    ));
+    figures.push(Figure::from_runs(
+        &format!("{name}.completion.p50"),
+        "ms",
+        col(|r| r.completion_p50),
+    ));
+    figures.push(Figure::from_runs(
+        &format!("{name}.completion.p99"),
+        "ms",
+        col(|r| r.completion_p99),
+    ));
+    if !disk {
+        return;
+    }
+    figures.push(
+        Figure::from_runs(
+            &format!("{name}.commits_per_order"),
+            "commits",
+            col(|r| r.commits_per_order),
+        )
+        .with_note("store commits, all six services"),
+    );
+    figures.push(
+        Figure::from_runs(
+            &format!("{name}.syncs_per_order"),
+            "syncs",
+            col(|r| r.syncs_per_order),
+        )
+        .with_note("store journal syncs + bus fdatasyncs"),
+    );
 }

@@ -1,8 +1,9 @@
 //! `shop up` in the distributed mode: every service its own OS process (`shop serve
 //! <service>`, this same binary), `--replicas` instances of the ones asked for, all
 //! sharing the broker and the database of `--bus` / `--store`. The backing services
-//! start first on free ports; the Order service then gets their URLs as its registry
-//! (several per name with replicas: its client balances over them). Ctrl-C or SIGTERM
+//! start first on free ports and register there in the registry on NATS; the Order
+//! service finds them through it (several per name with replicas: its client balances
+//! over them). Ctrl-C or SIGTERM
 //! stops every process (SIGTERM by pid, then a wait).
 
 use std::collections::BTreeMap;
@@ -175,18 +176,11 @@ pub async fn up(c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError
                 }
             }
         }
-        let registry: Vec<String> = registry
-            .iter()
-            .map(|(name, urls)| format!("{name}={}", urls.join(",")))
-            .collect();
+        // The Order service finds them in the registry on NATS, where each registered.
+        tracing::info!(?registry, "backing services started");
         let rest = c.addr(0)?.to_string();
         let grpc = c.addr(1)?.to_string();
-        let extra = [
-            "--registry".to_string(),
-            registry.join(";"),
-            "--grpc-listen".to_string(),
-            grpc,
-        ];
+        let extra = ["--grpc-listen".to_string(), grpc];
         let (order, urls) = start(&exe, &c, "order", &rest, &extra).await?;
         running.push(order);
         services.splice(0..0, urls);

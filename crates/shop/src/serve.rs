@@ -33,6 +33,7 @@ use std::sync::Arc;
 use switchyard::Bus;
 use switchyard::store::Store;
 use switchyard_embedded::EmbeddedBus;
+use switchyard_nats::registry::{NatsRegistry, RegistryConfig};
 use switchyard_rpc::registry::{Registry, RegistryConfigError, StaticRegistry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -104,6 +105,9 @@ pub enum StartError {
         ORDER_NEEDS.join(", ")
     )]
     NoRegistry,
+    /// The registry on NATS could not be reached.
+    #[error("the service registry on NATS failed: {0}")]
+    NatsRegistry(#[source] switchyard_nats::registry::RegistryError),
     /// The registry does not parse.
     #[error("--registry: {0}")]
     Registry(#[from] RegistryConfigError),
@@ -195,12 +199,15 @@ pub fn patterns_to_run(config: &ServeConfig) -> Result<(Vec<Pattern>, Vec<Patter
 
 /// The registry of the Order service: `--registry`, naming every service in
 /// [`ORDER_NEEDS`].
-pub fn order_registry(config: &ServeConfig) -> Result<StaticRegistry, StartError> {
-    let text = config
-        .registry
-        .as_deref()
-        .filter(|r| !r.trim().is_empty())
-        .ok_or(StartError::NoRegistry)?;
+pub fn order_registry(config: &ServeConfig) -> Result<Option<StaticRegistry>, StartError> {
+    let given = config.registry.as_deref().filter(|r| !r.trim().is_empty());
+    let Some(text) = given else {
+        // On NATS the services find each other through the registry there.
+        return match BusBackend::parse(&config.bus) {
+            Some(BusBackend::Nats(_)) => Ok(None),
+            _ => Err(StartError::NoRegistry),
+        };
+    };
     let registry = StaticRegistry::parse(text)?;
     let missing: Vec<&'static str> = ORDER_NEEDS
         .into_iter()
@@ -209,7 +216,14 @@ pub fn order_registry(config: &ServeConfig) -> Result<StaticRegistry, StartError
     if !missing.is_empty() {
         return Err(StartError::MissingServices { missing });
     }
-    Ok(registry)
+    Ok(Some(registry))
+}
+
+/// The service registry on the NATS server at `url` (a KV bucket with TTL heartbeats).
+async fn nats_registry(url: &str) -> Result<NatsRegistry, StartError> {
+    NatsRegistry::connect(RegistryConfig::new(url))
+        .await
+        .map_err(StartError::NatsRegistry)
 }
 
 /// The Order service's gRPC address: `--grpc-listen`, else `--listen`'s port + 1 (or
@@ -296,7 +310,12 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
         }
         BusBackend::Nats(url) => BusBackend::nats(url),
     };
+    let nats = match &bus_backend {
+        BusBackend::Nats(url) => Some(url.clone()),
+        BusBackend::Embedded => None,
+    };
     let parts = Parts {
+        nats,
         dir,
         stores,
         store,
@@ -320,7 +339,8 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
 /// or a backing service (built over its store once open) and its listener.
 enum Role {
     Order {
-        registry: StaticRegistry,
+        /// `--registry`, else (on NATS) the registry there.
+        registry: Option<StaticRegistry>,
         rest: TcpListener,
         grpc: TcpListener,
     },
@@ -332,6 +352,8 @@ enum Role {
 
 /// What every service's process opens first.
 struct Parts {
+    /// The NATS server, when the bus is there (and so the registry).
+    nats: Option<String>,
     dir: PathBuf,
     stores: Stores,
     store: Arc<dyn Store>,
@@ -346,6 +368,7 @@ async fn serve_backing(
     shutdown: Shutdown,
 ) -> Result<Launched, StartError> {
     let Parts {
+        nats,
         dir,
         stores,
         store,
@@ -358,6 +381,18 @@ async fn serve_backing(
         .start(&bus, &dir, listener, tasks.servers_stopped())
         .await?;
     let info = ServiceInfo::new(name, &running.url, service.protocol());
+    // On NATS, announce this instance; the entry goes when it stops (or, if it dies,
+    // when its heartbeats stop for the registry's TTL).
+    let registration = match &nats {
+        Some(url) => Some(
+            nats_registry(url)
+                .await?
+                .register(name, &running.url)
+                .await
+                .map_err(StartError::NatsRegistry)?,
+        ),
+        None => None,
+    };
     let faults = running.faults.clone();
     tasks.add_server(name, running);
     if let Some(router) = service.router(&bus, &dir, &patterns, &faults) {
@@ -370,6 +405,11 @@ async fn serve_backing(
         services: vec![info],
         stopped: Box::pin(async move {
             shutdown.await;
+            if let Some(registration) = registration
+                && let Err(e) = registration.stop().await
+            {
+                tracing::warn!(service = name, error = %e, "leaving the registry failed; the entry expires after its TTL");
+            }
             tasks.stop().await;
             wiring::close(None, bus, stores)
                 .await
@@ -379,26 +419,32 @@ async fn serve_backing(
 }
 
 async fn serve_order(
-    registry: StaticRegistry,
+    registry: Option<StaticRegistry>,
     rest: TcpListener,
     grpc: TcpListener,
     parts: Parts,
     shutdown: Shutdown,
 ) -> Result<Launched, StartError> {
     let Parts {
+        nats,
         dir,
         stores,
         store,
         bus,
         patterns,
     } = parts;
+    let registry: Arc<dyn Registry> = match (registry, &nats) {
+        (Some(r), _) => Arc::new(r),
+        (None, Some(url)) => Arc::new(nats_registry(url).await?),
+        (None, None) => return Err(StartError::NoRegistry),
+    };
     // The same client settings, reply timeout and stall limit as `shop up`.
     let defaults = AppConfig::new(&dir);
     let mut tasks = Tasks::new();
     let order = OrderService::build(
         store.clone(),
         &bus,
-        Arc::new(registry),
+        registry,
         &OrderSettings {
             client: defaults.client,
             request_timeout: defaults.request_timeout,

@@ -212,7 +212,7 @@ impl api::Admin for AppAdmin {
 
 /// The invariant report as the Order API shows it: one line per invariant, then the
 /// orders in flight with their ages.
-fn to_api_report(r: &crate::check::CheckReport) -> CheckReport {
+pub(crate) fn to_api_report(r: &crate::check::CheckReport) -> CheckReport {
     let kinds = [
         ("stock", "stock conserved per SKU, never negative"),
         ("charge", "every completed order charged exactly once"),

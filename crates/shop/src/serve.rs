@@ -316,6 +316,7 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
     };
     let parts = Parts {
         nats,
+        store_backend: store_backend.clone(),
         dir,
         stores,
         store,
@@ -354,6 +355,8 @@ enum Role {
 struct Parts {
     /// The NATS server, when the bus is there (and so the registry).
     nats: Option<String>,
+    /// Where the stores live.
+    store_backend: StoreBackend,
     dir: PathBuf,
     stores: Stores,
     store: Arc<dyn Store>,
@@ -369,6 +372,7 @@ async fn serve_backing(
 ) -> Result<Launched, StartError> {
     let Parts {
         nats,
+        store_backend: _,
         dir,
         stores,
         store,
@@ -427,6 +431,7 @@ async fn serve_order(
 ) -> Result<Launched, StartError> {
     let Parts {
         nats,
+        store_backend,
         dir,
         stores,
         store,
@@ -462,10 +467,18 @@ async fn serve_order(
     order.spawn_background(&mut tasks, &monitor, defaults.stall_after);
     order.resume_accepted().await?;
 
+    // With the stores in one database the Order process can read every service's schema,
+    // so `shop check` works against it; with embedded stores it cannot.
+    let admin: Arc<dyn api::Admin> = match &store_backend {
+        StoreBackend::Postgres(url) => {
+            Arc::new(DatabaseAdmin::connect(url, order.book.clone(), &dir).await?)
+        }
+        StoreBackend::Embedded => Arc::new(NoAdmin),
+    };
     let (stop_api, api_stopped) = watch::channel(false);
     let api = api::start(
         order.desk.clone(),
-        Arc::new(NoAdmin),
+        admin,
         rest,
         grpc,
         wiring::stopped(&api_stopped),
@@ -488,6 +501,66 @@ async fn serve_order(
             closed.map_err(|e| e.to_string())
         }),
     })
+}
+
+/// The operator endpoints of an Order process whose services' stores are schemas of
+/// one PostgreSQL database: `check` reads every schema (the services' own processes keep
+/// writing meanwhile, so an order may be counted in flight); the rest is not wired here.
+struct DatabaseAdmin {
+    book: crate::order::OrderBook,
+    services: crate::app::Services,
+}
+
+impl DatabaseAdmin {
+    async fn connect(
+        url: &str,
+        book: crate::order::OrderBook,
+        dir: &std::path::Path,
+    ) -> Result<Self, StartError> {
+        let open = |service: &'static str| async move {
+            let mut config = switchyard_postgres::PgStoreConfig::new(url, service);
+            // Reads for the operator only: few connections (the services' own processes
+            // hold theirs; the server's limit is shared).
+            config.max_connections = 2;
+            switchyard_postgres::PgStore::connect(config)
+                .await
+                .map(|s| Arc::new(s) as Arc<dyn Store>)
+                .map_err(|source| StartError::App(AppError::Postgres { service, source }))
+        };
+        Ok(DatabaseAdmin {
+            book,
+            services: crate::app::Services {
+                inventory: Inventory::new(open(crate::services::inventory::SERVICE).await?),
+                payments: crate::services::payment::Payments::new(
+                    open(crate::services::payment::SERVICE).await?,
+                ),
+                shipping: crate::services::shipping::Shipping::new(
+                    open(crate::services::shipping::SERVICE).await?,
+                ),
+                notifier: crate::services::notification::Notifier::new(
+                    open(crate::services::notification::SERVICE).await?,
+                    dir.to_path_buf(),
+                ),
+                analytics: crate::services::analytics::Analytics::new(
+                    open(crate::services::analytics::SERVICE).await?,
+                ),
+            },
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl api::Admin for DatabaseAdmin {
+    async fn check(&self) -> Result<api::CheckReport, api::AdminError> {
+        let report = crate::check::check_parts(
+            &self.book,
+            &self.services,
+            &crate::model::Catalog::standard(),
+        )
+        .await
+        .map_err(|e| api::AdminError::Failed(e.to_string()))?;
+        Ok(crate::launch::to_api_report(&report))
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,8 @@ pub struct PgStoreConfig {
     pub schema: String,
     /// Connections this instance may hold (sqlx pool `max_connections`). Every commit and
     /// every read holds one for its duration; size it to the handler concurrency, and keep
-    /// the sum over all instances below the server's `max_connections` (100 by default).
+    /// the sum over all instances below the server's `max_connections` (100 by default:
+    /// the six shop services with three replicas of one already hold up to 64).
     pub max_connections: u32,
     /// How long a call waits for a free connection before failing with
     /// [`Error::Unavailable`](switchyard::Error::Unavailable).
@@ -24,12 +25,12 @@ pub struct PgStoreConfig {
 }
 
 impl PgStoreConfig {
-    /// Defaults: 16 connections, 10 s acquire timeout, 10 s outbox claim lease.
+    /// Defaults: 8 connections, 10 s acquire timeout, 10 s outbox claim lease.
     pub fn new(url: impl Into<String>, schema: impl Into<String>) -> Self {
         PgStoreConfig {
             url: url.into(),
             schema: schema.into(),
-            max_connections: 16,
+            max_connections: 8,
             acquire_timeout: Duration::from_secs(10),
             claim_lease: Duration::from_secs(10),
         }

@@ -407,6 +407,12 @@ async fn six_processes_on_nats_and_postgres_run_every_pattern_and_survive_a_kill
         ended.values().filter(|s| *s == "never accepted").count()
     );
     assert!(completed > BATCH / 2, "{ended:?}");
+    // `shop check` against the Order process, which reads every service's schema: stock
+    // conserved, every completed order charged once, nothing kept for a failed one.
+    // (One query per order and service: over a minute for a debug build on a busy
+    // machine.)
+    let o = shop_cli(&rest, &["--timeout", "300s", "check"]).await;
+    assert_eq!(o.status.code(), Some(0), "shop check: {}", out(&o));
 
     stop_child(order, "serve order");
     for (name, child) in backing {

@@ -115,6 +115,45 @@ impl BusBackend {
     }
 }
 
+/// `url` with its database name replaced by `database` (the query string kept).
+fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let host_start = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[host_start..].find('/') {
+        Some(slash) => &base[..host_start + slash],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// Creates database `name` on the server of `url` (the role needs `CREATEDB`); returns
+/// the URL of the new database. For runs that need a database of their own (the lab).
+pub(crate) async fn create_database(url: &str, name: &str) -> Result<String, sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(with_database(url, name))
+}
+
+/// Drops database `name` on the server of `url` (its sessions ended first).
+pub(crate) async fn drop_database(url: &str, name: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await
+}
+
 /// One open store.
 enum OpenStore {
     Embedded(PathBuf, EmbeddedStore),
@@ -199,6 +238,24 @@ pub(crate) fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + 
     let mut rx = rx.clone();
     async move {
         let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn database_names_are_replaced() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/shop", "run1"),
+            "postgres://u:p@h:5432/run1"
+        );
+        assert_eq!(
+            with_database("postgres://u@h/shop?sslmode=disable", "run1"),
+            "postgres://u@h/run1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "run1"), "postgres://h/run1");
     }
 }
 

@@ -56,6 +56,13 @@ pub struct LabArgs {
     /// Saturation: the completion latency p99 a sustainable step keeps within.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub p99_limit: Duration,
+    /// The bus: embedded, or nats://host:4222 (each run in its own namespace there).
+    #[arg(long, default_value = "embedded")]
+    pub bus: String,
+    /// The stores: embedded, or postgres://… (each run in a database of its own, created
+    /// and dropped by the lab: the role needs CREATEDB).
+    #[arg(long, default_value = "embedded")]
+    pub store: String,
 }
 
 /// What `results.json` holds (see `docs/lab-results.schema.json`).
@@ -135,6 +142,18 @@ pub fn config(a: &LabArgs) -> Result<LabConfig, CliError> {
         }
         c.breaker_open_for = d;
     }
+    c.bus = crate::app::BusBackend::parse(&a.bus).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--bus {}: give embedded or nats://host:port",
+            a.bus
+        ))
+    })?;
+    c.store = crate::app::StoreBackend::parse(&a.store).ok_or_else(|| {
+        CliError::Usage(format!(
+            "--store {}: give embedded or postgres://user@host:port/db",
+            a.store
+        ))
+    })?;
     Ok(c)
 }
 

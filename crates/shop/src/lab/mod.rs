@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use switchyard::Timestamp;
 
-use crate::app::{AppConfig, AppError, ShopApp};
+use crate::app::{AppConfig, AppError, BusBackend, ShopApp, StoreBackend};
 use crate::check::check;
 use crate::faults::FaultConfig;
 use crate::model::{Item, TOPICS};
@@ -140,6 +140,29 @@ pub struct LabConfig {
     pub breaker_open_for: Duration,
     /// The saturation scenario's steps.
     pub saturation: SaturationConfig,
+    /// The bus every run's shop uses (`embedded`, or NATS: each run in its own
+    /// namespace on the server). Recorded as its kind only.
+    #[serde(serialize_with = "bus_kind")]
+    pub bus: BusBackend,
+    /// Where every run's stores live (`embedded`, or PostgreSQL: each run in a database
+    /// of its own, created and dropped by the lab). Recorded as its kind only (no URL,
+    /// no password in results.json).
+    #[serde(serialize_with = "store_kind")]
+    pub store: StoreBackend,
+}
+
+fn bus_kind<S: serde::Serializer>(b: &BusBackend, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match b {
+        BusBackend::Embedded => "embedded",
+        BusBackend::Nats(_) => "nats",
+    })
+}
+
+fn store_kind<S: serde::Serializer>(b: &StoreBackend, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match b {
+        StoreBackend::Embedded => "embedded",
+        StoreBackend::Postgres(_) => "postgres",
+    })
 }
 
 impl LabConfig {
@@ -164,6 +187,8 @@ impl LabConfig {
                 step_for: Duration::from_secs(3),
                 p99_limit: Duration::from_secs(1),
             },
+            bus: BusBackend::Embedded,
+            store: StoreBackend::Embedded,
         }
     }
 
@@ -295,6 +320,9 @@ pub enum LabError {
     /// Reading a service's records failed.
     #[error("reading the shop's records failed: {0}")]
     Read(String),
+    /// A run's database could not be created on the PostgreSQL server.
+    #[error("creating a run's database failed: {0}; the --store role needs CREATEDB")]
+    Database(String),
 }
 
 /// Runs every (pattern, scenario) of `config` in turn; `progress` hears about each run
@@ -404,6 +432,24 @@ async fn run_one(
     let wall = Instant::now();
     let mut app_config = AppConfig::new(&dir).with_patterns(&[pattern]);
     app_config.client.breaker.open_for = config.breaker_open_for;
+    // Distributed: a fresh namespace on NATS and a fresh database for this run, so no
+    // run sees another's streams, consumers or rows.
+    let fresh = format!("lab{}x{index}", Timestamp::now().unix_micros());
+    if let BusBackend::Nats(url) = &config.bus {
+        let mut bus = switchyard_nats::NatsConfig::new(url.clone());
+        bus.namespace = Some(fresh.clone());
+        app_config = app_config.with_bus(Arc::new(switchyard_nats::NatsBus::new(bus)));
+    }
+    let database = match &config.store {
+        StoreBackend::Postgres(url) => {
+            let db = crate::wiring::create_database(url, &fresh)
+                .await
+                .map_err(|e| LabError::Database(e.to_string()))?;
+            app_config = app_config.with_store(StoreBackend::Postgres(db));
+            Some(url.clone())
+        }
+        StoreBackend::Embedded => None,
+    };
     let app = Arc::new(ShopApp::start(app_config).await?);
     finish_removal(removal).await;
     let started = Instant::now();
@@ -495,6 +541,11 @@ async fn run_one(
                 "the shop is still in use after the run".into(),
             ));
         }
+    }
+    if let Some(url) = database
+        && let Err(e) = crate::wiring::drop_database(&url, &fresh).await
+    {
+        tracing::warn!(database = %fresh, error = %e, "could not drop a lab run's database");
     }
     // Where a run's time goes (RUST_LOG=shop::lab=debug).
     tracing::debug!(

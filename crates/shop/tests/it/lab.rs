@@ -288,7 +288,8 @@ fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
             "patterns": ["sync"], "scenarios": ["baseline"], "run_for": 1.0, "outage": 0.5,
             "concurrency": 8, "seed": 1, "data_dir": null, "breaker_open_for": 0.5,
             "saturation": {"start_per_s": 100.0, "factor": 2.0, "max_steps": 7,
-                           "step_for": 0.4, "p99_limit": 1.0}
+                           "step_for": 0.4, "p99_limit": 1.0},
+            "bus": "embedded", "store": "embedded"
         },
         "runs": []
     });
@@ -296,6 +297,12 @@ fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
     let mut extra = valid.clone();
     extra["machine"]["gpu"] = serde_json::json!("none");
     assert!(schemas.validate(&extra, index).is_err(), "unknown field");
+    let mut url = valid.clone();
+    url["settings"]["store"] = serde_json::json!("postgres://shop:secret@db/shop");
+    assert!(
+        schemas.validate(&url, index).is_err(),
+        "a store URL is not recorded"
+    );
     let mut wrong = valid.clone();
     wrong["settings"]["seed"] = serde_json::json!("one");
     assert!(schemas.validate(&wrong, index).is_err(), "wrong type");
@@ -304,5 +311,56 @@ fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
     assert!(
         schemas.validate(&pattern, index).is_err(),
         "unknown pattern"
+    );
+}
+
+/// The lab in the distributed mode: every run's shop on a real nats-server (its own
+/// namespace) and PostgreSQL (a database of its own, dropped after the run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lab_runs_on_nats_and_postgres() {
+    let Some(nats) = switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
+    else {
+        return;
+    };
+    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = LabConfig {
+        patterns: vec![Pattern::Sync, Pattern::Choreography],
+        scenarios: vec![Scenario::Baseline, Scenario::DependencyDown],
+        data_dir: Some(dir.path().to_path_buf()),
+        bus: shop::app::BusBackend::Nats(nats.url()),
+        store: shop::app::StoreBackend::Postgres(pg.url()),
+        ..LabConfig::quick(7)
+    };
+    let results = lab::run(&config, |_, _, _, _| {}).await.unwrap();
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        assert!(
+            r.invariants_hold,
+            "{:?}/{:?}: {:?}",
+            r.pattern, r.scenario, r.violations
+        );
+        assert!(r.figures.orders > 0, "{r:?}");
+        assert_eq!(r.stuck, 0, "{r:?}");
+    }
+    // The choreography keeps taking orders while Payment is down; sync does not.
+    let sync = find(&results, Pattern::Sync, Scenario::DependencyDown);
+    let choreo = find(&results, Pattern::Choreography, Scenario::DependencyDown);
+    assert!(
+        sync.figures.success_rate < choreo.figures.success_rate,
+        "sync {} vs choreography {}",
+        sync.figures.success_rate,
+        choreo.figures.success_rate
+    );
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(
+        (json["bus"].as_str(), json["store"].as_str()),
+        (Some("nats"), Some("postgres"))
+    );
+    assert!(
+        !json.to_string().contains("postgres://"),
+        "no URL in the results"
     );
 }

@@ -172,15 +172,8 @@ impl DistributedServers {
 
     /// A fresh namespace and database for one run: the app's config on them.
     async fn config(&self, config: AppConfig) -> Result<AppConfig, BoxError> {
-        use sqlx::Connection;
         let n = self.runs.fetch_add(1, Ordering::Relaxed);
-        let admin = self.postgres.url();
-        let mut conn = sqlx::PgConnection::connect(&admin).await?;
-        sqlx::query(&format!("CREATE DATABASE run{n}"))
-            .execute(&mut conn)
-            .await?;
-        conn.close().await?;
-        let db = format!("{}/run{n}", admin.trim_end_matches("/postgres"));
+        let db = shop::app::create_database(&self.postgres.url(), &format!("run{n}")).await?;
         let mut bus = switchyard_nats::NatsConfig::new(self.nats.url());
         bus.namespace = Some(format!("run{n}"));
         Ok(config

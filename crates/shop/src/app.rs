@@ -58,7 +58,7 @@ use crate::services::notification::{self, Notifier};
 use crate::services::payment::{self, Payments};
 use crate::services::shipping::{self, Shipping};
 use crate::wiring::{self, Backing, OrderService, OrderSettings, Stores, Tasks};
-pub use crate::wiring::{BusBackend, StoreBackend};
+pub use crate::wiring::{BusBackend, StoreBackend, create_database, drop_database};
 
 /// The ports of the five backing servers on 127.0.0.1 (0: any free port).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -134,7 +134,7 @@ fn with_database(url: &str, database: &str) -> String {
 
 /// Creates database `name` on the server of `url` (the role needs `CREATEDB`); returns
 /// the URL of the new database. For runs that need a database of their own (the lab).
-pub(crate) async fn create_database(url: &str, name: &str) -> Result<String, sqlx::Error> {
+pub async fn create_database(url: &str, name: &str) -> Result<String, sqlx::Error> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await?;
     sqlx::query(&format!("CREATE DATABASE \"{name}\""))
@@ -145,7 +145,7 @@ pub(crate) async fn create_database(url: &str, name: &str) -> Result<String, sql
 }
 
 /// Drops database `name` on the server of `url` (its sessions ended first).
-pub(crate) async fn drop_database(url: &str, name: &str) -> Result<(), sqlx::Error> {
+pub async fn drop_database(url: &str, name: &str) -> Result<(), sqlx::Error> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await?;
     sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))

@@ -54,6 +54,14 @@ enum Suite {
         /// Sagas to hold in flight.
         n: u64,
     },
+    /// Internal: the `shop` command line (`shop-process serve payment …`): the service
+    /// processes of the `shop.processes.*` figures, this same binary.
+    #[command(hide = true)]
+    ShopProcess {
+        /// The shop's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Internal: consume a backlog in a fresh process and print its peak RSS.
     #[command(hide = true)]
     BacklogChild {
@@ -138,6 +146,14 @@ fn print(args: &Args, figures: &[report::Figure]) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Suite::ShopProcess { args } = cli.suite {
+        // A service process of the multi-process shop: the shop's own main (its runtime,
+        // its logs).
+        return ::shop::cli::main_from(
+            std::iter::once(std::ffi::OsString::from("shop")).chain(args),
+            Some(&::shop::launch::AppLauncher),
+        );
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -233,6 +249,7 @@ fn main() -> std::process::ExitCode {
             }
             Suite::SagaInflightChild { dir, n } => saga::inflight_child(&dir, n).await,
             Suite::BacklogChild { dir, n } => bus::backlog_child(&dir, n).await,
+            Suite::ShopProcess { .. } => Err("shop-process is handled before the runtime".into()),
         }
     });
     match result {

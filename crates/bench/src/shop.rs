@@ -2,8 +2,10 @@
 //! pattern, by 64 concurrent clients against the whole shop in one process (embedded bus
 //! and stores, real HTTP and gRPC between the services) — `shop.<pattern>.*` — and, when
 //! nats-server and PostgreSQL are installed, the same with the bus on NATS JetStream and
-//! the stores on PostgreSQL (servers the suite starts on loopback ports) —
-//! `shop.nats_pg.<pattern>.*`.
+//! the stores on PostgreSQL (servers the suite starts on loopback ports), first with every
+//! service in this process talking through the servers — `shop.nats_pg.<pattern>.*` —
+//! then with every service its own OS process, as `shop up --bus nats://… --store
+//! postgres://…` runs them — `shop.processes.<pattern>.*`.
 //!
 //! A client places an order (`POST /orders`) and then waits for its end
 //! (`GET /orders/{id}?wait=60s`; the sync pattern answers `POST` with the final order).
@@ -145,6 +147,9 @@ enum Backends<'a> {
     /// A NATS JetStream server and a PostgreSQL server (started by the suite): each run
     /// gets its own namespace on NATS and its own database.
     NatsPostgres(&'a DistributedServers),
+    /// The same servers, every service its own OS process (each run its own nats-server
+    /// and database).
+    Processes(&'a DistributedServers),
 }
 
 /// The servers of the distributed runs.
@@ -195,6 +200,7 @@ async fn run_pattern(
     let config = match backends {
         Backends::Embedded => config,
         Backends::NatsPostgres(servers) => servers.config(config).await?,
+        Backends::Processes(servers) => return run_processes(pattern, secs, &dir, servers).await,
     };
     let app = ShopApp::start(config).await?;
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -208,16 +214,124 @@ async fn run_pattern(
         },
     )
     .await?;
-    let base = Arc::new(api.rest_url.clone());
+    let http = http_client();
+    warm_up(&http, &api.rest_url, pattern).await?;
+    let disk_before = app.disk_stats();
+    let load = load(&http, &api.rest_url, pattern, secs).await?;
+    let disk = app.disk_stats() - disk_before;
+    let _ = stop_api.send(());
+    api.join().await?;
+    app.shutdown().await?;
+    let orders = load.completion.len().max(1) as f64;
+    Ok(load.run(
+        disk.store_commits as f64 / orders,
+        (disk.store_syncs + disk.bus_syncs) as f64 / orders,
+    ))
+}
+
+/// The multi-process variant: `shop up --bus nats://… --store postgres://…` as this
+/// binary would run it — every service its own process (this binary's hidden
+/// `shop-process` command), on a nats-server of the run's own (the services' registry
+/// and streams start empty) and a fresh database.
+async fn run_processes(
+    pattern: Pattern,
+    secs: f64,
+    dir: &std::path::Path,
+    servers: &DistributedServers,
+) -> Result<Run, BoxError> {
+    let nats = switchyard_testkit::servers::NatsServer::start()?
+        .ok_or("nats-server is no longer installed")?;
+    let n = servers.runs.fetch_add(1, Ordering::Relaxed);
+    let store =
+        shop::app::create_database(&servers.postgres.url(), &format!("processes{n}")).await?;
+    let config = shop::cli::up::UpConfig {
+        data_dir: dir.to_path_buf(),
+        host: "127.0.0.1".into(),
+        port: 0,
+        patterns: vec![pattern],
+        bus: nats.url(),
+        store,
+        demo: false,
+        replicas: Vec::new(),
+    };
+    let command = shop::processes::ServiceCommand {
+        program: std::env::current_exe()?,
+        prefix: vec!["shop-process".into()],
+        env: vec![("RUST_LOG".into(), "warn".into())],
+        echo: shop::processes::Echo::Stderr,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let launched = shop::processes::up_with(
+        command,
+        config,
+        Box::pin(async move {
+            let _ = stopped.await;
+        }),
+    )
+    .await?;
+    let base = launched
+        .services
+        .iter()
+        .find(|s| s.name == shop::api::SERVICE)
+        .map(|s| s.url.clone())
+        .ok_or("the order process printed no REST URL")?;
+    let http = http_client();
+    let measured = async {
+        warm_up(&http, &base, pattern).await?;
+        load(&http, &base, pattern, secs).await
+    }
+    .await;
+    let _ = stop.send(());
+    launched.stopped.await?;
+    drop(nats);
+    Ok(measured?.run(f64::NAN, f64::NAN))
+}
+
+fn http_client() -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let http: HttpClient = Client::builder(TokioExecutor::new()).build(connector);
-    // Warm up: connections, caches, the first sagas.
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Warm-up: connections, caches, the first sagas.
+async fn warm_up(http: &HttpClient, base: &str, pattern: Pattern) -> Result<(), BoxError> {
     for n in 0..20 {
-        one(&http, &base, pattern, n).await?;
+        one(http, base, pattern, n).await?;
     }
+    Ok(())
+}
+
+/// What the closed loop measured.
+struct Load {
+    elapsed: f64,
+    placement: Histogram<u64>,
+    completion: Histogram<u64>,
+}
+
+impl Load {
+    fn run(&self, commits_per_order: f64, syncs_per_order: f64) -> Run {
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        Run {
+            per_sec: self.completion.len() as f64 / self.elapsed,
+            placement_p50: ms(&self.placement, 0.5),
+            placement_p99: ms(&self.placement, 0.99),
+            completion_p50: ms(&self.completion, 0.5),
+            completion_p99: ms(&self.completion, 0.99),
+            commits_per_order,
+            syncs_per_order,
+        }
+    }
+}
+
+/// `CLIENTS` closed-loop clients placing `pattern` orders at `base` for `secs`.
+async fn load(
+    http: &HttpClient,
+    base: &str,
+    pattern: Pattern,
+    secs: f64,
+) -> Result<Load, BoxError> {
+    let base = Arc::new(base.to_string());
     let stop = Arc::new(AtomicBool::new(false));
-    let disk_before = app.disk_stats();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS as u64 {
@@ -244,21 +358,10 @@ async fn run_pattern(
         placement.add(p)?;
         completion.add(c)?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let disk = app.disk_stats() - disk_before;
-    let orders = completion.len().max(1) as f64;
-    let _ = stop_api.send(());
-    api.join().await?;
-    app.shutdown().await?;
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    Ok(Run {
-        per_sec: completion.len() as f64 / elapsed,
-        placement_p50: ms(&placement, 0.5),
-        placement_p99: ms(&placement, 0.99),
-        completion_p50: ms(&completion, 0.5),
-        completion_p99: ms(&completion, 0.99),
-        commits_per_order: disk.store_commits as f64 / orders,
-        syncs_per_order: (disk.store_syncs + disk.bus_syncs) as f64 / orders,
+    Ok(Load {
+        elapsed: started.elapsed().as_secs_f64(),
+        placement,
+        completion,
     })
 }
 
@@ -281,10 +384,11 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     };
     // The same load on NATS JetStream + PostgreSQL (services in this process, talking
     // through the servers), when both are installed.
-    let distributed = if Pattern::ALL
-        .iter()
-        .any(|p| s.selected(&format!("shop.nats_pg.{}", p.figure_name())))
-    {
+    let distributed = if Pattern::ALL.iter().any(|p| {
+        ["shop.nats_pg", "shop.processes"]
+            .iter()
+            .any(|prefix| s.selected(&format!("{prefix}.{}", p.figure_name())))
+    }) {
         DistributedServers::start()?
     } else {
         None
@@ -292,6 +396,7 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     let mut variants = vec![("shop".to_string(), Backends::Embedded)];
     if let Some(servers) = &distributed {
         variants.push(("shop.nats_pg".to_string(), Backends::NatsPostgres(servers)));
+        variants.push(("shop.processes".to_string(), Backends::Processes(servers)));
     }
     for (prefix, backends) in variants {
         for pattern in Pattern::ALL {

@@ -115,6 +115,15 @@ pub enum AdminError {
     /// answers it (e.g. no orchestration pattern, so no sagas).
     #[error("`{0}` is not available in this shop (it is not wired to the running app)")]
     NotWired(&'static str),
+    /// This process cannot answer the operation in the way it runs (501): `how` says
+    /// what to run instead.
+    #[error("`{what}` is not available from this process: {how}")]
+    NotHere {
+        /// The operation.
+        what: &'static str,
+        /// How to run the shop so that it is.
+        how: &'static str,
+    },
     /// The request is invalid (422): the field and why.
     #[error(transparent)]
     Invalid(#[from] Invalid),
@@ -192,13 +201,15 @@ impl ApiError {
                 tracing::error!(error = %e, "order store failed");
                 unavailable(self.to_string())
             }
-            ApiError::Admin(AdminError::NotWired(what)) => Problem::new(
-                problems::NOT_WIRED,
-                StatusCode::NOT_IMPLEMENTED,
-                "Not available",
-            )
-            .with_detail(self.to_string())
-            .with("operation", *what),
+            ApiError::Admin(AdminError::NotWired(what) | AdminError::NotHere { what, .. }) => {
+                Problem::new(
+                    problems::NOT_WIRED,
+                    StatusCode::NOT_IMPLEMENTED,
+                    "Not available",
+                )
+                .with_detail(self.to_string())
+                .with("operation", *what)
+            }
             ApiError::Admin(AdminError::Failed(e)) => {
                 tracing::error!(error = %e, "operator endpoint failed");
                 unavailable(self.to_string())
@@ -223,7 +234,7 @@ impl ApiError {
             | ApiError::Admin(AdminError::Failed(_)) => {
                 tonic::Status::unavailable(self.to_string())
             }
-            ApiError::Admin(AdminError::NotWired(_)) => {
+            ApiError::Admin(AdminError::NotWired(_) | AdminError::NotHere { .. }) => {
                 tonic::Status::unimplemented(self.to_string())
             }
         }

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use switchyard::Bus;
 use switchyard::bus::ReplayFilter;
-use switchyard::saga::{SagaRecord, SagaState};
+use switchyard::saga::{Orchestrator, SagaRecord, SagaState};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -121,25 +122,7 @@ impl api::Admin for AppAdmin {
         state: Option<SagaState>,
         limit: usize,
     ) -> Result<Vec<SagaRecord>, AdminError> {
-        let orchestrator = self.app.orchestrator();
-        let states = match state {
-            Some(s) => vec![s],
-            None => SagaState::ALL.to_vec(),
-        };
-        let mut out = Vec::new();
-        for s in states {
-            let left = limit.saturating_sub(out.len());
-            if left == 0 {
-                break;
-            }
-            out.extend(
-                orchestrator
-                    .list(s, left)
-                    .await
-                    .map_err(|e| AdminError::Failed(e.to_string()))?,
-            );
-        }
-        Ok(out)
+        list_sagas(self.app.orchestrator(), state, limit).await
     }
 
     async fn dead_letters(
@@ -147,59 +130,11 @@ impl api::Admin for AppAdmin {
         topic: Option<String>,
         limit: usize,
     ) -> Result<Vec<DeadLetterView>, AdminError> {
-        let topics: Vec<String> = match topic {
-            Some(t) => vec![t],
-            None => TOPICS.iter().map(|t| t.to_string()).collect(),
-        };
-        let mut out = Vec::new();
-        for t in topics {
-            let left = limit.saturating_sub(out.len());
-            if left == 0 {
-                break;
-            }
-            let letters = self
-                .app
-                .bus()
-                .dead_letters(&t, left)
-                .await
-                .map_err(|e| AdminError::Failed(e.to_string()))?;
-            out.extend(letters.iter().map(DeadLetterView::from));
-        }
-        Ok(out)
+        list_dead_letters(self.app.bus().as_ref(), topic, limit).await
     }
 
     async fn replay(&self, request: ReplayRequest) -> Result<ReplayOutcome, AdminError> {
-        let ids = match request.ids {
-            Some(ids) => Some(
-                ids.iter()
-                    .map(|id| {
-                        id.parse().map_err(|_| {
-                            AdminError::Invalid(crate::model::Invalid::new(
-                                "ids",
-                                format!("`{id}` is not a message id (a UUID)"),
-                            ))
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-            None => None,
-        };
-        let replayed = self
-            .app
-            .bus()
-            .replay_dead_letters(
-                &request.topic,
-                ReplayFilter {
-                    group: request.group,
-                    ids,
-                },
-            )
-            .await
-            .map_err(|e| AdminError::Failed(e.to_string()))?;
-        Ok(ReplayOutcome {
-            topic: request.topic,
-            replayed: replayed as u64,
-        })
+        replay_dead_letters(self.app.bus().as_ref(), request).await
     }
 
     async fn check(&self) -> Result<CheckReport, AdminError> {
@@ -208,6 +143,95 @@ impl api::Admin for AppAdmin {
             .map_err(|e| AdminError::Failed(e.to_string()))?;
         Ok(to_api_report(&report))
     }
+}
+
+/// Up to `limit` sagas of `orchestrator`, only those in `state` if given (every state's
+/// in [`SagaState::ALL`] order otherwise): `GET /sagas`.
+pub(crate) async fn list_sagas(
+    orchestrator: &Orchestrator,
+    state: Option<SagaState>,
+    limit: usize,
+) -> Result<Vec<SagaRecord>, AdminError> {
+    let states = match state {
+        Some(s) => vec![s],
+        None => SagaState::ALL.to_vec(),
+    };
+    let mut out = Vec::new();
+    for s in states {
+        let left = limit.saturating_sub(out.len());
+        if left == 0 {
+            break;
+        }
+        out.extend(
+            orchestrator
+                .list(s, left)
+                .await
+                .map_err(|e| AdminError::Failed(e.to_string()))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Up to `limit` dead letters of `topic` on `bus` (every shop topic if `None`): `GET
+/// /dlq`.
+pub(crate) async fn list_dead_letters(
+    bus: &dyn Bus,
+    topic: Option<String>,
+    limit: usize,
+) -> Result<Vec<DeadLetterView>, AdminError> {
+    let topics: Vec<String> = match topic {
+        Some(t) => vec![t],
+        None => TOPICS.iter().map(|t| t.to_string()).collect(),
+    };
+    let mut out = Vec::new();
+    for t in topics {
+        let left = limit.saturating_sub(out.len());
+        if left == 0 {
+            break;
+        }
+        let letters = bus
+            .dead_letters(&t, left)
+            .await
+            .map_err(|e| AdminError::Failed(e.to_string()))?;
+        out.extend(letters.iter().map(DeadLetterView::from));
+    }
+    Ok(out)
+}
+
+/// Publishes the dead letters `request` selects on `bus` again: `POST /dlq/replay`.
+pub(crate) async fn replay_dead_letters(
+    bus: &dyn Bus,
+    request: ReplayRequest,
+) -> Result<ReplayOutcome, AdminError> {
+    let ids = match request.ids {
+        Some(ids) => Some(
+            ids.iter()
+                .map(|id| {
+                    id.parse().map_err(|_| {
+                        AdminError::Invalid(crate::model::Invalid::new(
+                            "ids",
+                            format!("`{id}` is not a message id (a UUID)"),
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        None => None,
+    };
+    let replayed = bus
+        .replay_dead_letters(
+            &request.topic,
+            ReplayFilter {
+                group: request.group,
+                ids,
+            },
+        )
+        .await
+        .map_err(|e| AdminError::Failed(e.to_string()))?;
+    Ok(ReplayOutcome {
+        topic: request.topic,
+        replayed: replayed as u64,
+    })
 }
 
 /// The invariant report as the Order API shows it: one line per invariant, then the

@@ -48,6 +48,44 @@ pub enum ProcessError {
     Replicas(String),
 }
 
+/// How a service process is started: `<program> <prefix…> serve <service> …`. `shop
+/// up` runs this same binary; a program that embeds the shop's commands (see
+/// [`crate::cli::main_from`]) passes its own.
+#[derive(Debug, Clone)]
+pub struct ServiceCommand {
+    /// The program.
+    pub program: std::path::PathBuf,
+    /// Arguments before `serve` (the embedding program's own subcommand).
+    pub prefix: Vec<std::ffi::OsString>,
+    /// Environment added for every service process (e.g. `RUST_LOG`).
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// Where the lines a service prints after its URL table go, prefixed with its name:
+    /// this process's standard output (`shop up`) or its standard error (a program whose
+    /// standard output is for results).
+    pub echo: Echo,
+}
+
+/// See [`ServiceCommand::echo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Echo {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+impl ServiceCommand {
+    /// This binary (`shop`), its output on standard output.
+    pub fn this_binary() -> Result<Self, ProcessError> {
+        Ok(ServiceCommand {
+            program: std::env::current_exe().map_err(ProcessError::Exe)?,
+            prefix: Vec::new(),
+            env: Vec::new(),
+            echo: Echo::Stdout,
+        })
+    }
+}
+
 /// One started service process.
 struct Running {
     name: String,
@@ -57,14 +95,16 @@ struct Running {
 /// Starts `shop serve <service>` and reads its URL table; its later output goes on to
 /// this process's output.
 async fn start(
-    exe: &std::path::Path,
+    command: &ServiceCommand,
     c: &UpConfig,
     service: &str,
     listen: &str,
     extra: &[String],
 ) -> Result<(Running, Vec<ServiceInfo>), ProcessError> {
     let patterns: Vec<&str> = c.patterns.iter().map(|p| p.as_str()).collect();
-    let mut child = Command::new(exe)
+    let mut child = Command::new(&command.program)
+        .args(&command.prefix)
+        .envs(command.env.iter().map(|(k, v)| (k, v)))
         .arg("serve")
         .arg(service)
         .args(["--listen", listen, "--bus", &c.bus, "--store", &c.store])
@@ -108,9 +148,13 @@ async fn start(
         return Err(not_serving());
     }
     let prefix = service.to_string();
+    let echo = command.echo;
     tokio::spawn(async move {
         while let Ok(Some(line)) = lines.next_line().await {
-            println!("[{prefix}] {line}");
+            match echo {
+                Echo::Stdout => println!("[{prefix}] {line}"),
+                Echo::Stderr => eprintln!("[{prefix}] {line}"),
+            }
         }
     });
     Ok((
@@ -125,6 +169,10 @@ async fn start(
 /// Asks a process to stop (SIGTERM by pid) and waits for it; `Err` if it had to be
 /// killed or exited badly.
 async fn stop(mut p: Running) -> Result<(), String> {
+    // `Child::wait` closes the child's standard input, which the service reads as "the
+    // shop is gone": held open until it exited, so the SIGTERM alone stops it (a second
+    // signal would make it exit at once, without a clean stop).
+    let _stdin = p.child.stdin.take();
     if let Some(pid) = p.child.id() {
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -145,14 +193,23 @@ async fn stop(mut p: Running) -> Result<(), String> {
     }
 }
 
-/// Starts every service as its own process (see the [module docs](self)).
+/// Starts every service as its own process of this binary (see the [module
+/// docs](self)).
 pub async fn up(c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError> {
+    up_with(ServiceCommand::this_binary()?, c, shutdown).await
+}
+
+/// [`up`] with the service processes started by `command`.
+pub async fn up_with(
+    command: ServiceCommand,
+    c: UpConfig,
+    shutdown: Shutdown,
+) -> Result<Launched, LaunchError> {
     for (name, _) in &c.replicas {
         if !ORDER_NEEDS.contains(&name.as_str()) {
             return Err(ProcessError::Replicas(name.clone()).into());
         }
     }
-    let exe = std::env::current_exe().map_err(ProcessError::Exe)?;
     let mut running = Vec::new();
     let mut services = Vec::new();
     let mut registry: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -165,7 +222,7 @@ pub async fn up(c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError
                 .find(|(name, _)| name == service)
                 .map_or(1, |(_, n)| (*n).max(1));
             for replica in 1..=n {
-                let (p, urls) = start(&exe, &c, service, &free, &[]).await?;
+                let (p, urls) = start(&command, &c, service, &free, &[]).await?;
                 running.push(p);
                 for mut u in urls {
                     registry.entry(service).or_default().push(u.url.clone());
@@ -181,7 +238,7 @@ pub async fn up(c: UpConfig, shutdown: Shutdown) -> Result<Launched, LaunchError
         let rest = c.addr(0)?.to_string();
         let grpc = c.addr(1)?.to_string();
         let extra = ["--grpc-listen".to_string(), grpc];
-        let (order, urls) = start(&exe, &c, "order", &rest, &extra).await?;
+        let (order, urls) = start(&command, &c, "order", &rest, &extra).await?;
         running.push(order);
         services.splice(0..0, urls);
         Ok::<_, LaunchError>(())

@@ -13,6 +13,14 @@
 //!   `--grpc-listen`) over the flows, the saga orchestrator (resuming unfinished sagas)
 //!   and the orders its in-memory flows left accepted.
 //!
+//! With `--bus nats://…` every process shares the broker: events, requests and replies
+//! cross processes, every pattern runs, and the backing services register their URL in
+//! the registry on NATS, where the Order service finds them (no `--registry` needed).
+//! With `--store postgres://…` each service's store is a schema of one database; the
+//! Order process then also answers `shop check` (it reads every schema). Its operator
+//! endpoints: sagas always (the saga log is in the order store), dead letters and replay
+//! on a shared bus.
+//!
 //! The embedded bus is a directory one process locks, so each process has a private
 //! one: events do not cross processes. The patterns that work this way are those in
 //! which the Order service calls every service itself ([`CROSS_PROCESS`]: sync, and
@@ -38,7 +46,7 @@ use switchyard_rpc::registry::{Registry, RegistryConfigError, StaticRegistry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::api::{self, NoAdmin, ServiceInfo};
+use crate::api::{self, ServiceInfo};
 use crate::app::{AppConfig, AppError};
 use crate::cli::up::{Launched, ServeConfig, ServiceName, Shutdown};
 use crate::order::Pattern;
@@ -49,7 +57,7 @@ use crate::wiring::{
     self, Backing, BusBackend, OrderService, OrderSettings, StoreBackend, Stores, Tasks,
 };
 
-/// The bus and store setting of this build's only backend.
+/// The `--bus` / `--store` value of the embedded backends (the default).
 pub const EMBEDDED: &str = "embedded";
 
 /// The patterns that run with a bus private to each process: the Order service calls
@@ -449,7 +457,7 @@ async fn serve_order(
     let order = OrderService::build(
         store.clone(),
         &bus,
-        registry,
+        registry.clone(),
         &OrderSettings {
             client: defaults.client,
             request_timeout: defaults.request_timeout,
@@ -467,14 +475,22 @@ async fn serve_order(
     order.spawn_background(&mut tasks, &monitor, defaults.stall_after);
     order.resume_accepted().await?;
 
-    // With the stores in one database the Order process can read every service's schema,
-    // so `shop check` works against it; with embedded stores it cannot.
-    let admin: Arc<dyn api::Admin> = match &store_backend {
+    // The operator endpoints: sagas from the orchestrator here; dead letters when the bus
+    // is shared (on NATS every service's dead letters are there; an embedded bus holds
+    // only this process's); the invariant check when the stores share one database
+    // (PostgreSQL), which lets this process read every service's schema.
+    let check = match &store_backend {
         StoreBackend::Postgres(url) => {
-            Arc::new(DatabaseAdmin::connect(url, order.book.clone(), &dir).await?)
+            Some(DatabaseCheck::connect(url, order.book.clone(), &dir).await?)
         }
-        StoreBackend::Embedded => Arc::new(NoAdmin),
+        StoreBackend::Embedded => None,
     };
+    let admin = Arc::new(ServeAdmin {
+        registry: registry.clone(),
+        orchestrator: order.orchestrator.clone(),
+        bus: nats.is_some().then(|| bus.clone()),
+        check,
+    });
     let (stop_api, api_stopped) = watch::channel(false);
     let api = api::start(
         order.desk.clone(),
@@ -503,15 +519,99 @@ async fn serve_order(
     })
 }
 
-/// The operator endpoints of an Order process whose services' stores are schemas of
-/// one PostgreSQL database: `check` reads every schema (the services' own processes keep
-/// writing meanwhile, so an order may be counted in flight); the rest is not wired here.
-struct DatabaseAdmin {
+/// The operator endpoints of a `shop serve order` process (see [`serve_order`]): what
+/// this process can reach answers, the rest is `501`.
+struct ServeAdmin {
+    /// Where the backing services are (`GET /services`).
+    registry: Arc<dyn Registry>,
+    /// The orchestration pattern's sagas live in the order store.
+    orchestrator: switchyard::saga::Orchestrator,
+    /// The bus, when every service shares it (dead letters and replay).
+    bus: Option<Arc<dyn Bus>>,
+    /// The invariant check, when every service's store is readable from here.
+    check: Option<DatabaseCheck>,
+}
+
+#[async_trait::async_trait]
+impl api::Admin for ServeAdmin {
+    fn services(&self) -> Vec<ServiceInfo> {
+        ORDER_NEEDS
+            .iter()
+            .flat_map(|name| {
+                let protocol = if *name == payment::SERVICE {
+                    "grpc"
+                } else {
+                    "http"
+                };
+                self.registry
+                    .instances(name)
+                    .iter()
+                    .map(|i| ServiceInfo::new(*name, &i.url, protocol))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    async fn sagas(
+        &self,
+        state: Option<switchyard::saga::SagaState>,
+        limit: usize,
+    ) -> Result<Vec<switchyard::saga::SagaRecord>, api::AdminError> {
+        crate::launch::list_sagas(&self.orchestrator, state, limit).await
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<api::DeadLetterView>, api::AdminError> {
+        match &self.bus {
+            Some(bus) => crate::launch::list_dead_letters(bus.as_ref(), topic, limit).await,
+            None => Err(api::AdminError::NotHere {
+                what: "dead letters",
+                how: EMBEDDED_BUS_HINT,
+            }),
+        }
+    }
+
+    async fn replay(
+        &self,
+        request: api::ReplayRequest,
+    ) -> Result<api::ReplayOutcome, api::AdminError> {
+        match &self.bus {
+            Some(bus) => crate::launch::replay_dead_letters(bus.as_ref(), request).await,
+            None => Err(api::AdminError::NotHere {
+                what: "dead-letter replay",
+                how: EMBEDDED_BUS_HINT,
+            }),
+        }
+    }
+
+    async fn check(&self) -> Result<api::CheckReport, api::AdminError> {
+        match &self.check {
+            Some(c) => c.check().await,
+            None => Err(api::AdminError::NotHere {
+                what: "check",
+                how: "every service's embedded store is in its own process; run the services \
+                      with --store postgres://… (or the whole shop with `shop up`)",
+            }),
+        }
+    }
+}
+
+/// Why an Order process on embedded buses cannot show dead letters.
+const EMBEDDED_BUS_HINT: &str = "each process's embedded bus keeps its own dead letters; run the \
+services with --bus nats://… (or the whole shop with `shop up`)";
+
+/// The invariant check of an Order process whose services' stores are schemas of one
+/// PostgreSQL database: it reads every schema (the services' own processes keep writing
+/// meanwhile, so an order may be counted in flight).
+struct DatabaseCheck {
     book: crate::order::OrderBook,
     services: crate::app::Services,
 }
 
-impl DatabaseAdmin {
+impl DatabaseCheck {
     async fn connect(
         url: &str,
         book: crate::order::OrderBook,
@@ -527,7 +627,7 @@ impl DatabaseAdmin {
                 .map(|s| Arc::new(s) as Arc<dyn Store>)
                 .map_err(|source| StartError::App(AppError::Postgres { service, source }))
         };
-        Ok(DatabaseAdmin {
+        Ok(DatabaseCheck {
             book,
             services: crate::app::Services {
                 inventory: Inventory::new(open(crate::services::inventory::SERVICE).await?),
@@ -547,10 +647,7 @@ impl DatabaseAdmin {
             },
         })
     }
-}
 
-#[async_trait::async_trait]
-impl api::Admin for DatabaseAdmin {
     async fn check(&self) -> Result<api::CheckReport, api::AdminError> {
         let report = crate::check::check_parts(
             &self.book,

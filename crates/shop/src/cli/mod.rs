@@ -517,7 +517,18 @@ pub async fn run(cli: Cli, launcher: Option<&dyn up::Launcher>) -> Result<(), Cl
 /// tokio runtime, prints the error and returns its exit code. `launcher` runs the shop
 /// for `shop up` / `shop serve`.
 pub fn main(launcher: Option<&dyn up::Launcher>) -> ExitCode {
-    let cli = Cli::parse();
+    main_from(std::env::args_os(), launcher)
+}
+
+/// [`main`] with the command line given (the program's name first): for programs that
+/// embed the shop's commands, e.g. a benchmark that runs the services as its own
+/// processes.
+pub fn main_from<I, T>(args: I, launcher: Option<&dyn up::Launcher>) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
     init_logs(match cli.command {
         Command::Up(_) | Command::Serve(_) => "info,fjall=warn,lsm_tree=warn",
         // The lab injects faults on purpose: the warnings they cause are expected.

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -201,11 +202,13 @@ pub async fn interrupted() {
     }
 }
 
-/// Runs what `start` launches until `stop` completes, printing where it listens.
+/// Runs what `start` launches until `stop` completes, printing where it listens; then
+/// stops it, within `grace` (or at once on a second interrupt).
 pub async fn run_until<F, Fut>(
     what: &str,
     start: F,
     stop: impl Future<Output = ()>,
+    grace: Duration,
 ) -> Result<Vec<ServiceInfo>, CliError>
 where
     F: FnOnce(Shutdown) -> Fut,
@@ -227,21 +230,52 @@ where
     println!("{t}");
     println!("{what} is running; press Ctrl-C to stop.");
     stop.await;
-    eprintln!("stopping {what}…");
+    eprintln!("stopping {what}… (again to exit at once)");
     let _ = tx.send(true);
-    launched.stopped.await.map_err(|cause| CliError::Launch {
+    let unclean = |cause: String| CliError::Launch {
         what: what.to_string(),
         cause,
-    })?;
+    };
+    tokio::select! {
+        stopped = launched.stopped => stopped.map_err(unclean)?,
+        _ = tokio::time::sleep(grace) => {
+            return Err(unclean(format!(
+                "it did not stop within {grace:?} (is the broker or the database unreachable?); \
+                 exiting without a clean stop — what was in flight is redelivered or resumed \
+                 on the next start"
+            )));
+        }
+        _ = interrupted() => {
+            return Err(unclean(
+                "interrupted again; exiting without a clean stop — what was in flight is \
+                 redelivered or resumed on the next start"
+                    .to_string(),
+            ));
+        }
+    }
     eprintln!("stopped.");
     Ok(launched.services)
 }
+
+/// How long `shop serve` may take to stop cleanly before it exits anyway (a broker or a
+/// database that went away can keep a clean stop waiting forever).
+pub const SERVE_STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// The same for `shop up`, which in the distributed mode stops its service processes one
+/// after the other (each within [`SERVE_STOP_GRACE`]).
+pub const UP_STOP_GRACE: Duration = Duration::from_secs(240);
 
 /// `shop up`: runs every service until Ctrl-C / SIGTERM.
 pub async fn up(launcher: Option<&dyn Launcher>, config: UpConfig) -> Result<(), CliError> {
     let launcher = launcher.ok_or(CliError::NotWired("up"))?;
     tracing::info!(?config, "starting the shop");
-    run_until("the shop", |s| launcher.up(config, s), interrupted()).await?;
+    run_until(
+        "the shop",
+        |s| launcher.up(config, s),
+        interrupted(),
+        UP_STOP_GRACE,
+    )
+    .await?;
     Ok(())
 }
 
@@ -278,7 +312,7 @@ pub async fn serve(launcher: Option<&dyn Launcher>, config: ServeConfig) -> Resu
             _ = parent_gone() => {}
         }
     };
-    run_until(&what, |s| launcher.serve(config, s), stop).await?;
+    run_until(&what, |s| launcher.serve(config, s), stop, SERVE_STOP_GRACE).await?;
     Ok(())
 }
 
@@ -330,6 +364,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stop_that_hangs_ends_after_the_grace_with_an_error() {
+        // What a service whose broker is gone does: its clean stop never completes.
+        let start = |_shutdown: Shutdown| async {
+            Ok::<_, LaunchError>(Launched {
+                services: Vec::new(),
+                stopped: Box::pin(std::future::pending()),
+            })
+        };
+        let e = run_until(
+            "service payment",
+            start,
+            async {},
+            Duration::from_millis(50),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("did not stop within 50ms"), "{e}");
+        assert!(e.contains("service payment"), "{e}");
+    }
+
+    #[tokio::test]
     async fn up_runs_what_the_launcher_starts_until_stopped() {
         let launcher = ApiOnly::default();
         let url = launcher.url.clone();
@@ -347,9 +403,14 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
         };
-        let services = run_until("the shop", |s| launcher.up(config(), s), stop)
-            .await
-            .unwrap();
+        let services = run_until(
+            "the shop",
+            |s| launcher.up(config(), s),
+            stop,
+            UP_STOP_GRACE,
+        )
+        .await
+        .unwrap();
         assert_eq!(services[0].name, "order");
         // After the stop, the server is gone.
         let addr = services[0].url.trim_start_matches("http://").to_string();

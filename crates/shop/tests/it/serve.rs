@@ -190,6 +190,17 @@ async fn six_processes_place_sync_and_orchestration_orders() {
         assert!(err.contains(s), "{s} not named: {}", out(&o));
     }
 
+    // The operator endpoints: the sagas are in the order store here; dead letters and
+    // the invariant check need what the other processes hold, and say how to get them.
+    let sagas = raw(&rest, "GET", "/sagas", None, b"").await;
+    assert_eq!(sagas.status, 200, "{}", sagas.body);
+    assert!(sagas.body.contains("serve-saga"), "{}", sagas.body);
+    for (path, hint) in [("/dlq", "--bus nats://"), ("/check", "--store postgres://")] {
+        let r = raw(&rest, "GET", path, None, b"").await;
+        assert_eq!(r.status, 501, "{path}: {}", r.body);
+        assert!(r.body.contains(hint), "{path}: {}", r.body);
+    }
+
     // Every process stops cleanly on SIGTERM.
     stop_child(order, "serve order");
     for (name, child) in backing {
@@ -305,6 +316,34 @@ async fn six_processes_on_nats_and_postgres_run_every_pattern_and_survive_a_kill
         )
         .await;
         assert_eq!(o.status.code(), Some(3), "{pattern} declined: {}", out(&o));
+    }
+
+    // The operator endpoints of the Order process: its sagas, the shared bus's dead
+    // letters (none: nothing failed for good), the services it calls.
+    let sagas = raw(&rest, "GET", "/sagas", None, b"").await;
+    assert_eq!(sagas.status, 200, "{}", sagas.body);
+    for id in ["d-orchestration", "d-orchestration-declined"] {
+        assert!(
+            sagas.body.contains(id),
+            "{id} not in /sagas: {}",
+            sagas.body
+        );
+    }
+    let dlq = raw(&rest, "GET", "/dlq", None, b"").await;
+    assert_eq!(dlq.status, 200, "{}", dlq.body);
+    let dlq: serde_json::Value = serde_json::from_str(&dlq.body).unwrap();
+    assert_eq!(
+        dlq["dead_letters"].as_array().map(Vec::len),
+        Some(0),
+        "{dlq}"
+    );
+    let services = raw(&rest, "GET", "/services", None, b"").await;
+    for name in BACKING {
+        assert!(
+            services.body.contains(&url_of[name]),
+            "{name} not in /services: {}",
+            services.body
+        );
     }
 
     // 1,000 orders through every pattern from 8 clients; the payment process is killed by

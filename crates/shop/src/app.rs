@@ -182,9 +182,15 @@ pub enum AppError {
         #[source]
         source: switchyard_postgres::PgError,
     },
-    /// The bus could not be opened or closed.
+    /// The embedded bus could not be opened.
     #[error("the bus failed: {0}; check <data_dir>/bus (is another shop using it?)")]
     Bus(#[source] switchyard::Error),
+    /// The bus could not be closed cleanly (e.g. its broker is gone): the messages it held
+    /// go back to the broker or the log by themselves.
+    #[error(
+        "closing the bus failed: {0}; what it held unsettled is delivered again after its ack timeout"
+    )]
+    BusClose(#[source] switchyard::Error),
     /// A server's port could not be bound.
     #[error("cannot listen for {service} on 127.0.0.1:{port}: {source}; choose another port or 0")]
     Bind {

@@ -750,6 +750,6 @@ pub(crate) async fn close(
         order.release();
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
-    bus.close().await.map_err(AppError::Bus)?;
+    bus.close().await.map_err(AppError::BusClose)?;
     stores.close().await
 }

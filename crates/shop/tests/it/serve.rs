@@ -478,3 +478,43 @@ async fn six_processes_on_nats_and_postgres_run_every_pattern_and_survive_a_kill
     }
     store.close().await;
 }
+
+/// A service whose broker and database went away still stops on SIGTERM — cleanly if it
+/// can, else after its grace, with an error — instead of waiting for them forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_whose_servers_are_gone_still_stops() {
+    let Some(mut nats) =
+        switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
+    else {
+        return;
+    };
+    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut payment = spawn_serve(
+        dir.path(),
+        &[
+            "payment",
+            "--listen",
+            "127.0.0.1:0",
+            "--bus",
+            &nats.url(),
+            "--store",
+            &pg.url(),
+        ],
+    );
+    printed_urls(&payment, "serve payment");
+    nats.kill().unwrap();
+    drop(pg);
+    payment.terminate().unwrap();
+    let started = Instant::now();
+    let status = payment
+        .wait_timeout(PROCESS_PATIENCE)
+        .unwrap()
+        .unwrap_or_else(|| panic!("`shop serve payment` did not stop within {PROCESS_PATIENCE:?} of SIGTERM with its servers gone"));
+    println!(
+        "`shop serve payment` with its servers gone stopped in {:?}: {status}",
+        started.elapsed()
+    );
+}

@@ -318,11 +318,7 @@ fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
 /// namespace) and PostgreSQL (a database of its own, dropped after the run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lab_runs_on_nats_and_postgres() {
-    let Some(nats) = switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
-    else {
-        return;
-    };
-    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+    let Some((nats, pg)) = crate::support::nats_and_postgres() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -231,12 +231,7 @@ async fn six_processes_place_sync_and_orchestration_orders() {
 /// ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_processes_on_nats_and_postgres_run_every_pattern_and_survive_a_kill() {
-    let Some(mut nats) =
-        switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
-    else {
-        return;
-    };
-    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+    let Some((mut nats, pg)) = crate::support::nats_and_postgres() else {
         return;
     };
     let (bus, db) = (nats.url(), pg.url());
@@ -483,12 +478,7 @@ async fn six_processes_on_nats_and_postgres_run_every_pattern_and_survive_a_kill
 /// can, else after its grace, with an error — instead of waiting for them forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_whose_servers_are_gone_still_stops() {
-    let Some(mut nats) =
-        switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
-    else {
-        return;
-    };
-    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+    let Some((mut nats, pg)) = crate::support::nats_and_postgres() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

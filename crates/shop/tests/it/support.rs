@@ -246,3 +246,14 @@ pub fn stop_child(mut child: Child, what: &str) {
         .unwrap_or_else(|| panic!("`shop {what}` did not stop after SIGTERM"));
     assert_eq!(status.code(), Some(0), "`shop {what}` exited {status}");
 }
+
+/// A nats-server and a PostgreSQL on loopback ports, or `None` (said loudly; a failure
+/// under `CI=true`) when one is not installed.
+pub fn nats_and_postgres() -> Option<(
+    switchyard_testkit::servers::NatsServer,
+    switchyard_testkit::servers::Postgres,
+)> {
+    let nats = switchyard_testkit::servers::NatsServer::start().expect("start nats-server")?;
+    let pg = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL")?;
+    Some((nats, pg))
+}

@@ -137,11 +137,7 @@ async fn every_pattern_through_the_public_api_then_the_check_passes() {
 /// every pattern; SIGTERM stops them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shop_up_on_nats_and_postgres_runs_every_service_as_a_process() {
-    let Some(nats) = switchyard_testkit::servers::NatsServer::start().expect("start nats-server")
-    else {
-        return;
-    };
-    let Some(pg) = switchyard_testkit::servers::Postgres::start().expect("start PostgreSQL") else {
+    let Some((nats, pg)) = crate::support::nats_and_postgres() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -708,12 +708,22 @@ impl Watcher {
                         .get(&id)
                         .filter(|l| l.revision == entry.revision)
                         .map(|l| l.seen);
-                    let seen = known.unwrap_or_else(|| {
-                        let age_ns = (wall - entry.created.unix_timestamp_nanos()).max(0);
-                        let age = Duration::from_nanos(u64::try_from(age_ns).unwrap_or(u64::MAX))
-                            .min(self.ttl);
-                        now.checked_sub(age).unwrap_or(now)
-                    });
+                    let seen = match known {
+                        Some(seen) => seen,
+                        None => {
+                            let age_ns = (wall - entry.created.unix_timestamp_nanos()).max(0);
+                            let age =
+                                Duration::from_nanos(u64::try_from(age_ns).unwrap_or(u64::MAX));
+                            // Silent for a TTL: its process is gone. The server removes it
+                            // too, but not necessarily at once (nats-server 2.15 still
+                            // replayed such entries), so a fresh view must not list it.
+                            if age >= self.ttl {
+                                ids.remove(&id);
+                                continue;
+                            }
+                            now.checked_sub(age).unwrap_or(now)
+                        }
+                    };
                     ids.insert(
                         id,
                         Local {

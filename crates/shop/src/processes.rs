@@ -102,6 +102,16 @@ async fn start(
     extra: &[String],
 ) -> Result<(Running, Vec<ServiceInfo>), ProcessError> {
     let patterns: Vec<&str> = c.patterns.iter().map(|p| p.as_str()).collect();
+    // Listening on every interface: the others (all on this machine) call it on loopback.
+    let everywhere = c
+        .host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified());
+    let advertise: &[&str] = if everywhere && service != "order" {
+        &["--advertise", "127.0.0.1"]
+    } else {
+        &[]
+    };
     let mut child = Command::new(&command.program)
         .args(&command.prefix)
         .envs(command.env.iter().map(|(k, v)| (k, v)))
@@ -113,6 +123,7 @@ async fn start(
         .arg("--patterns")
         .arg(patterns.join(","))
         .args(extra)
+        .args(advertise)
         // Its stdin is a pipe this process never writes to: when this process is gone
         // (even killed), the service sees the end of its input and stops.
         .env(EXIT_WITH_PARENT, "1")

@@ -129,6 +129,22 @@ pub enum StartError {
         /// The services not in the registry.
         missing: Vec<&'static str>,
     },
+    /// A backing service on NATS listens on every interface but was not told which host
+    /// the others should call it at.
+    #[error(
+        "--listen {listen} is not an address the other services can call: pass --advertise \
+         <this machine's host name or IP> (registered on NATS with port {port})",
+        port = listen.port()
+    )]
+    NoAdvertisedHost {
+        /// `--listen`.
+        listen: SocketAddr,
+    },
+    /// `--advertise` is not a host name or IP.
+    #[error(
+        "--advertise `{0}`: expected a host name or IP (no scheme, no port), e.g. 10.0.0.12 or payment.internal"
+    )]
+    BadAdvertisedHost(String),
     /// `--grpc-listen` was left to its default but `--listen`'s port has no successor.
     #[error("--listen port {port} leaves no room for the gRPC port (+1); pass --grpc-listen")]
     GrpcPort {
@@ -227,6 +243,48 @@ pub fn order_registry(config: &ServeConfig) -> Result<Option<StaticRegistry>, St
     Ok(Some(registry))
 }
 
+/// The URL a backing service registers on NATS: `--advertise` (a host) or `--listen`'s
+/// IP, with the port it listens on.
+pub fn advertised_url(config: &ServeConfig, port: u16) -> Result<String, StartError> {
+    let host = match &config.advertise {
+        Some(h) => {
+            let h = h.trim();
+            let ip = h.trim_start_matches('[').trim_end_matches(']');
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+                Ok(v4) => v4.to_string(),
+                Err(_) if is_host_name(h) => h.to_string(),
+                Err(_) => return Err(StartError::BadAdvertisedHost(h.to_string())),
+            }
+        }
+        None if config.listen.ip().is_unspecified() => {
+            return Err(StartError::NoAdvertisedHost {
+                listen: config.listen,
+            });
+        }
+        None => match config.listen.ip() {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        },
+    };
+    Ok(format!("http://{host}:{port}"))
+}
+
+/// A DNS host name: dot-separated labels of letters, digits and inner hyphens.
+fn is_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// The service registry on the NATS server at `url` (a KV bucket with TTL heartbeats).
 async fn nats_registry(url: &str) -> Result<NatsRegistry, StartError> {
     NatsRegistry::connect(RegistryConfig::new(url))
@@ -267,6 +325,10 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
     let name = config.service.as_str();
     // Check the Order service's registry and bind the addresses before opening anything.
     let listen = config.listen;
+    if config.service != ServiceName::Order && matches!(bus_backend, BusBackend::Nats(_)) {
+        // Refuse an address the others cannot call before anything starts.
+        advertised_url(&config, listen.port())?;
+    }
     let backing = |make: fn(Arc<dyn Store>) -> Backing| async move {
         Ok::<_, StartError>(Role::Backing {
             make,
@@ -338,8 +400,16 @@ pub async fn serve(config: ServeConfig, shutdown: Shutdown) -> Result<Launched, 
             grpc,
         } => serve_order(registry, rest, grpc, parts, shutdown).await,
         Role::Backing { make, listener } => {
+            // On NATS, the URL the others find it at.
+            let advertised = match &parts.nats {
+                Some(_) => {
+                    let port = listener.local_addr().map_or(listen.port(), |a| a.port());
+                    Some(advertised_url(&config, port)?)
+                }
+                None => None,
+            };
             let service = make(parts.store.clone());
-            serve_backing(service, listener, parts, shutdown).await
+            serve_backing(service, listener, advertised, parts, shutdown).await
         }
     }
 }
@@ -375,6 +445,7 @@ struct Parts {
 async fn serve_backing(
     service: Backing,
     listener: TcpListener,
+    advertised: Option<String>,
     parts: Parts,
     shutdown: Shutdown,
 ) -> Result<Launched, StartError> {
@@ -395,15 +466,15 @@ async fn serve_backing(
     let info = ServiceInfo::new(name, &running.url, service.protocol());
     // On NATS, announce this instance; the entry goes when it stops (or, if it dies,
     // when its heartbeats stop for the registry's TTL).
-    let registration = match &nats {
-        Some(url) => Some(
+    let registration = match (&nats, &advertised) {
+        (Some(url), Some(advertised)) => Some(
             nats_registry(url)
                 .await?
-                .register(name, &running.url)
+                .register(name, advertised)
                 .await
                 .map_err(StartError::NatsRegistry)?,
         ),
-        None => None,
+        _ => None,
     };
     let faults = running.faults.clone();
     tasks.add_server(name, running);
@@ -677,6 +748,7 @@ mod tests {
             patterns_explicit: false,
             bus: EMBEDDED.into(),
             store: EMBEDDED.into(),
+            advertise: None,
         }
     }
 
@@ -736,6 +808,35 @@ mod tests {
         assert!(matches!(grpc_addr(&c), Err(StartError::GrpcPort { .. })));
         c.grpc_listen = Some("127.0.0.1:9000".parse().unwrap());
         assert_eq!(grpc_addr(&c).unwrap().port(), 9000);
+    }
+
+    #[test]
+    fn a_backing_service_registers_a_url_the_others_can_call() {
+        let mut c = config(ServiceName::Payment);
+        assert_eq!(advertised_url(&c, 7103).unwrap(), "http://127.0.0.1:7103");
+        c.listen = "0.0.0.0:7103".parse().unwrap();
+        let e = advertised_url(&c, 7103).unwrap_err().to_string();
+        assert!(e.contains("--listen 0.0.0.0:7103"), "{e}");
+        assert!(e.contains("--advertise"), "{e}");
+        c.advertise = Some("payment.internal".into());
+        assert_eq!(
+            advertised_url(&c, 7103).unwrap(),
+            "http://payment.internal:7103"
+        );
+        c.advertise = Some("10.0.0.12".into());
+        assert_eq!(advertised_url(&c, 40000).unwrap(), "http://10.0.0.12:40000");
+        c.advertise = Some("::1".into());
+        assert_eq!(advertised_url(&c, 7103).unwrap(), "http://[::1]:7103");
+        for bad in ["http://10.0.0.12", "host:7103", "-bad.example", "", "a..b"] {
+            c.advertise = Some(bad.into());
+            assert!(
+                matches!(
+                    advertised_url(&c, 7103),
+                    Err(StartError::BadAdvertisedHost(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

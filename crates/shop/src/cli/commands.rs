@@ -477,5 +477,6 @@ pub fn serve_config(r: &Resolved, a: ServeArgs) -> Result<ServeConfig, CliError>
             .store
             .or_else(|| f.store.clone())
             .unwrap_or_else(|| "embedded".into()),
+        advertise: a.advertise,
     })
 }

@@ -258,6 +258,10 @@ pub struct ServeArgs {
     /// The store: embedded, or a database URL [default: embedded].
     #[arg(long, env = "SHOP_STORE")]
     pub store: Option<String>,
+    /// The host name or IP the other services reach this one at, registered on NATS
+    /// with the port it listens on [default: --listen's IP; needed when that is 0.0.0.0].
+    #[arg(long, env = "SHOP_ADVERTISE", value_name = "HOST")]
+    pub advertise: Option<String>,
 }
 
 /// `shop sagas`.

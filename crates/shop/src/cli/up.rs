@@ -132,6 +132,10 @@ pub struct ServeConfig {
     pub bus: String,
     /// The store: `embedded` or a database URL.
     pub store: String,
+    /// The host name or IP other services reach this one at, registered on NATS with the
+    /// port it listens on (default: `listen`'s IP, which must then not be `0.0.0.0`/`::`).
+    #[serde(default)]
+    pub advertise: Option<String>,
 }
 
 /// What a [`Launcher`] hands back once everything it started serves.
@@ -434,6 +438,7 @@ mod tests {
             patterns_explicit: false,
             bus: "embedded".into(),
             store: "embedded".into(),
+            advertise: None,
         };
         let err = ApiOnly::default()
             .serve(cfg, Box::pin(std::future::pending()))

@@ -85,9 +85,10 @@ pub enum Command {
     Orders(OrdersArgs),
     /// Inject faults into a service (latency, error rate, downtime), or clear them.
     Fault(FaultArgs),
-    /// Run the whole shop in this process (every service, every pattern).
+    /// Run the whole shop (every service, every pattern): in this process, or with
+    /// --bus nats://… every service as its own process.
     Up(UpArgs),
-    /// Run one service of the shop.
+    /// Run one service of the shop (e.g. on its own machine, with --bus and --store).
     Serve(ServeArgs),
     /// List the orchestration pattern's sagas.
     Sagas(SagasArgs),

@@ -165,7 +165,6 @@ impl Tally {
     }
 }
 
-
 /// One raw side: a connection and the stream (name, subject) it uses.
 struct Raw {
     client: async_nats::Client,
@@ -592,14 +591,38 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
         );
         let [raw_client, sy_client, raw_server, sy_server, cpu_ratio] = cpu;
         for (figure, values, note) in [
-            (format!("{raw_name}.cpu_us"), raw_client, "bench process CPU per message, raw side's slices"),
-            (format!("{sy_name}.cpu_us"), sy_client, "bench process CPU per message, switchyard side's slices"),
-            (format!("{raw_name}.server_cpu_us"), raw_server, "nats-server CPU per message, raw side's slices"),
-            (format!("{sy_name}.server_cpu_us"), sy_server, "nats-server CPU per message, switchyard side's slices"),
-            (format!("{ratio_name}.cpu"), cpu_ratio, "switchyard / raw client CPU per message, pair by pair per run"),
+            (
+                format!("{raw_name}.cpu_us"),
+                raw_client,
+                "bench process CPU per message, raw side's slices",
+            ),
+            (
+                format!("{sy_name}.cpu_us"),
+                sy_client,
+                "bench process CPU per message, switchyard side's slices",
+            ),
+            (
+                format!("{raw_name}.server_cpu_us"),
+                raw_server,
+                "nats-server CPU per message, raw side's slices",
+            ),
+            (
+                format!("{sy_name}.server_cpu_us"),
+                sy_server,
+                "nats-server CPU per message, switchyard side's slices",
+            ),
+            (
+                format!("{ratio_name}.cpu"),
+                cpu_ratio,
+                "switchyard / raw client CPU per message, pair by pair per run",
+            ),
         ] {
             if !values.is_empty() {
-                let unit = if figure.ends_with(".cpu") { "x" } else { "µs/msg" };
+                let unit = if figure.ends_with(".cpu") {
+                    "x"
+                } else {
+                    "µs/msg"
+                };
                 figures.push(Figure::from_runs(&figure, unit, values).with_note(note));
             }
         }

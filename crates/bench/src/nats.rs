@@ -87,11 +87,57 @@ fn subscribe_options() -> SubscribeOptions {
 /// alternating), so a change in the machine's load during a run hits both alike.
 const SLICES: usize = 8;
 
-/// Messages and seconds measured.
+/// CPU time (nanoseconds, all threads) that `pid` has run for, from the scheduler's
+/// per-thread accounting in `/proc/<pid>/task/*/schedstat`; `None` where it is missing.
+fn cpu_ns(pid: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(task) = task else { continue };
+        // A thread that ended between the listing and the read counts nothing more.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// CPU time of this process and of the server since the probe was taken.
+#[derive(Clone)]
+struct CpuProbe {
+    server_pid: String,
+    client: Option<u64>,
+    server: Option<u64>,
+}
+
+impl CpuProbe {
+    fn start(server_pid: &str) -> CpuProbe {
+        CpuProbe {
+            server_pid: server_pid.to_string(),
+            client: cpu_ns("self"),
+            server: cpu_ns(server_pid),
+        }
+    }
+
+    /// (client, server) CPU nanoseconds since [`start`](Self::start).
+    fn elapsed(&self) -> (Option<u64>, Option<u64>) {
+        let since = |before: Option<u64>, now: Option<u64>| Some(now?.saturating_sub(before?));
+        (
+            since(self.client, cpu_ns("self")),
+            since(self.server, cpu_ns(&self.server_pid)),
+        )
+    }
+}
+
+/// Messages, seconds and CPU time measured. The two sides take turns, so the CPU time of
+/// the bench process during a side's slices is that side's client work (the other side
+/// is idle meanwhile), and the server's is what that side's load cost the server.
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     msgs: u64,
     secs: f64,
+    client_ns: Option<u64>,
+    server_ns: Option<u64>,
 }
 
 impl Tally {
@@ -100,8 +146,22 @@ impl Tally {
         self.secs += start.elapsed().as_secs_f64();
     }
 
+    /// Adds the CPU time spent since `cpu` was taken (one slice of this side).
+    fn add_cpu(&mut self, cpu: &CpuProbe) {
+        let (client, server) = cpu.elapsed();
+        let sum = |total: Option<u64>, slice: Option<u64>| Some(total.unwrap_or(0) + slice?);
+        self.client_ns = sum(self.client_ns, client);
+        self.server_ns = sum(self.server_ns, server);
+    }
+
     fn rate(&self) -> f64 {
         self.msgs as f64 / self.secs.max(1e-9)
+    }
+
+    /// CPU microseconds per message, client and server.
+    fn cpu_per_msg(&self) -> (Option<f64>, Option<f64>) {
+        let per = |ns: Option<u64>| ns.map(|ns| ns as f64 / 1000.0 / self.msgs.max(1) as f64);
+        (per(self.client_ns), per(self.server_ns))
     }
 }
 
@@ -360,15 +420,16 @@ enum Case {
 }
 
 /// Measures `case` on a fresh raw side and a fresh switchyard side, taking turns slice by
-/// slice; returns (raw, switchyard) msg/s.
+/// slice; returns the (raw, switchyard) tallies.
 async fn pair(
+    server_pid: &str,
     url: &str,
     admin: &jetstream::Context,
     case: Case,
     tag: &str,
     raw_first: bool,
     s: &Settings,
-) -> Result<(f64, f64), BoxError> {
+) -> Result<(Tally, Tally), BoxError> {
     let body_len = envelope(&payload()).to_bytes().len();
     let mut raw = Raw::new(url, &format!("{tag}r"), body_len).await?;
     let mut sy = Switchyard::new(url, &format!("{tag}s")).await?;
@@ -384,6 +445,7 @@ async fn pair(
     for k in 0..SLICES {
         for side in 0..2 {
             let raw_turn = (side == 0) == (raw_first == (k % 2 == 0));
+            let cpu = CpuProbe::start(server_pid);
             match (case, raw_turn) {
                 (Case::PublishC1, true) => raw.publish_c1(slice_secs, &mut tr).await?,
                 (Case::PublishC1, false) => sy.publish_c1(slice_secs, &mut tw).await?,
@@ -392,11 +454,16 @@ async fn pair(
                 (Case::Consume, true) => raw.consume(per_slice, &mut tr).await?,
                 (Case::Consume, false) => sy.consume(per_slice, &mut tw).await?,
             }
+            if raw_turn {
+                tr.add_cpu(&cpu);
+            } else {
+                tw.add_cpu(&cpu);
+            }
         }
     }
     raw.finish().await?;
     sy.finish(admin).await?;
-    Ok((tr.rate(), tw.rate()))
+    Ok((tr, tw))
 }
 
 /// 4 batch publishers (1000 per batch) and 2 members of one group consuming and acking
@@ -459,6 +526,7 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
     let server = tokio::task::block_in_place(NatsServer::start)?
         .ok_or("nats-server is not installed (`apt-get install nats-server`)")?;
     let url = server.url();
+    let server_pid = server.pid().to_string();
     let admin_client = async_nats::connect(url.as_str()).await?;
     let admin = jetstream::new(admin_client.clone());
     let mut figures = Vec::new();
@@ -491,13 +559,23 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             continue;
         }
         let (mut raw, mut sy, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+        // CPU µs per message: (raw client, switchyard client, raw server, switchyard
+        // server, switchyard / raw client).
+        let mut cpu: [Vec<f64>; 5] = Default::default();
         for run in 0..s.runs {
             progress(&format!("nats.{name} (run {}/{})", run + 1, s.runs));
             let tag = format!("b{ci}r{run}");
-            let (r, w) = pair(&url, &admin, case, &tag, run % 2 == 0, s).await?;
-            raw.push(r);
-            sy.push(w);
-            ratio.push(w / r);
+            let (r, w) = pair(&server_pid, &url, &admin, case, &tag, run % 2 == 0, s).await?;
+            raw.push(r.rate());
+            sy.push(w.rate());
+            ratio.push(w.rate() / r.rate());
+            let ((rc, rs), (wc, ws)) = (r.cpu_per_msg(), w.cpu_per_msg());
+            for (i, v) in [rc, wc, rs, ws].into_iter().enumerate() {
+                cpu[i].extend(v);
+            }
+            if let (Some(rc), Some(wc)) = (rc, wc) {
+                cpu[4].push(wc / rc);
+            }
         }
         figures.push(
             Figure::from_runs(&raw_name, "msg/s", raw)
@@ -511,6 +589,43 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             Figure::from_runs(&ratio_name, "x", ratio)
                 .with_note("switchyard / raw, pair by pair per run"),
         );
+        let [raw_client, sy_client, raw_server, sy_server, cpu_ratio] = cpu;
+        for (figure, values, note) in [
+            (
+                format!("{raw_name}.cpu_us"),
+                raw_client,
+                "bench process CPU per message, raw side's slices",
+            ),
+            (
+                format!("{sy_name}.cpu_us"),
+                sy_client,
+                "bench process CPU per message, switchyard side's slices",
+            ),
+            (
+                format!("{raw_name}.server_cpu_us"),
+                raw_server,
+                "nats-server CPU per message, raw side's slices",
+            ),
+            (
+                format!("{sy_name}.server_cpu_us"),
+                sy_server,
+                "nats-server CPU per message, switchyard side's slices",
+            ),
+            (
+                format!("{ratio_name}.cpu"),
+                cpu_ratio,
+                "switchyard / raw client CPU per message, pair by pair per run",
+            ),
+        ] {
+            if !values.is_empty() {
+                let unit = if figure.ends_with(".cpu") {
+                    "x"
+                } else {
+                    "µs/msg"
+                };
+                figures.push(Figure::from_runs(&figure, unit, values).with_note(note));
+            }
+        }
     }
 
     for name in ["nats.e2e.embedded", "nats.e2e.nats"] {

@@ -8,6 +8,14 @@
 //! until their own `ack_wait`), so what a dead process held comes back within
 //! [`LIVENESS`] at the latest, and at once when a new process joins the group
 //! ([`take_over`]).
+//!
+//! The group's pull requests in this bus are answered on one inbox, so the messages reach
+//! the sequencer in the order the server sent them however many requests are open. A
+//! request is only made from a subscriber's `next_batch`: when nothing is ready, and when
+//! at most half of what the caller asked for is still to come (so the next messages are
+//! on their way while the caller handles these, as `consumer.stream()` does). What is
+//! asked for and not yet here never exceeds the caller's `max`, as with one request of
+//! `max` at a time.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use async_nats::jetstream::AckKind;
+use async_nats::{StatusCode, Subject};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -34,6 +43,10 @@ use crate::{Inner, NatsError, lock};
 /// another server `ack_wait` (and counts a delivery), and a request made when a member
 /// died would otherwise expire exactly when the dead member's message comes back.
 const PULL_EXPIRES: Duration = Duration::from_secs(27);
+
+/// How long after a pull request expires its end notice (`408`) is waited for before the
+/// messages it asked for are taken as not coming.
+const PULL_GRACE: Duration = Duration::from_secs(5);
 
 /// The longest `ack_wait` the server gets: a message held by a process that died comes
 /// back after this at the latest (a live process keeps what it holds with `+WPI`).
@@ -58,13 +71,84 @@ const H_ATTEMPTS: &str = "Sy-Attempts";
 const H_FIRST: &str = "Sy-First-Failure";
 const H_LAST: &str = "Sy-Last-Failure";
 
-/// A message held by this bus: the JetStream message (to settle it), its envelope, and
-/// its stream sequence and delivery count.
+/// A message held by this bus: the ack subject of its delivery (to settle it), its
+/// envelope, and its stream sequence and delivery count.
 pub(crate) struct Held {
-    message: jetstream::Message,
+    reply: Subject,
     envelope: Arc<Envelope>,
     seq: u64,
     delivered: u64,
+}
+
+/// A message handed back to the group: the ack subject, sequence and delivery count of
+/// its delivery here, and whether that delivery only waited here (no attempt).
+struct Handback {
+    reply: Subject,
+    seq: u64,
+    delivered: u64,
+    waiting: bool,
+}
+
+impl Handback {
+    fn of(h: Held, waiting: bool) -> Self {
+        Handback {
+            reply: h.reply,
+            seq: h.seq,
+            delivered: h.delivered,
+            waiting,
+        }
+    }
+
+    /// A delivery read from a pull inbox that no subscriber will see.
+    fn unread(m: async_nats::Message) -> Option<Self> {
+        if m.status.is_some_and(|s| s != StatusCode::OK) {
+            return None;
+        }
+        let reply = m.reply?;
+        let (seq, delivered) = ack_info(reply.as_str())?;
+        Some(Handback {
+            reply,
+            seq,
+            delivered: delivered.max(1),
+            waiting: true,
+        })
+    }
+}
+
+/// Sends `kind` to the ack subject `reply` of a delivery (what
+/// `jetstream::Message::ack_with` sends, without keeping the whole message).
+async fn send_ack(
+    client: &async_nats::Client,
+    reply: &Subject,
+    kind: AckKind,
+) -> std::result::Result<(), async_nats::PublishError> {
+    let payload = match kind {
+        // An empty ack, as `jetstream::Message::ack` sends.
+        AckKind::Ack => Bytes::new(),
+        other => other.into(),
+    };
+    client.publish(reply.clone(), payload).await
+}
+
+/// The stream sequence and delivery count of a delivery, from its ack subject:
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+/// or the same with `<domain>.<account hash>.` before the stream and a token at the end.
+fn ack_info(reply: &str) -> Option<(u64, u64)> {
+    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let mut tokens = [""; 12];
+    let mut n = 0;
+    for t in rest.split('.') {
+        *tokens.get_mut(n)? = t;
+        n += 1;
+    }
+    let at = match n {
+        7 => 2,
+        9.. => 4,
+        _ => return None,
+    };
+    let delivered = tokens[at].parse().ok()?;
+    let seq = tokens[at + 1].parse().ok()?;
+    Some((seq, delivered))
 }
 
 /// The settings the latest subscriber gave the group.
@@ -104,24 +188,131 @@ pub(crate) struct GroupState {
     sources: AtomicUsize,
     /// Waiting messages the last subscriber left behind, handed back by the keep-alive
     /// task (or by `close`, in one ordered pass with the rest).
-    leaving: Mutex<Vec<Held>>,
-    /// The group's one pull request in this bus: every fetched message enters the
-    /// sequencer in the order the server delivered it.
+    leaving: Mutex<Vec<Handback>>,
+    /// The group's pull requests in this bus, answered on one inbox: every fetched
+    /// message enters the sequencer in the order the server delivered it.
     puller: tokio::sync::Mutex<Puller>,
-    /// The handle of the group's durable consumer (the latest subscriber's).
-    consumer: Mutex<Option<jetstream::consumer::Consumer<jetstream::consumer::pull::Config>>>,
+    /// Where pull requests for the group go (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
+    next_subject: Subject,
 }
 
-/// The open pull request of a group in this bus.
+/// The pull requests of a group in this bus: one inbox subscription that every request
+/// is answered on, and how many messages are asked for and not yet read from it.
 #[derive(Default)]
 struct Puller {
-    /// Kept across cancelled calls so nothing it brought is lost.
-    current: Option<jetstream::consumer::pull::Batch>,
+    /// The inbox and its subscription; kept across cancelled calls so nothing it brought
+    /// is lost.
+    inbox: Option<(Subject, async_nats::Subscriber)>,
+    /// Messages asked for and neither read from the inbox nor given up by the server.
+    pending: usize,
+    /// When the latest request has surely ended (it expired, plus [`PULL_GRACE`]).
+    ends: Option<Instant>,
+}
+
+impl Puller {
+    /// Subscribes to a fresh inbox unless one is open.
+    async fn open(&mut self, client: &async_nats::Client) -> Result<()> {
+        if self.inbox.is_none() {
+            let inbox = Subject::from(client.new_inbox());
+            let sub = client
+                .subscribe(inbox.clone())
+                .await
+                .map_err(|e| NatsError::consume("subscribing to a pull inbox".into(), e))?;
+            self.inbox = Some((inbox, sub));
+            self.pending = 0;
+            self.ends = None;
+        }
+        Ok(())
+    }
+
+    /// Asks for more, up to `want` in all, when at most half of `want` is still to come.
+    async fn top_up(
+        &mut self,
+        client: &async_nats::Client,
+        next_subject: &Subject,
+        want: usize,
+    ) -> Result<()> {
+        let Some((inbox, _)) = &self.inbox else {
+            return Ok(());
+        };
+        if self.pending > want / 2 {
+            return Ok(());
+        }
+        let n = want - self.pending;
+        let body = format!("{{\"batch\":{n},\"expires\":{}}}", PULL_EXPIRES.as_nanos());
+        client
+            .publish_with_reply(next_subject.clone(), inbox.clone(), body.into())
+            .await
+            .map_err(|e| NatsError::consume("sending a pull request".into(), e))?;
+        self.pending += n;
+        self.ends = Some(Instant::now() + PULL_EXPIRES + PULL_GRACE);
+        Ok(())
+    }
+
+    /// Ends the subscription and returns the deliveries that reached it unread (asked for
+    /// ahead, no subscriber saw them), to be handed back. What the server sends after the
+    /// unsubscribe is lost and comes back after its `ack_wait`. `unsubscribe` queues the
+    /// unsubscribe on the connection before anything sent after it.
+    async fn close(&mut self) -> Vec<Handback> {
+        let mut unread = Vec::new();
+        if let Some((_, mut sub)) = self.inbox.take() {
+            if let Err(e) = sub.unsubscribe().await {
+                tracing::debug!(error = %e, "unsubscribing a pull inbox");
+            }
+            while let Some(Some(m)) = sub.next().now_or_never() {
+                unread.extend(Handback::unread(m));
+            }
+        }
+        *self = Puller::default();
+        unread
+    }
+
+    /// [`close`](Self::close) where nothing can be awaited: the subscriber is dropped
+    /// (async-nats then unsubscribes from a spawned task).
+    fn leave(&mut self) -> Vec<Handback> {
+        let mut unread = Vec::new();
+        if let Some((_, mut sub)) = self.inbox.take() {
+            while let Some(Some(m)) = sub.next().now_or_never() {
+                unread.extend(Handback::unread(m));
+            }
+        }
+        *self = Puller::default();
+        unread
+    }
+
+    /// A status message on the inbox: the end of a request (its undelivered count in
+    /// `Nats-Pending-Messages`), a heartbeat, or an error. Returns the error to report.
+    fn status(&mut self, m: &async_nats::Message, status: StatusCode) -> Option<String> {
+        if status == StatusCode::IDLE_HEARTBEAT {
+            return None;
+        }
+        let left = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Pending-Messages"))
+            .and_then(|v| v.as_str().parse::<usize>().ok());
+        // Without the count, everything asked for is taken as not coming (at worst the
+        // next request asks for more than `max`, once).
+        self.pending = left.map_or(0, |n| self.pending.saturating_sub(n));
+        if self.pending == 0 {
+            self.ends = None;
+        }
+        match status {
+            // The request expired, or (a request without waiting) nothing was there.
+            StatusCode::TIMEOUT | StatusCode::NOT_FOUND => None,
+            // `409` (consumer deleted, limits exceeded), `503` (no JetStream), …
+            _ => Some(format!(
+                "pull request failed: {status} {}",
+                m.description.as_deref().unwrap_or("")
+            )),
+        }
+    }
 }
 
 impl GroupState {
-    pub(crate) fn new(topic: &str, group: &str, key_prefix: String) -> Self {
+    pub(crate) fn new(topic: &str, group: &str, key_prefix: String, next_subject: String) -> Self {
         GroupState {
+            next_subject: next_subject.into(),
             topic: topic.into(),
             group: group.into(),
             key_prefix,
@@ -136,7 +327,6 @@ impl GroupState {
             sources: AtomicUsize::new(0),
             leaving: Mutex::new(Vec::new()),
             puller: Default::default(),
-            consumer: Mutex::new(None),
         }
     }
 
@@ -156,26 +346,41 @@ impl GroupState {
     /// Hands every held message back to the group, in stream order, redelivered after
     /// [`RELEASE_DELAY`]; later settles of them fail as stale.
     pub(crate) async fn release_all(&self, inner: &Inner) {
-        // The open pull request goes first (its unsubscribe precedes the naks on the
+        // The pull inbox goes first (its unsubscribe precedes the naks on the
         // connection), or the server could hand a released message to it, to be lost.
-        self.puller.lock().await.current = None;
-        let mut held = lock(&self.order).drain_all();
-        held.extend(
-            std::mem::take(&mut *lock(&self.leaving))
+        let mut back = self.puller.lock().await.close().await;
+        back.extend(
+            lock(&self.order)
+                .drain_all()
                 .into_iter()
-                .map(|h| (h, true)),
+                .map(|(h, waiting)| Handback::of(h, waiting)),
         );
-        // In stream order: the server redelivers them in the order they come back.
-        held.sort_by_key(|(h, _)| h.seq);
-        self.release(inner, held).await;
+        back.append(&mut lock(&self.leaving));
+        self.release(inner, back).await;
     }
 
-    /// Hands `held` back to the group; the delivery of a waiting one (`true`) was no
-    /// attempt, and the ledger says so before the `-NAK`.
-    async fn release(&self, inner: &Inner, held: Vec<(Held, bool)>) {
-        for (h, waiting) in held {
-            if waiting {
-                let mut u = lock(&self.uncounted).remove(&h.seq).unwrap_or_default();
+    /// Hands `back` back to the group, in stream order (the server redelivers them in
+    /// the order they come back); a delivery that only waited here was no attempt, and
+    /// the ledger says so before the `-NAK`.
+    async fn release(&self, inner: &Inner, mut back: Vec<Handback>) {
+        let Ok(client) = inner.client() else {
+            return;
+        };
+        // The latest delivery of each message (an unread redelivery of one in flight).
+        back.sort_by_key(|h| (h.seq, std::cmp::Reverse(h.delivered)));
+        back.dedup_by_key(|h| h.seq);
+        for h in back {
+            if h.waiting {
+                let known = lock(&self.uncounted).remove(&h.seq);
+                let mut u = match known {
+                    Some(u) => u,
+                    None if h.delivered > 1 => inner
+                        .ledger
+                        .get(inner, &self.key(h.seq))
+                        .await
+                        .unwrap_or_default(),
+                    None => Uncounted::default(),
+                };
                 if u.upto < h.delivered {
                     u.n += h.delivered - u.upto.max(h.delivered - 1);
                     u.upto = h.delivered;
@@ -185,7 +390,7 @@ impl GroupState {
             // After a short delay: the server would hand a message released at once to
             // this bus's pull request, whose unsubscribe async-nats sends from a spawned
             // task (possibly after the nak); that delivery would be lost and counted.
-            if let Err(e) = h.message.ack_with(AckKind::Nak(Some(RELEASE_DELAY))).await {
+            if let Err(e) = send_ack(client, &h.reply, AckKind::Nak(Some(RELEASE_DELAY))).await {
                 tracing::warn!(topic = %self.topic, group = %self.group, error = %e,
                     "handing a held message back failed; it returns after the server's ack_wait");
             }
@@ -206,6 +411,9 @@ impl GroupState {
 
     /// The attempt number of delivery `delivered` of `seq`.
     fn attempt(&self, seq: u64, delivered: u64) -> u64 {
+        if delivered <= 1 {
+            return 1;
+        }
         let n = lock(&self.uncounted).get(&seq).map_or(0, |u| u.n);
         delivered.saturating_sub(n).max(1)
     }
@@ -281,21 +489,14 @@ pub(crate) fn spawn_keep_alive(
             let mut replies = Vec::new();
             let woke = {
                 let mut order = lock(&state.order);
-                order.keep_alive(now, server_wait / 3, |h| {
-                    if let Some(r) = &h.message.reply {
-                        replies.push(r.clone());
-                    }
-                });
+                order.keep_alive(now, server_wait / 3, |h| replies.push(h.reply.clone()));
                 let expired = order.expire_away(now);
                 order.lift_if_due(now) || expired
             };
             if woke {
                 state.ready.notify_waiters();
             }
-            let leaving: Vec<_> = std::mem::take(&mut *lock(&state.leaving))
-                .into_iter()
-                .map(|h| (h, true))
-                .collect();
+            let leaving = std::mem::take(&mut *lock(&state.leaving));
             if !leaving.is_empty()
                 && let Some(inner) = inner.upgrade()
             {
@@ -372,17 +573,26 @@ pub(crate) async fn take_over(
 
 /// A fetched message this bus handles itself instead of handing it out.
 enum Special {
-    /// Not an envelope written by switchyard: terminated.
-    Undecodable(jetstream::Message),
-    /// A replay meant for another group: acknowledged.
-    OtherGroup(jetstream::Message),
+    /// Not an envelope written by switchyard: terminated (its ack subject).
+    Undecodable(Subject),
+    /// A replay meant for another group: acknowledged (its ack subject).
+    OtherGroup(Subject),
     /// The extra delivery after an ack timeout on the last attempt: dead-lettered.
     Exhausted { seq: u64, attempts: u64, held: Held },
 }
 
+/// A delivery read from the pull inbox.
+struct Fetched {
+    reply: Subject,
+    payload: Bytes,
+    seq: u64,
+    delivered: u64,
+}
+
 /// The [`DeliverySource`] of one subscriber. The subscribers of a group in one bus share
-/// one pull request (made only while one of them asks for messages and none is ready),
-/// so the sequencer sees the messages in the server's order.
+/// its pull inbox (requests are made only from `next_batch`: when none is ready, and to
+/// keep what the caller asked for coming), so the sequencer sees the messages in the
+/// server's order.
 pub(crate) struct Source {
     inner: Arc<Inner>,
     settler: Arc<GroupSettler>,
@@ -390,14 +600,9 @@ pub(crate) struct Source {
 }
 
 impl Source {
-    pub(crate) fn new(
-        inner: Arc<Inner>,
-        consumer: jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
-        state: Arc<GroupState>,
-    ) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, state: Arc<GroupState>) -> Self {
         let closed = inner.closed.subscribe();
         state.sources.fetch_add(1, Ordering::SeqCst);
-        *lock(&state.consumer) = Some(consumer);
         Source {
             settler: Arc::new(GroupSettler {
                 inner: inner.clone(),
@@ -427,12 +632,11 @@ impl Source {
 
     /// Reads the ledger entries of fetched redeliveries that this bus sees for the first
     /// time.
-    async fn read_ledger(&self, fetched: &[jetstream::Message]) {
+    async fn read_ledger(&self, fetched: &[Fetched]) {
         let state = &self.settler.state;
         for m in fetched {
-            let Ok(i) = m.info() else { continue };
-            let seq = i.stream_sequence;
-            if i.delivered <= 1
+            let seq = m.seq;
+            if m.delivered <= 1
                 || lock(&state.uncounted).contains_key(&seq)
                 || lock(&state.order).contains(seq)
             {
@@ -452,42 +656,41 @@ impl Source {
 
     /// Puts fetched messages into the sequencer, in order. Returns those handled here,
     /// and the ledger entries to write: deliveries found to have been no attempts.
-    fn arrive(&self, fetched: Vec<jetstream::Message>) -> (Vec<Special>, Vec<(u64, Uncounted)>) {
+    fn arrive(&self, fetched: Vec<Fetched>) -> (Vec<Special>, Vec<(u64, Uncounted)>) {
         let state = &self.settler.state;
         let settings = state.settings();
         let max_attempts = u64::from(settings.policy.max_attempts.max(1));
         let now = Instant::now();
         let mut special = Vec::new();
         let mut records = Vec::new();
-        for message in fetched {
-            let (seq, delivered) = match message.info() {
-                Ok(i) => (i.stream_sequence, i.delivered.max(1) as u64),
-                Err(e) => {
-                    tracing::warn!(error = %e, "message without JetStream metadata skipped");
-                    continue;
-                }
-            };
-            let envelope = match Envelope::from_bytes(&message.payload) {
+        // Decoded before the sequencer is locked, which is then locked once for all.
+        let mut decoded = Vec::with_capacity(fetched.len());
+        for m in fetched {
+            let envelope = match Envelope::from_bytes(&m.payload) {
                 Ok(e) => Arc::new(e),
                 Err(e) => {
-                    tracing::error!(topic = %state.topic, seq, error = %e,
+                    tracing::error!(topic = %state.topic, seq = m.seq, error = %e,
                         "undecodable record terminated (not an envelope written by switchyard)");
-                    special.push(Special::Undecodable(message));
+                    special.push(Special::Undecodable(m.reply));
                     continue;
                 }
             };
             if let Some(target) = envelope.extension(REPLAY_GROUP_EXTENSION)
                 && target != &*state.group
             {
-                special.push(Special::OtherGroup(message));
+                special.push(Special::OtherGroup(m.reply));
                 continue;
             }
-            let mut order = lock(&state.order);
+            decoded.push((m, envelope));
+        }
+        let mut order = lock(&state.order);
+        for (m, envelope) in decoded {
+            let (seq, delivered) = (m.seq, m.delivered);
             let first_here = !order.contains(seq);
             // While taken-over messages come back, every keyed one is one of them.
             let taken_over = order.holding() && delivered > 1;
             let held = Held {
-                message,
+                reply: m.reply,
                 envelope: envelope.clone(),
                 seq,
                 delivered,
@@ -533,11 +736,15 @@ impl Source {
         let state = &self.settler.state;
         for s in special {
             match s {
-                Special::Undecodable(m) => {
-                    let _ = m.ack_with(AckKind::Term).await;
+                Special::Undecodable(reply) => {
+                    if let Ok(client) = self.inner.client() {
+                        let _ = send_ack(client, &reply, AckKind::Term).await;
+                    }
                 }
-                Special::OtherGroup(m) => {
-                    let _ = m.ack().await;
+                Special::OtherGroup(reply) => {
+                    if let Ok(client) = self.inner.client() {
+                        let _ = send_ack(client, &reply, AckKind::Ack).await;
+                    }
                 }
                 Special::Exhausted {
                     seq,
@@ -569,17 +776,22 @@ impl Drop for Source {
         if state.sources.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
-        // The last subscriber of the group in this bus left: its open pull request ends,
-        // and what waits here goes back to the group (deliveries in flight stay
-        // settleable).
-        if let Ok(mut puller) = state.puller.try_lock() {
-            puller.current = None;
-        }
-        let waiting = lock(&state.order).drain_waiting();
-        if waiting.is_empty() {
+        // The last subscriber of the group in this bus left: its pull inbox ends, and
+        // what waits here goes back to the group (deliveries in flight stay settleable).
+        let mut back = match state.puller.try_lock() {
+            Ok(mut puller) => puller.leave(),
+            Err(_) => Vec::new(),
+        };
+        back.extend(
+            lock(&state.order)
+                .drain_waiting()
+                .into_iter()
+                .map(|h| Handback::of(h, true)),
+        );
+        if back.is_empty() {
             return;
         }
-        lock(&state.leaving).extend(waiting);
+        lock(&state.leaving).extend(back);
     }
 }
 
@@ -595,6 +807,14 @@ impl DeliverySource for Source {
             notified.as_mut().enable();
             let ready = self.take_ready(max);
             if !ready.is_empty() {
+                // Keeps the next messages coming while the caller handles these (unless
+                // another subscriber of the group is reading the inbox: it asks itself).
+                if let Ok(mut puller) = state.puller.try_lock()
+                    && let Ok(client) = self.inner.client()
+                    && let Err(e) = puller.top_up(client, &state.next_subject, max).await
+                {
+                    tracing::debug!(at = %self.where_(), error = %e, "asking for more failed");
+                }
                 return Ok(ready);
             }
             let mut puller = tokio::select! {
@@ -602,53 +822,65 @@ impl DeliverySource for Source {
                 _ = &mut notified => continue,
                 p = state.puller.lock() => p,
             };
-            if puller.current.is_none() {
-                let Some(consumer) = lock(&state.consumer).clone() else {
-                    return Err(Error::Closed);
-                };
-                let batch = consumer
-                    .batch()
-                    .max_messages(max)
-                    .expires(PULL_EXPIRES)
-                    .messages()
-                    .await
-                    .map_err(|e| {
-                        NatsError::consume(format!("pulling from {}", self.where_()), e)
-                    })?;
-                puller.current = Some(batch);
-            }
-            let Some(batch) = puller.current.as_mut() else {
+            let (client, _) = self.inner.conn().await?;
+            puller.open(client).await?;
+            puller.top_up(client, &state.next_subject, max).await?;
+            let ends = puller.ends;
+            let Some((_, inbox)) = puller.inbox.as_mut() else {
                 continue;
             };
             let item = tokio::select! {
                 _ = self.closed.wait_for(|c| *c) => return Err(Error::Closed),
                 _ = &mut notified => continue,
-                item = batch.next() => item,
-            };
-            let first = match item {
-                None => {
-                    puller.current = None;
+                // The requests' end notices were lost: what they asked for is not coming.
+                _ = sleep_until(ends) => {
+                    puller.pending = 0;
+                    puller.ends = None;
                     continue;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(at = %self.where_(), error = %e, "pull request failed; renewing it");
-                    puller.current = None;
-                    drop(puller);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                Some(Ok(m)) => m,
+                item = inbox.next() => item,
             };
-            let mut fetched = vec![first];
-            while let Some(batch) = puller.current.as_mut() {
-                match batch.next().now_or_never() {
-                    Some(Some(Ok(m))) => fetched.push(m),
-                    Some(None) => {
-                        puller.current = None;
-                        break;
+            let Some(first) = item else {
+                // The subscription ended (the connection closed it): a fresh one next time.
+                *puller = Puller::default();
+                continue;
+            };
+            let mut fetched = Vec::new();
+            let mut failure = None;
+            let mut next = Some(first);
+            while let Some(m) = next {
+                match m.status {
+                    Some(status) if status != StatusCode::OK => {
+                        failure = failure.or(puller.status(&m, status));
                     }
-                    _ => break,
+                    _ => {
+                        puller.pending = puller.pending.saturating_sub(1);
+                        let info = m.reply.as_ref().and_then(|r| ack_info(r.as_str()));
+                        match (m.reply, info) {
+                            (Some(reply), Some((seq, delivered))) => fetched.push(Fetched {
+                                reply,
+                                payload: m.payload,
+                                seq,
+                                delivered: delivered.max(1),
+                            }),
+                            (reply, _) => tracing::warn!(at = %self.where_(), subject = ?reply,
+                                "message without JetStream metadata skipped"),
+                        }
+                    }
                 }
+                next = match puller.inbox.as_mut() {
+                    Some((_, inbox)) => inbox.next().now_or_never().flatten(),
+                    None => None,
+                };
+            }
+            if let Some(e) = failure {
+                tracing::warn!(at = %self.where_(), error = %e, "pull request failed; renewing it");
+                drop(puller);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            if fetched.is_empty() {
+                continue;
             }
             self.read_ledger(&fetched).await;
             let (special, records) = self.arrive(fetched);
@@ -659,6 +891,14 @@ impl DeliverySource for Source {
             self.handle(special).await?;
             state.ready.notify_waiters();
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no `at`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -692,14 +932,13 @@ impl GroupSettler {
         headers.insert(H_LAST, last.unix_micros().to_string().as_str());
         let msg_id = format!("dlq.{}.{seq}", s.group);
         self.inner
-            .publish_all(
-                &dlq_topic(&s.topic),
-                vec![((*held.envelope).clone(), Some(msg_id), headers)],
-            )
+            .publish_one(&dlq_topic(&s.topic), &held.envelope, Some(msg_id), headers)
             .await?;
-        held.message.ack_with(AckKind::Term).await.map_err(|e| {
-            NatsError::consume(format!("terminating {}/{} {seq}", s.topic, s.group), e)
-        })?;
+        send_ack(self.inner.client()?, &held.reply, AckKind::Term)
+            .await
+            .map_err(|e| {
+                NatsError::consume(format!("terminating {}/{} {seq}", s.topic, s.group), e)
+            })?;
         tracing::warn!(topic = %s.topic, group = %s.group, seq, attempts, reason, "dead-lettered");
         Ok(())
     }
@@ -724,13 +963,16 @@ impl Settler for GroupSettler {
         let Some(held) = lock(&s.order).begin_settle(seq, info.lease, until) else {
             return Err(s.stale(info));
         };
-        let fail = |e: async_nats::Error| {
+        let fail = |e: async_nats::PublishError| {
             NatsError::consume(format!("settling {}/{} {seq}", s.topic, s.group), e)
         };
+        let client = self.inner.client()?;
         match how {
             Settle::Ack => {
                 lock(&s.first_failure).remove(&seq);
-                held.message.ack().await.map_err(fail)?;
+                send_ack(client, &held.reply, AckKind::Ack)
+                    .await
+                    .map_err(fail)?;
                 s.done(&self.inner, seq);
                 Ok(())
             }
@@ -746,9 +988,7 @@ impl Settler for GroupSettler {
                         Ok(())
                     }
                     // Stays away, its subject blocked, until it comes back.
-                    Some(delay) => held
-                        .message
-                        .ack_with(AckKind::Nak(Some(delay)))
+                    Some(delay) => send_ack(client, &held.reply, AckKind::Nak(Some(delay)))
                         .await
                         .map_err(fail),
                 }
@@ -823,4 +1063,72 @@ pub(crate) async fn read_dead_letters(
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_info_reads_both_ack_subject_forms() {
+        // nats-server 2.9: stream, consumer, delivered, stream seq, consumer seq, time, pending.
+        assert_eq!(
+            ack_info("$JS.ACK.SY_t.C_g.3.42.57.1700000000000000000.9"),
+            Some((42, 3))
+        );
+        // With domain and account hash before the stream, and a token after.
+        assert_eq!(
+            ack_info("$JS.ACK._.ACCHASH.SY_t.C_g.1.7.7.1700000000000000000.0.tok"),
+            Some((7, 1))
+        );
+        assert_eq!(
+            ack_info("$JS.ACK._.ACCHASH.SY_t.C_g.2.8.9.1700000000000000000.0"),
+            Some((8, 2))
+        );
+        assert_eq!(ack_info("_INBOX.abc"), None);
+        assert_eq!(ack_info("$JS.ACK.SY_t.C_g.x.42.57.1.9"), None);
+        assert_eq!(ack_info("$JS.ACK.SY_t.C_g.3.42"), None);
+        assert_eq!(ack_info("$JS.ACK.a.b.c.d.e.f.g.h.i.j.k.l.m"), None);
+    }
+
+    fn status_message(status: u16, pending: Option<&str>) -> async_nats::Message {
+        let headers = pending.map(|p| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Pending-Messages", p);
+            h
+        });
+        async_nats::Message {
+            subject: Subject::from_static("_INBOX.x"),
+            reply: None,
+            payload: Bytes::new(),
+            headers,
+            status: StatusCode::from_u16(status).ok(),
+            description: None,
+            length: 0,
+        }
+    }
+
+    #[test]
+    fn a_request_end_subtracts_what_it_did_not_deliver() {
+        let mut p = Puller {
+            pending: 1_500,
+            ..Default::default()
+        };
+        let m = status_message(408, Some("1000"));
+        assert_eq!(p.status(&m, StatusCode::TIMEOUT), None);
+        assert_eq!(p.pending, 500);
+        // Heartbeats change nothing.
+        let m = status_message(100, None);
+        assert_eq!(p.status(&m, StatusCode::IDLE_HEARTBEAT), None);
+        assert_eq!(p.pending, 500);
+        // An end without the count: nothing more is expected.
+        let m = status_message(408, None);
+        assert_eq!(p.status(&m, StatusCode::TIMEOUT), None);
+        assert_eq!(p.pending, 0);
+        // Anything else is reported.
+        p.pending = 10;
+        let m = status_message(409, Some("10"));
+        assert!(p.status(&m, StatusCode::REQUEST_TERMINATED).is_some());
+        assert_eq!(p.pending, 0);
+    }
 }

@@ -157,8 +157,11 @@ pub(crate) struct Inner {
     /// Deliveries that were no attempts.
     pub(crate) ledger: Ledger,
     conn: OnceCell<(async_nats::Client, jetstream::Context)>,
-    /// Streams known to exist (created or looked up once).
-    streams: tokio::sync::Mutex<HashMap<String, jetstream::stream::Stream>>,
+    /// Streams known to exist (created or looked up once), by topic. A plain lock: the
+    /// publish path only reads it.
+    streams: Mutex<HashMap<String, Arc<TopicStream>>>,
+    /// Held while a stream is created or looked up, so each is asked for once.
+    creating: tokio::sync::Mutex<()>,
     /// In-flight state of each (topic, group) used through this bus.
     groups: Mutex<HashMap<(String, String), Arc<GroupState>>>,
     pub(crate) closed: watch::Sender<bool>,
@@ -166,6 +169,12 @@ pub(crate) struct Inner {
     pub(crate) leaving: watch::Sender<usize>,
     /// Transient members whose forwarding task still runs.
     pub(crate) live_members: watch::Sender<usize>,
+}
+
+/// A topic's stream, known to exist, and the subject its messages are published to.
+pub(crate) struct TopicStream {
+    pub(crate) stream: jetstream::stream::Stream,
+    subject: async_nats::Subject,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -184,6 +193,7 @@ impl NatsBus {
                 names,
                 conn: OnceCell::new(),
                 streams: Default::default(),
+                creating: Default::default(),
                 groups: Default::default(),
                 closed: watch::channel(false).0,
                 leaving: watch::channel(0).0,
@@ -210,6 +220,14 @@ impl Inner {
         Ok(())
     }
 
+    /// The connection's client, once connected (every held message came through it).
+    pub(crate) fn client(&self) -> Result<&async_nats::Client> {
+        match self.conn.get() {
+            Some((client, _)) => Ok(client),
+            None => Err(Error::Closed),
+        }
+    }
+
     pub(crate) async fn conn(&self) -> Result<&(async_nats::Client, jetstream::Context)> {
         self.check_open()?;
         self.conn
@@ -225,59 +243,116 @@ impl Inner {
             .await
     }
 
-    /// The stream of `topic`, created when missing.
-    pub(crate) async fn stream(&self, topic: &str) -> Result<jetstream::stream::Stream> {
-        let mut streams = self.streams.lock().await;
-        if let Some(s) = streams.get(topic) {
-            return Ok(s.clone());
+    /// The stream of `topic`, created when missing. After the first call for a topic this
+    /// is a map lookup under a plain lock (no stream handle is cloned).
+    pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicStream>> {
+        if let Some(t) = lock(&self.streams).get(topic) {
+            return Ok(t.clone());
+        }
+        let _creating = self.creating.lock().await;
+        if let Some(t) = lock(&self.streams).get(topic) {
+            return Ok(t.clone());
         }
         let (_, js) = self.conn().await?;
+        let subject = self.names.subject(topic);
         let config = jetstream::stream::Config {
             name: self.names.stream(topic),
-            subjects: vec![self.names.subject(topic)],
+            subjects: vec![subject.clone()],
             duplicate_window: self.config.dedup_window,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let s = js
+        let stream = js
             .get_or_create_stream(config)
             .await
             .map_err(|e| NatsError::stream(topic, e))?;
-        streams.insert(topic.to_string(), s.clone());
-        Ok(s)
+        let t = Arc::new(TopicStream {
+            stream,
+            subject: subject.into(),
+        });
+        lock(&self.streams).insert(topic.to_string(), t.clone());
+        Ok(t)
     }
 
-    /// Publishes `envelopes` to `topic` (plus optional per-message id overrides), sending
-    /// all before awaiting the acks.
-    pub(crate) async fn publish_all(
+    /// The stream of `topic` (a handle of its own), created when missing.
+    pub(crate) async fn stream(&self, topic: &str) -> Result<jetstream::stream::Stream> {
+        Ok(self.topic(topic).await?.stream.clone())
+    }
+
+    /// Sends `e` to `t`'s subject with `headers`, plus `Nats-Msg-Id` = `msg_id` or the
+    /// envelope id (none when dedup is off); the returned future resolves to the ack.
+    async fn send(
         &self,
-        topic: &str,
-        envelopes: Vec<(Envelope, Option<String>, async_nats::HeaderMap)>,
-    ) -> Result<Vec<Published>> {
-        self.stream(topic).await?;
-        let (_, js) = self.conn().await?;
-        let subject = self.names.subject(topic);
-        let mut futures = Vec::with_capacity(envelopes.len());
+        js: &jetstream::Context,
+        t: &TopicStream,
+        e: &Envelope,
+        msg_id: Option<String>,
+        mut headers: async_nats::HeaderMap,
+    ) -> std::result::Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>
+    {
         // A window of zero means no dedup: the server would read a zero
         // `duplicate_window` as its default (2 minutes), so the id is not sent at all.
-        let dedup = !self.config.dedup_window.is_zero();
-        for (e, msg_id, mut headers) in envelopes {
-            match msg_id {
-                Some(id) => headers.insert("Nats-Msg-Id", id.as_str()),
-                None if dedup => headers.insert("Nats-Msg-Id", e.id.to_string().as_str()),
-                None => {}
-            }
-            let f = js
-                .publish_with_headers(subject.clone(), headers, e.to_bytes())
+        let id = match msg_id {
+            Some(id) => Some(id),
+            None if !self.config.dedup_window.is_zero() => Some(
+                e.id.0
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer())
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        if let Some(id) = id {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        }
+        let mut publish = jetstream::context::Publish::build().payload(e.to_bytes());
+        if !headers.is_empty() {
+            publish = publish.headers(headers);
+        }
+        js.send_publish(t.subject.clone(), publish).await
+    }
+
+    /// Publishes one envelope (size checked by the caller) and awaits its ack.
+    pub(crate) async fn publish_one(
+        &self,
+        topic: &str,
+        e: &Envelope,
+        msg_id: Option<String>,
+        headers: async_nats::HeaderMap,
+    ) -> Result<Published> {
+        let t = self.topic(topic).await?;
+        let (_, js) = self.conn().await?;
+        let ack = self
+            .send(js, &t, e, msg_id, headers)
+            .await
+            .map_err(|err| NatsError::publish(topic, err))?
+            .await
+            .map_err(|err| NatsError::publish(topic, err))?;
+        Ok(Published {
+            id: e.id,
+            offset: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Publishes `envelopes` to `topic` (sizes checked by the caller), sending all before
+    /// awaiting the acks: one round trip for the batch.
+    async fn publish_all(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<Vec<Published>> {
+        let t = self.topic(topic).await?;
+        let (_, js) = self.conn().await?;
+        let mut acks = Vec::with_capacity(envelopes.len());
+        for e in &envelopes {
+            let ack = self
+                .send(js, &t, e, None, async_nats::HeaderMap::new())
                 .await
                 .map_err(|err| NatsError::publish(topic, err))?;
-            futures.push((e.id, f));
+            acks.push(ack);
         }
-        let mut out = Vec::with_capacity(futures.len());
-        for (id, f) in futures {
-            let ack = f.await.map_err(|err| NatsError::publish(topic, err))?;
+        let mut out = Vec::with_capacity(acks.len());
+        for (e, ack) in envelopes.iter().zip(acks) {
+            let ack = ack.await.map_err(|err| NatsError::publish(topic, err))?;
             out.push(Published {
-                id,
+                id: e.id,
                 offset: ack.sequence,
                 duplicate: ack.duplicate,
             });
@@ -297,12 +372,11 @@ impl Inner {
         let (g, created) = match groups.get(&key) {
             Some(g) => (g.clone(), false),
             None => {
-                let key_prefix = format!(
-                    "{}.{}",
-                    self.names.stream(topic),
-                    self.names.consumer(group)
-                );
-                let g = Arc::new(GroupState::new(topic, group, key_prefix));
+                let (stream, consumer) = (self.names.stream(topic), self.names.consumer(group));
+                let key_prefix = format!("{stream}.{consumer}");
+                // The default JetStream API prefix (`jetstream::new`), as async-nats uses.
+                let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
+                let g = Arc::new(GroupState::new(topic, group, key_prefix, next_subject));
                 groups.insert(key, g.clone());
                 (g, true)
             }
@@ -322,9 +396,12 @@ impl Bus for NatsBus {
     }
 
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Published> {
-        let mut v = self.publish_batch(topic, vec![envelope]).await?;
-        v.pop()
-            .ok_or_else(|| Error::Unavailable("the server acknowledged nothing".into()))
+        self.inner.check_open()?;
+        validate_name("topic", topic)?;
+        self.inner.check_size(&envelope)?;
+        self.inner
+            .publish_one(topic, &envelope, None, async_nats::HeaderMap::new())
+            .await
     }
 
     async fn publish_batch(&self, topic: &str, envelopes: Vec<Envelope>) -> Result<Vec<Published>> {
@@ -333,11 +410,7 @@ impl Bus for NatsBus {
         for e in &envelopes {
             self.inner.check_size(e)?;
         }
-        let batch = envelopes
-            .into_iter()
-            .map(|e| (e, None, async_nats::HeaderMap::new()))
-            .collect();
-        self.inner.publish_all(topic, batch).await
+        self.inner.publish_all(topic, envelopes).await
     }
 
     async fn subscribe(
@@ -409,7 +482,6 @@ impl Bus for NatsBus {
         }
         Ok(Subscription::new(Box::new(Source::new(
             self.inner.clone(),
-            consumer,
             state,
         ))))
     }
@@ -444,7 +516,7 @@ impl Bus for NatsBus {
             // Published first, then removed from the DLQ: a crash between the two replays
             // twice (at least once), never zero times.
             self.inner
-                .publish_all(topic, vec![(e, Some(msg_id), async_nats::HeaderMap::new())])
+                .publish_one(topic, &e, Some(msg_id), async_nats::HeaderMap::new())
                 .await?;
             dlq.delete_message(seq)
                 .await

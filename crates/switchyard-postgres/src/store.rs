@@ -43,6 +43,9 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// A pooled connection idle for this long is pinged before it is handed out.
+const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// SQLSTATEs of "already exists" races when two instances create the schema at once.
 const UNIQUE_VIOLATION: &str = "23505";
 const DUPLICATE_SCHEMA: &str = "42P06";
@@ -75,6 +78,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(config.acquire_timeout)
+            // sqlx pings every connection it hands out by default: a round trip before
+            // every statement. Only a connection idle for a while is checked (the server
+            // may have dropped it meanwhile); a busy one fails its statement instead, with
+            // `Unavailable` (retryable), and is discarded.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| PgError::sql(format!("connecting to {}", redact(&config.url)), e))?;

@@ -34,7 +34,7 @@ struct Cli {
 enum Suite {
     /// The embedded bus: durable publish, end to end, latency, backlog memory.
     Bus(Args),
-    /// The embedded store: durable commits with outbox and inbox.
+    /// The stores: durable commits with outbox and inbox (embedded, and PostgreSQL when installed).
     Store(Args),
     /// Sync calls: the switchyard HTTP stack against raw axum + hyper-util.
     Rpc(Args),

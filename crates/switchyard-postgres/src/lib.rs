@@ -17,7 +17,7 @@
 //! let txn = Txn::new(store.clone());
 //! let left = txn.get(&STOCK, "sku-1").await?.unwrap_or(10);
 //! txn.put(&STOCK, "sku-1", &(left - 1))?;
-//! txn.commit().await?; // one SQL transaction
+//! txn.commit().await?; // one SQL statement: one round trip, one transaction
 //! # Ok(()) }
 //! ```
 //!
@@ -27,7 +27,7 @@
 //! | --- | --- |
 //! | typed tables | `sy_rows (tbl, key, value bytea, version)`, keys in byte order (`COLLATE "C"`) |
 //! | row version | `nextval('sy_versions')`: never repeats, so a deleted and re-created row never matches an old read |
-//! | atomic commit | one transaction: advisory locks on every key it read or writes (sorted, so no deadlock), the version check, the writes, the outbox rows, the inbox rows |
+//! | atomic commit | one statement, so one round trip and one transaction: a call of `sy_commit` (PL/pgSQL, installed by migration 2) that takes advisory locks on every key the commit read or writes (sorted, so no deadlock), checks the versions, marks the inbox, writes the rows and the outbox entries |
 //! | inbox | `sy_inbox (consumer, id, marked_at_us)`, primary key (consumer, id) |
 //! | outbox | `sy_outbox (seq bigserial, topic, envelope, claimed_by, claimed_until)`; [`Store::outbox_peek`] *claims* entries for this instance (`FOR UPDATE SKIP LOCKED`, a lease) so the relays of several instances share the work |
 //! | saga log | rows of the saga tables, like any state |

@@ -1,6 +1,6 @@
 //! [`PgStore`]: the store contract on PostgreSQL.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -43,6 +43,9 @@ impl std::fmt::Debug for PgStore {
     }
 }
 
+/// A pooled connection idle for this long is pinged before it is handed out.
+const PING_WHEN_IDLE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// SQLSTATEs of "already exists" races when two instances create the schema at once.
 const UNIQUE_VIOLATION: &str = "23505";
 const DUPLICATE_SCHEMA: &str = "42P06";
@@ -75,6 +78,19 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(config.acquire_timeout)
+            // sqlx pings every connection it hands out by default: a round trip before
+            // every statement. Only a connection idle for a while is checked (the server
+            // may have dropped it meanwhile); a busy one fails its statement instead, with
+            // `Unavailable` (retryable), and is discarded.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| PgError::sql(format!("connecting to {}", redact(&config.url)), e))?;
@@ -296,93 +312,17 @@ impl Store for PgStore {
             .collect::<BTreeSet<i64>>()
             .into_iter()
             .collect();
-
-        let mut tx = self
-            .inner
-            .pool
-            .begin()
-            .await
-            .map_err(sql("beginning a commit"))?;
-
-        // Every key read or written, locked in one order: commits touching a key take
-        // turns, and each sees the one before it committed.
-        if !locks.is_empty() {
-            sqlx::query(
-                "SELECT pg_advisory_xact_lock(h) FROM unnest($1::bigint[]) WITH ORDINALITY AS u(h, i) ORDER BY i",
-            )
-            .bind(&locks)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("locking the commit's rows"))?;
-        }
-
-        if !batch.expect.is_empty() {
-            let (tables, keys): (Vec<&str>, Vec<&str>) = batch
-                .expect
-                .iter()
-                .map(|e| (e.table.as_str(), e.key.as_str()))
-                .unzip();
-            let current = sqlx::query(
-                "SELECT r.tbl, r.key, r.version FROM sy_rows r \
-                 JOIN unnest($1::text[], $2::text[]) AS u(t, k) ON r.tbl = u.t AND r.key = u.k",
-            )
-            .bind(&tables)
-            .bind(&keys)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql("checking the versions the commit read"))?;
-            let mut now: BTreeMap<(String, String), u64> = BTreeMap::new();
-            for r in &current {
-                let t: String = r.try_get(0).map_err(sql("reading a version"))?;
-                let k: String = r.try_get(1).map_err(sql("reading a version"))?;
-                let v: i64 = r.try_get(2).map_err(sql("reading a version"))?;
-                now.insert((t, k), v as u64);
-            }
-            for e in &batch.expect {
-                if now.get(&(e.table.clone(), e.key.clone())).copied() != e.version {
-                    return Err(Error::Conflict {
-                        table: e.table.clone(),
-                        key: e.key.clone(),
-                    });
-                }
-            }
-        }
-
-        if !batch.inbox.is_empty() {
-            let mut marks: Vec<(String, Uuid)> = batch
-                .inbox
-                .iter()
-                .map(|(c, id)| (c.clone(), id.0))
-                .collect();
-            marks.sort();
-            let (consumers, ids): (Vec<String>, Vec<Uuid>) = marks.iter().cloned().unzip();
-            let inserted = sqlx::query(
-                "INSERT INTO sy_inbox (consumer, id, marked_at_us) \
-                 SELECT c, i, $3 FROM unnest($1::text[], $2::uuid[]) AS u(c, i) \
-                 ON CONFLICT DO NOTHING RETURNING consumer, id",
-            )
-            .bind(&consumers)
-            .bind(&ids)
-            .bind(i64_of(Timestamp::now().unix_micros()))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(sql("marking the inbox"))?;
-            if inserted.len() < marks.len() {
-                let mut fresh = HashSet::new();
-                for r in &inserted {
-                    let c: String = r.try_get(0).map_err(sql("reading the inbox"))?;
-                    let i: Uuid = r.try_get(1).map_err(sql("reading the inbox"))?;
-                    fresh.insert((c, i));
-                }
-                if let Some((consumer, id)) = marks.into_iter().find(|m| !fresh.contains(m)) {
-                    return Err(Error::AlreadyProcessed {
-                        consumer,
-                        id: MessageId(id).to_string(),
-                    });
-                }
-            }
-        }
-
+        let exp_tables: Vec<&str> = batch.expect.iter().map(|e| e.table.as_str()).collect();
+        let exp_keys: Vec<&str> = batch.expect.iter().map(|e| e.key.as_str()).collect();
+        let exp_versions: Vec<Option<i64>> =
+            batch.expect.iter().map(|e| e.version.map(i64_of)).collect();
+        // Sorted and without duplicates: marking one message twice in one commit is one mark.
+        let marks: BTreeSet<(&str, Uuid)> = batch
+            .inbox
+            .iter()
+            .map(|(c, id)| (c.as_str(), id.0))
+            .collect();
+        let (inbox_consumers, inbox_ids): (Vec<&str>, Vec<Uuid>) = marks.into_iter().unzip();
         let mut put_tables = Vec::new();
         let mut put_keys = Vec::new();
         let mut put_values = Vec::new();
@@ -401,53 +341,67 @@ impl Store for PgStore {
                 }
             }
         }
-        if !put_tables.is_empty() {
-            sqlx::query(
-                "INSERT INTO sy_rows (tbl, key, value, version) \
-                 SELECT t, k, v, nextval('sy_versions') \
-                 FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS u(t, k, v, i) \
-                 ORDER BY i \
-                 ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version",
-            )
-            .bind(&put_tables)
-            .bind(&put_keys)
-            .bind(&put_values)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("writing rows"))?;
-        }
-        if !del_tables.is_empty() {
-            sqlx::query(
-                "DELETE FROM sy_rows r USING unnest($1::text[], $2::text[]) AS u(t, k) \
-                 WHERE r.tbl = u.t AND r.key = u.k",
-            )
-            .bind(&del_tables)
-            .bind(&del_keys)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("deleting rows"))?;
-        }
+        let (out_topics, out_envelopes): (Vec<&str>, Vec<Vec<u8>>) = batch
+            .outbox
+            .iter()
+            .map(|(t, e)| (t.as_str(), e.to_bytes().to_vec()))
+            .unzip();
 
-        let appended = !batch.outbox.is_empty();
-        if appended {
-            let (topics, envelopes): (Vec<String>, Vec<Vec<u8>>) = batch
-                .outbox
-                .iter()
-                .map(|(t, e)| (t.clone(), e.to_bytes().to_vec()))
-                .unzip();
-            sqlx::query(
-                "INSERT INTO sy_outbox (topic, envelope) \
-                 SELECT t, e FROM unnest($1::text[], $2::bytea[]) WITH ORDINALITY AS u(t, e, i) ORDER BY i",
-            )
-            .bind(&topics)
-            .bind(&envelopes)
-            .execute(&mut *tx)
-            .await
-            .map_err(sql("appending to the outbox"))?;
+        // One statement, so one round trip and its own transaction: locks, checks and
+        // writes in `sy_commit` (migration 2, `schema.rs`).
+        let row = sqlx::query(
+            "SELECT outcome, ref_a, ref_b \
+             FROM sy_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&locks)
+        .bind(&exp_tables)
+        .bind(&exp_keys)
+        .bind(&exp_versions)
+        .bind(&inbox_consumers)
+        .bind(&inbox_ids)
+        .bind(i64_of(Timestamp::now().unix_micros()))
+        .bind(&put_tables)
+        .bind(&put_keys)
+        .bind(&put_values)
+        .bind(&del_tables)
+        .bind(&del_keys)
+        .bind(&out_topics)
+        .bind(&out_envelopes)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(sql("committing"))?;
+        let outcome: &str = row
+            .try_get(0)
+            .map_err(sql("reading the commit's outcome"))?;
+        let ref_a: Option<String> = row
+            .try_get(1)
+            .map_err(sql("reading the commit's outcome"))?;
+        let ref_b: Option<String> = row
+            .try_get(2)
+            .map_err(sql("reading the commit's outcome"))?;
+        match outcome {
+            "ok" => {}
+            "conflict" => {
+                return Err(Error::Conflict {
+                    table: ref_a.unwrap_or_default(),
+                    key: ref_b.unwrap_or_default(),
+                });
+            }
+            "already_processed" => {
+                let id = ref_b.unwrap_or_default();
+                return Err(Error::AlreadyProcessed {
+                    consumer: ref_a.unwrap_or_default(),
+                    id: Uuid::parse_str(&id).map_or(id, |u| MessageId(u).to_string()),
+                });
+            }
+            other => {
+                return Err(Error::storage(
+                    "committing",
+                    format!("sy_commit returned the unknown outcome {other:?}"),
+                ));
+            }
         }
-
-        tx.commit().await.map_err(sql("committing"))?;
-        if appended {
+        if !batch.outbox.is_empty() {
             self.inner.notify.notify_waiters();
         }
         Ok(())

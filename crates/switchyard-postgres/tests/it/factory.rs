@@ -57,6 +57,11 @@ impl Pg {
         })
     }
 
+    /// The shared server's URL (`None` in a crash case's child).
+    pub(crate) fn url(&self) -> Option<String> {
+        self.server.as_ref().map(|s| s.postgres.url())
+    }
+
     /// For a crash case's child process: the server named in the case directory.
     pub(crate) fn child() -> Pg {
         Pg { server: None }

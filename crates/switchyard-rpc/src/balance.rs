@@ -115,6 +115,11 @@ impl Balancer {
     ) -> Option<usize> {
         // No allocation: the healthy candidates are counted, then the two drawn are
         // found by rank.
+        if candidates.len() == 1 {
+            // The only candidate is used whether ejected or not (see the panic mode
+            // below), so its state need not be looked up.
+            return Some(0);
+        }
         let healthy = |i: &usize| !self.is_ejected(candidates[*i], now);
         let n = (0..candidates.len()).filter(healthy).count();
         let nth = |k: usize| (0..candidates.len()).filter(healthy).nth(k);
@@ -163,12 +168,20 @@ impl Balancer {
     /// Returns true if this failure ejected the instance.
     pub fn finish(&mut self, instance: &str, ok: bool, now: Instant) -> bool {
         let cfg = self.cfg;
-        if !self.hosts.contains_key(instance) {
-            self.hosts.insert(instance.to_string(), Host::default());
+        // Looked up once; the key is only allocated for an instance not seen before.
+        match self.hosts.get_mut(instance) {
+            Some(h) => Self::record(cfg, h, ok, now),
+            None => Self::record(
+                cfg,
+                self.hosts.entry(instance.to_string()).or_default(),
+                ok,
+                now,
+            ),
         }
-        let Some(h) = self.hosts.get_mut(instance) else {
-            return false;
-        };
+    }
+
+    /// [`finish`](Self::finish) on the host's state.
+    fn record(cfg: BalanceConfig, h: &mut Host, ok: bool, now: Instant) -> bool {
         h.in_flight = h.in_flight.saturating_sub(1);
         if h.ejected_until.is_some_and(|u| now >= u) {
             h.ejected_until = None;

@@ -47,7 +47,7 @@ use tracing::Instrument;
 
 use crate::balance::BalanceConfig;
 use crate::breaker::{BreakerConfig, BreakerState};
-use crate::context::{CallContext, WireContext};
+use crate::context::{CallContext, TraceIdField, WireContext};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
 use crate::problem::{PROBLEM_JSON, Problem};
@@ -580,7 +580,7 @@ impl ServiceClient {
             service = %core.name(),
             method = %method,
             path = path.as_str(),
-            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = %TraceIdField(ctx.traceparent),
             correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
             idempotency_key = opts.idempotency_key.as_deref().unwrap_or(""),
         );

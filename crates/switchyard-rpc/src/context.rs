@@ -13,6 +13,7 @@
 //! task, so a client call made by the handler propagates it (same trace and correlation
 //! id, a new span id, the same or an earlier deadline) without plumbing.
 
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -162,6 +163,26 @@ impl TraceParent {
     }
 }
 
+/// The trace id of an optional `traceparent` as a span field: 32 lowercase hex digits,
+/// or nothing. Formatted only if something records the field (a span's fields are
+/// evaluated even when no subscriber wants it, e.g. for the `log` fallback), so a call
+/// that nobody traces pays no string for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TraceIdField(pub(crate) Option<TraceParent>);
+
+impl std::fmt::Display for TraceIdField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Some(t) = self.0 else {
+            return Ok(());
+        };
+        let mut buf = [0u8; 32];
+        put_hex(&mut buf[..16], (t.trace_id >> 64) as u64);
+        put_hex(&mut buf[16..], t.trace_id as u64);
+        // Only hex digits: always UTF-8.
+        f.write_str(std::str::from_utf8(&buf).unwrap_or_default())
+    }
+}
+
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -265,7 +286,14 @@ impl CallContext {
         };
         WireContext {
             deadline: value(deadline),
-            traceparent: value(traceparent),
+            // A new value on every call: over HTTP/2 it is sent "never indexed", so HPACK
+            // neither inserts it into both ends' tables (evicting the headers that do
+            // repeat) nor walks the chain of earlier values of the name on every call.
+            // HTTP/1.1 ignores the flag.
+            traceparent: value(traceparent).map(|mut v| {
+                v.set_sensitive(true);
+                v
+            }),
             correlation_id: value(correlation),
             idempotency_key: value(key),
         }
@@ -321,27 +349,64 @@ impl CallContext {
     pub async fn scope<F: Future>(self, fut: F) -> F::Output {
         CURRENT.scope(self, fut).await
     }
+
+    /// [`scope`](Self::scope) as a named future (for the server layers' own futures).
+    pub(crate) fn scope_future<F: Future>(
+        self,
+        fut: F,
+    ) -> tokio::task::futures::TaskLocalFuture<CallContext, F> {
+        CURRENT.scope(self, fut)
+    }
 }
 
-/// Runs `fut` but not past `deadline`: `None` if the deadline came first (`fut` is then
-/// dropped, i.e. cancelled). With no deadline, just runs `fut`.
-///
-/// The timer is armed only if `fut` does not finish on its first poll, so a handler that
-/// answers at once costs no timer at all; one that waits is bounded exactly as with
-/// `tokio::time::timeout_at` (the deadline is fixed by the caller beforehand).
-pub(crate) async fn until_deadline<F: Future>(
+pin_project_lite::pin_project! {
+    /// Runs `fut` but not past `deadline`: `None` if the deadline came first (`fut` is
+    /// then dropped with this future, i.e. cancelled). With no deadline, just runs `fut`.
+    ///
+    /// The timer is armed only if `fut` does not finish on its first poll, so a handler
+    /// that answers at once costs no timer at all; one that waits is bounded exactly as
+    /// with `tokio::time::timeout_at` (the deadline is fixed by the caller beforehand).
+    /// A named future (not an `async fn`), so the server layers need not box it.
+    pub(crate) struct UntilDeadline<F> {
+        #[pin]
+        fut: F,
+        deadline: Option<tokio::time::Instant>,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+    }
+}
+
+/// See [`UntilDeadline`].
+pub(crate) fn until_deadline<F: Future>(
     fut: F,
     deadline: Option<tokio::time::Instant>,
-) -> Option<F::Output> {
-    let Some(deadline) = deadline else {
-        return Some(fut.await);
-    };
-    let mut fut = std::pin::pin!(fut);
-    match std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await {
-        std::task::Poll::Ready(out) => return Some(out),
-        std::task::Poll::Pending => {}
+) -> UntilDeadline<F> {
+    UntilDeadline {
+        fut,
+        deadline,
+        timer: None,
     }
-    tokio::time::timeout_at(deadline, fut).await.ok()
+}
+
+impl<F: Future> Future for UntilDeadline<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let Some(deadline) = *this.deadline else {
+            return Poll::Pending;
+        };
+        if this.timer.is_none() {
+            this.timer.set(Some(tokio::time::sleep_until(deadline)));
+        }
+        match this.timer.as_pin_mut().map(|t| t.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    }
 }
 
 /// The context's headers, ready to write (see [`CallContext::wire`]).
@@ -466,6 +531,11 @@ mod tests {
         ctx.wire_with(true, Some("k-1")).write(&mut h);
         assert_eq!(h[DEADLINE_HEADER], "1700000000123");
         assert_eq!(h[TRACEPARENT_HEADER], tp.to_string().as_str());
+        assert!(
+            h[TRACEPARENT_HEADER].is_sensitive(),
+            "never indexed by HPACK"
+        );
+        assert!(!h[CORRELATION_HEADER].is_sensitive());
         assert_eq!(h[CORRELATION_HEADER], "order-7");
         assert_eq!(h[IDEMPOTENCY_HEADER], "k-1");
         let mut h = HeaderMap::new();
@@ -484,6 +554,8 @@ mod tests {
         zero.wire().write(&mut h);
         assert_eq!(h[DEADLINE_HEADER], "0");
         assert_eq!(tp.trace_id_hex(), format!("{:032x}", tp.trace_id));
+        assert_eq!(TraceIdField(Some(tp)).to_string(), tp.trace_id_hex());
+        assert_eq!(TraceIdField(None).to_string(), "");
     }
 
     #[tokio::test(start_paused = true)]

@@ -196,18 +196,20 @@ impl Pool {
             .pick(names, now, &mut |n| fastrand::usize(..n))
             .unwrap_or(0);
         let target = s.targets[idx[pick]].clone();
-        let cfg = self.breaker;
-        let created = !s.breakers.contains_key(&*target.url);
-        if created {
-            s.breakers.insert(target.url.clone(), Breaker::new(cfg));
-        }
-        let (before, after) = match s.breakers.get_mut(&*target.url) {
-            Some(b) => {
-                let before = b.state(now);
-                b.admit(now);
-                (before, b.state(now))
+        let admit = |b: &mut Breaker| {
+            let before = b.state(now);
+            b.admit(now);
+            (before, b.state(now))
+        };
+        // Looked up once; inserted only for an instance called for the first time.
+        let (created, (before, after)) = match s.breakers.get_mut(&*target.url) {
+            Some(b) => (false, admit(b)),
+            None => {
+                let mut b = Breaker::new(self.breaker);
+                let states = admit(&mut b);
+                s.breakers.insert(target.url.clone(), b);
+                (true, states)
             }
-            None => (BreakerState::Closed, BreakerState::Closed),
         };
         s.balancer.start(&target.url);
         drop(guard);
@@ -227,22 +229,26 @@ impl Pool {
         let (ejected, before, after) = {
             let mut s = self.lock();
             let ejected = s.balancer.finish(instance, ok, now);
-            let cfg = self.breaker;
-            if !s.breakers.contains_key(instance) {
-                s.breakers.insert(target.url.clone(), Breaker::new(cfg));
-            }
-            match s.breakers.get_mut(instance) {
-                Some(b) => {
-                    let before = b.state(now);
-                    if ok {
-                        b.on_success(now);
-                    } else {
-                        b.on_failure(now);
-                    }
-                    (ejected, before, b.state(now))
+            let outcome = |b: &mut Breaker| {
+                let before = b.state(now);
+                if ok {
+                    b.on_success(now);
+                } else {
+                    b.on_failure(now);
                 }
-                None => (ejected, BreakerState::Closed, BreakerState::Closed),
-            }
+                (before, b.state(now))
+            };
+            // Looked up once; inserted only if the instance has no breaker yet.
+            let (before, after) = match s.breakers.get_mut(instance) {
+                Some(b) => outcome(b),
+                None => {
+                    let mut b = Breaker::new(self.breaker);
+                    let states = outcome(&mut b);
+                    s.breakers.insert(target.url.clone(), b);
+                    states
+                }
+            };
+            (ejected, before, after)
         };
         if before != after {
             self.publish_state(instance, after);

@@ -19,11 +19,13 @@
 //!    failure for UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS, transport errors and
 //!    attempt timeouts.
 //!
-//! The request message is buffered (once) so retries can resend it; the outcome is read
+//! The request message of a call that may be retried is buffered (once) so retries can
+//! resend it; any other call's body is sent as it comes, unbuffered. The outcome is read
 //! from the response *headers* — tonic answers a handler's error "trailers-only", with
 //! `grpc-status` in the headers. A status sent in trailers after a response body
 //! counts as a success for the breaker. Streaming calls pass through the same path, but
-//! a request stream is collected before sending: use this channel for unary calls.
+//! the request stream of a retryable call is collected before sending: use this channel
+//! for unary calls.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -33,7 +35,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::HeaderMap;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -45,17 +47,13 @@ use tower::retry::Retry;
 use tracing::Instrument;
 
 use super::{
-    GRPC_TIMEOUT_NAME, LOCAL_ERROR_METADATA, encode_timeout, header_status, timeout_from_headers,
+    GRPC_TIMEOUT_NAME, LOCAL_ERROR_METADATA, header_status, timeout_from_headers, timeout_value,
 };
 
-/// `d` as a `grpc-timeout` header value (see [`encode_timeout`]).
-fn timeout_value(d: Duration) -> HeaderValue {
-    HeaderValue::from_str(&encode_timeout(d)).unwrap_or_else(|_| HeaderValue::from_static("0u"))
-}
 use crate::balance::FnvBuild;
 use crate::breaker::BreakerState;
 use crate::client::{CallOptions, ClientConfig};
-use crate::context::{CallContext, IDEMPOTENCY_NAME};
+use crate::context::{CallContext, IDEMPOTENCY_NAME, TraceIdField};
 use crate::error::Error;
 use crate::pool::{Lease, Pool};
 use crate::registry::Registry;
@@ -93,9 +91,21 @@ fn error_status(e: &Error) -> Status {
 
 /// One request as the layers see it (cheap to clone for retries: the pieces are
 /// shared).
-#[derive(Clone)]
 pub struct GrpcCall {
     inner: Arc<CallParts>,
+    /// The request body of a call that is not retried, sent as it comes (`None`: the
+    /// buffered `CallParts::body` is sent).
+    stream: Option<Body>,
+}
+
+impl Clone for GrpcCall {
+    /// Only retryable calls are cloned (for a retry), and their body is buffered.
+    fn clone(&self) -> Self {
+        GrpcCall {
+            inner: self.inner.clone(),
+            stream: None,
+        }
+    }
 }
 
 struct CallParts {
@@ -210,7 +220,11 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
         GRPC_TIMEOUT_NAME,
         timeout_value(attempt_deadline.saturating_duration_since(now)),
     );
-    let mut request = http::Request::new(Body::new(Full::new(body)));
+    let body = match call.stream {
+        Some(stream) => stream,
+        None => Body::new(Full::new(body)),
+    };
+    let mut request = http::Request::new(body);
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;
     let out = match tokio::time::timeout_at(attempt_deadline, channel.oneshot(request)).await {
@@ -479,7 +493,7 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
             "rpc.client",
             service = %shared.core.pool.name(),
             method = %parts.uri.path(),
-            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = %TraceIdField(ctx.traceparent),
             correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
             idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
         );
@@ -496,12 +510,16 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
                 if remaining.is_zero() {
                     return Ok(status_response(deadline_status()));
                 }
-                // Buffered once, so that a retry can resend it (a unary request's body
-                // is ready at once: no timer is armed then).
-                let body = match tokio::time::timeout_at(deadline, body.collect()).await {
-                    Ok(Ok(c)) => c.to_bytes(),
-                    Ok(Err(s)) => return Ok(status_response(s)),
-                    Err(_) => return Ok(status_response(deadline_status())),
+                // Buffered once if a retry may resend it (a unary request's body is ready
+                // at once: no timer is armed then); else sent as it comes.
+                let (body, stream) = if retryable {
+                    match tokio::time::timeout_at(deadline, body.collect()).await {
+                        Ok(Ok(c)) => (c.to_bytes(), None),
+                        Ok(Err(s)) => return Ok(status_response(s)),
+                        Err(_) => return Ok(status_response(deadline_status())),
+                    }
+                } else {
+                    (Bytes::new(), Some(body))
                 };
                 let call = GrpcCall {
                     inner: Arc::new(CallParts {
@@ -511,6 +529,7 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
                         deadline,
                         retryable,
                     }),
+                    stream,
                 };
                 if !retryable {
                     shared.retrier.deposit();

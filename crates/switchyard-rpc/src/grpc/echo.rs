@@ -97,13 +97,12 @@ impl EchoService {
 impl Echo for EchoService {
     async fn echo(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.counts.hits.fetch_add(1, Ordering::SeqCst);
-        let ctx = request
-            .extensions()
-            .get::<CallContext>()
-            .cloned()
+        // Taken out of the extensions rather than cloned.
+        let (_, mut extensions, req) = request.into_parts();
+        let ctx = extensions
+            .remove::<CallContext>()
             .or_else(CallContext::current)
             .unwrap_or_default();
-        let req = request.into_inner();
         require_non_empty("message", &req.message)?;
         let remaining_ms = ctx
             .remaining()

@@ -108,15 +108,44 @@ pub fn status_kind(status: &tonic::Status) -> ErrorKind {
 /// repeat from call to call, so HPACK sends most of them as an index into the
 /// connection's table instead of a new literal each time.
 pub fn encode_timeout(d: Duration) -> String {
+    let mut buf = [0u8; TIMEOUT_LEN];
+    String::from_utf8_lossy(timeout_bytes(d, &mut buf)).into_owned()
+}
+
+/// The longest `grpc-timeout` value: eight digits and a unit.
+const TIMEOUT_LEN: usize = 9;
+
+/// [`encode_timeout`] written at the end of `buf` (no allocation).
+fn timeout_bytes(d: Duration, buf: &mut [u8; TIMEOUT_LEN]) -> &[u8] {
     const MAX: u128 = 99_999_999;
-    if d < Duration::from_secs(1) {
-        return format!("{}u", d.as_micros());
+    let (n, unit) = if d < Duration::from_secs(1) {
+        (d.as_micros(), b'u')
+    } else if d.as_millis() <= MAX {
+        (d.as_millis(), b'm')
+    } else {
+        (u128::from(d.as_secs()).min(MAX), b'S')
+    };
+    // At most eight digits in every branch.
+    let mut n = n.min(MAX) as u64;
+    let mut i = TIMEOUT_LEN - 1;
+    buf[i] = unit;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
-    let ms = d.as_millis();
-    if ms <= MAX {
-        return format!("{ms}m");
-    }
-    format!("{}S", d.as_secs().min(MAX as u64))
+    &buf[i..]
+}
+
+/// `d` as a `grpc-timeout` header value (see [`encode_timeout`]), formatted on the stack.
+pub(crate) fn timeout_value(d: Duration) -> http::HeaderValue {
+    let mut buf = [0u8; TIMEOUT_LEN];
+    // Digits and a unit letter: always a valid header value.
+    http::HeaderValue::from_bytes(timeout_bytes(d, &mut buf))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("0u"))
 }
 
 /// Parses a `grpc-timeout` value; `None` if malformed (more than 8 digits, bad unit).
@@ -168,6 +197,9 @@ mod tests {
             "99999999S"
         );
         assert_eq!(parse_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(encode_timeout(Duration::ZERO), "0u");
+        assert_eq!(timeout_value(Duration::from_millis(10_000)), "10000m");
+        assert_eq!(timeout_value(Duration::from_micros(1)), "1u");
         assert_eq!(parse_timeout("123456789m"), None);
         assert_eq!(parse_timeout("12x"), None);
         assert_eq!(parse_timeout("m"), None);

@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
+use tokio::task::futures::TaskLocalFuture;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::metadata::MetadataValue;
@@ -35,9 +36,12 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
+use tracing::instrument::Instrumented;
 
 use super::{FIELD_METADATA, timeout_from_headers};
-use crate::context::{CallContext, TraceParent, deadline_to_millis, until_deadline};
+use crate::context::{
+    CallContext, TraceIdField, TraceParent, UntilDeadline, deadline_to_millis, until_deadline,
+};
 
 /// INVALID_ARGUMENT about request field `field` (named in the message and in the
 /// [`FIELD_METADATA`] metadata, read back by [`crate::Error::field`]).
@@ -115,33 +119,100 @@ pub fn context_from_request<B>(req: &http::Request<B>) -> CallContext {
     ctx
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pin_project_lite::pin_project! {
+    /// Awaits `fut`, turning a panic while polling it into `Err(payload)`.
+    struct CatchUnwind<F> {
+        #[pin]
+        fut: F,
+    }
+}
 
-/// Awaits `fut`, turning a panic while polling it into `Err(payload)` (no allocation:
-/// the future is pinned in place).
-async fn catch_unwind<F: Future>(fut: F) -> Result<F::Output, Box<dyn Any + Send>> {
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(move |cx| {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.project().fut;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Err(p) => Poll::Ready(Err(p)),
         }
-    })
-    .await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future in its context, under its deadline and the panic guard,
+    /// its answer turned into a response.
+    struct Handler<F> {
+        #[pin]
+        fut: UntilDeadline<CatchUnwind<TaskLocalFuture<CallContext, F>>>,
+    }
+}
+
+impl<F, RB, E> Future for Handler<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Poll::Ready(res) = self.project().fut.poll(cx) else {
+            return Poll::Pending;
+        };
+        Poll::Ready(match res {
+            None => {
+                tracing::warn!("deadline passed; handler cancelled");
+                Ok(deadline_exceeded())
+            }
+            Some(Ok(Ok(resp))) => Ok(resp.map(Body::new)),
+            Some(Ok(Err(e))) => Err(e),
+            Some(Err(_panic)) => {
+                tracing::error!("handler panicked");
+                Ok(Status::internal("the handler failed").into_http())
+            }
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`ContextService`] (a named future: nothing is boxed).
+    pub struct ContextFuture<F> {
+        // Answered without running the handler (its deadline had passed).
+        done: Option<http::Response<Body>>,
+        #[pin]
+        run: Option<Instrumented<Handler<F>>>,
+    }
+}
+
+impl<F, RB, E> Future for ContextFuture<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+    RB: tonic::codegen::Body<Data = Bytes> + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
+{
+    type Output = Result<http::Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match (this.done.take(), this.run.as_pin_mut()) {
+            (Some(resp), _) => Poll::Ready(Ok(resp)),
+            (None, Some(run)) => run.poll(cx),
+            (None, None) => Poll::Pending,
+        }
+    }
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for ContextService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
     RB: tonic::codegen::Body<Data = Bytes> + Send + 'static,
     RB::Error: Into<tonic::codegen::StdError>,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<http::Response<Body>, S::Error>>;
+    type Future = ContextFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -154,7 +225,7 @@ where
             "rpc.server",
             service = %self.service,
             method = %req.uri().path(),
-            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = %TraceIdField(ctx.traceparent),
             correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
             idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
             deadline_ms = ctx.deadline.map(deadline_to_millis).unwrap_or(0),
@@ -165,25 +236,24 @@ where
         let deadline = remaining.map(|r| tokio::time::Instant::now() + r);
         if remaining.is_some_and(|r| r.is_zero()) {
             span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
-            return Box::pin(async { Ok(deadline_exceeded()) });
-        }
-        let fut = catch_unwind(ctx.scope(self.inner.call(req)));
-        let run = async move {
-            // The timer is armed only if the handler has to wait (see `until_deadline`).
-            let Some(res) = until_deadline(fut, deadline).await else {
-                tracing::warn!("deadline passed; handler cancelled");
-                return Ok(deadline_exceeded());
+            return ContextFuture {
+                done: Some(deadline_exceeded()),
+                run: None,
             };
-            match res {
-                Ok(Ok(resp)) => Ok(resp.map(Body::new)),
-                Ok(Err(e)) => Err(e),
-                Err(_panic) => {
-                    tracing::error!("handler panicked");
-                    Ok(Status::internal("the handler failed").into_http())
-                }
-            }
+        }
+        let fut = CatchUnwind {
+            fut: ctx.scope_future(self.inner.call(req)),
         };
-        Box::pin(run.instrument(span))
+        ContextFuture {
+            done: None,
+            // The timer is armed only if the handler has to wait (see `until_deadline`).
+            run: Some(
+                Handler {
+                    fut: until_deadline(fut, deadline),
+                }
+                .instrument(span),
+            ),
+        }
     }
 }
 
@@ -274,5 +344,100 @@ impl GrpcServer {
             .add_routes(self.routes)
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use tower::{Layer, ServiceExt};
+
+    use super::*;
+
+    fn code(resp: &http::Response<Body>) -> tonic::Code {
+        Status::from_header_map(resp.headers()).map_or(tonic::Code::Ok, |s| s.code())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_internal() {
+        let svc = ContextLayer::new("t").layer(tower::service_fn(
+            |_req: http::Request<Body>| async move {
+                if std::hint::black_box(true) {
+                    panic!("boom");
+                }
+                Ok::<_, Infallible>(http::Response::new(Body::empty()))
+            },
+        ));
+        let resp = svc
+            .oneshot(http::Request::new(Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(code(&resp), tonic::Code::Internal);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_cancels_a_waiting_handler() {
+        let dropped = Arc::new(AtomicU32::new(0));
+        struct OnDrop(Arc<AtomicU32>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let d = dropped.clone();
+        let svc =
+            ContextLayer::new("t").layer(tower::service_fn(move |_req: http::Request<Body>| {
+                let guard = OnDrop(d.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    drop(guard);
+                    Ok::<_, Infallible>(http::Response::new(Body::empty()))
+                }
+            }));
+        let mut req = http::Request::new(Body::empty());
+        req.headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static("100m"));
+        let start = tokio::time::Instant::now();
+        let resp = svc.oneshot(req).await.unwrap();
+        assert_eq!(code(&resp), tonic::Code::DeadlineExceeded);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the handler was dropped");
+    }
+
+    #[tokio::test]
+    async fn an_expired_deadline_is_not_run_and_a_quick_handler_answers() {
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let svc =
+            ContextLayer::new("t").layer(tower::service_fn(move |req: http::Request<Body>| {
+                r.fetch_add(1, Ordering::SeqCst);
+                let has_ctx = req.extensions().get::<CallContext>().is_some()
+                    && CallContext::current().is_none();
+                async move {
+                    // The context is current while the handler's future runs.
+                    assert!(has_ctx && CallContext::current().is_some());
+                    Ok::<_, Infallible>(http::Response::new(Body::empty()))
+                }
+            }));
+        let mut expired = http::Request::new(Body::empty());
+        expired.headers_mut().insert(
+            crate::context::DEADLINE_HEADER,
+            http::HeaderValue::from_static("1"),
+        );
+        let resp = svc.clone().oneshot(expired).await.unwrap();
+        assert_eq!(code(&resp), tonic::Code::DeadlineExceeded);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let resp = svc
+            .oneshot(http::Request::new(Body::empty()))
+            .await
+            .unwrap();
+        assert_eq!(code(&resp), tonic::Code::Ok);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -34,10 +34,14 @@ use axum::routing::get;
 use http::request::Parts;
 use http::{StatusCode, header};
 use tokio::net::TcpListener;
+use tokio::task::futures::TaskLocalFuture;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
+use tracing::instrument::Instrumented;
 
-use crate::context::{CallContext, TraceParent, deadline_to_millis, until_deadline};
+use crate::context::{
+    CallContext, TraceIdField, TraceParent, UntilDeadline, deadline_to_millis, until_deadline,
+};
 use crate::problem::{PROBLEM_JSON, Problem, types};
 
 /// The readiness flag of a service (liveness needs none: answering is being alive).
@@ -109,7 +113,7 @@ fn deadline_exceeded() -> Response {
 
 /// The layer [`router`] wraps the app in: the call context and deadline middleware and
 /// the problem+json rewrite of the framework's plain-text 413/405 answers, in one
-/// service (one boxed future per request).
+/// service (one named future per request, not boxed).
 #[derive(Debug, Clone)]
 struct ServerLayer {
     service: Arc<str>,
@@ -133,17 +137,77 @@ struct ServerService<S> {
     service: Arc<str>,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pin_project_lite::pin_project! {
+    /// The response future of [`ServerService`]: a named future, not a boxed one.
+    #[project = ServerFutureProj]
+    enum ServerFuture<F> {
+        /// Answered without running the handler (its deadline had passed).
+        Done { response: Option<Response> },
+        /// The handler, in its span, current context and deadline.
+        Run {
+            #[pin]
+            run: Instrumented<Handler<F>>,
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future with the context current and the deadline applied, and its
+    /// answer turned into a response.
+    struct Handler<F> {
+        #[pin]
+        fut: UntilDeadline<TaskLocalFuture<CallContext, F>>,
+    }
+}
+
+impl<F, R> Future for Handler<F>
+where
+    F: Future<Output = Result<R, Infallible>>,
+    R: IntoResponse,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Poll::Ready(res) = self.project().fut.poll(cx) else {
+            return Poll::Pending;
+        };
+        Poll::Ready(Ok(match res {
+            None => {
+                tracing::warn!("deadline passed; handler cancelled");
+                deadline_exceeded()
+            }
+            Some(Ok(r)) => problem_errors(r.into_response()),
+            Some(Err(never)) => match never {},
+        }))
+    }
+}
+
+impl<F, R> Future for ServerFuture<F>
+where
+    F: Future<Output = Result<R, Infallible>>,
+    R: IntoResponse,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ServerFutureProj::Done { response } => match response.take() {
+                Some(r) => Poll::Ready(Ok(r)),
+                None => Poll::Pending,
+            },
+            ServerFutureProj::Run { run } => run.poll(cx),
+        }
+    }
+}
 
 impl<S> tower::Service<Request> for ServerService<S>
 where
     S: tower::Service<Request, Error = Infallible>,
     S::Response: IntoResponse,
-    S::Future: Send + 'static,
 {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response, Infallible>>;
+    type Future = ServerFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -159,7 +223,7 @@ where
             service = %self.service,
             method = %req.method(),
             path = %req.uri().path(),
-            trace_id = %ctx.traceparent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            trace_id = %TraceIdField(ctx.traceparent),
             correlation_id = ctx.correlation_id.as_deref().unwrap_or(""),
             idempotency_key = ctx.idempotency_key.as_deref().unwrap_or(""),
             deadline_ms = ctx.deadline.map(deadline_to_millis).unwrap_or(0),
@@ -167,26 +231,20 @@ where
         let remaining = ctx.remaining();
         if remaining.is_some_and(|r| r.is_zero()) {
             span.in_scope(|| tracing::info!("deadline already passed; not running the handler"));
-            return Box::pin(std::future::ready(Ok(deadline_exceeded())));
+            return ServerFuture::Done {
+                response: Some(deadline_exceeded()),
+            };
         }
         // Fixed now; the timer itself is armed only if the handler has to wait.
         let deadline = remaining.map(|r| tokio::time::Instant::now() + r);
         req.extensions_mut().insert(ctx.clone());
-        let fut = ctx.scope(self.inner.call(req));
-        Box::pin(
-            async move {
-                let Some(res) = until_deadline(fut, deadline).await else {
-                    tracing::warn!("deadline passed; handler cancelled");
-                    return Ok(deadline_exceeded());
-                };
-                let res = match res {
-                    Ok(r) => r.into_response(),
-                    Err(never) => match never {},
-                };
-                Ok(problem_errors(res))
+        let fut = ctx.scope_future(self.inner.call(req));
+        ServerFuture::Run {
+            run: Handler {
+                fut: until_deadline(fut, deadline),
             }
             .instrument(span),
-        )
+        }
     }
 }
 

@@ -207,6 +207,27 @@ async fn grpc_retry_with_key_does_not_duplicate_the_effect_and_no_key_is_never_r
     assert_eq!(s.svc.effects_for("k-2"), 1);
 }
 
+/// A call that may not be retried sends its body as it comes (unbuffered); one that may
+/// be retried is buffered once. Both arrive whole, also when larger than one frame.
+#[tokio::test]
+async fn grpc_bodies_arrive_whole_buffered_or_not() {
+    let s = spawn_echo().await;
+    let (_c, mut echo) = echo_client(
+        StaticRegistry::default().with("echo", &s.url),
+        fast_config(),
+    );
+    let big = "x".repeat(256 * 1024);
+    let plain = echo.echo(tonic::Request::new(req(&big))).await.unwrap();
+    assert_eq!(plain.get_ref().message, big);
+    let keyed = echo
+        .echo(tonic::Request::new(req(&big)).with_options(CallOptions::new().idempotency_key("k")))
+        .await
+        .unwrap();
+    assert_eq!(keyed.get_ref().message, big);
+    assert_eq!(keyed.get_ref().idempotency_key, "k");
+    assert_eq!(s.svc.hits(), 2);
+}
+
 #[tokio::test]
 async fn grpc_invalid_input_is_invalid_argument_naming_the_field() {
     let s = spawn_echo().await;

@@ -152,6 +152,29 @@ impl Error {
         }
     }
 
+    /// Whether the callee may have acted on the request although the call failed: the
+    /// connection broke after the request was sent, the deadline passed, the callee
+    /// failed (5xx, gRPC `UNKNOWN`/`INTERNAL`) without saying what it did, or its answer
+    /// did not decode. Repeat the call with the same idempotency key to learn the outcome
+    /// before assuming nothing happened. `false` when nothing was sent (no instance,
+    /// circuit open, connect failed) or the callee answered without acting (4xx, 503).
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Error::NoInstances { .. }
+            | Error::CircuitOpen { .. }
+            | Error::Connect { .. }
+            | Error::InvalidRequest(_) => false,
+            Error::Transport { .. }
+            | Error::DeadlineExceeded { .. }
+            | Error::AttemptTimeout { .. }
+            | Error::Decode { .. } => true,
+            Error::Status { status, .. } => {
+                status.is_server_error() && *status != StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::Grpc { status, .. } => crate::grpc::status_outcome_unknown(status),
+        }
+    }
+
     /// The typed error of a gRPC call to `service` that ended with `status`.
     pub fn from_grpc(service: impl Into<String>, status: tonic::Status) -> Self {
         Error::Grpc {

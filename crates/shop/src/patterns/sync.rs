@@ -265,7 +265,8 @@ pub(crate) fn charge_request(order: &Order) -> ChargeRequest {
 }
 
 /// After a charge that failed without a business answer: if the outcome is unknown (the
-/// deadline passed, or the answer did not make sense), asks again with the same key
+/// deadline passed, the connection broke after the request was sent, or the answer did
+/// not make sense: [`payment::PaymentError::outcome_unknown`]), asks again with the same key
 /// until Payment answers — a charge made the first time comes back as is (else it is
 /// made now) — and returns it, to be refunded. `None` when nothing can have been charged
 /// (Payment said it is unavailable, or declined the repeat).
@@ -274,10 +275,7 @@ pub(crate) async fn unknown_charge(
     order: &Order,
     error: &payment::PaymentError,
 ) -> Option<String> {
-    if !matches!(
-        error.class(),
-        ErrorClass::DeadlineExceeded | ErrorClass::Internal
-    ) {
+    if !error.outcome_unknown() {
         return None;
     }
     deps.note(

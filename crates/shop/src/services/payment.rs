@@ -209,6 +209,19 @@ impl PaymentError {
         }
     }
 
+    /// Whether Payment may have acted on the request although it failed (the deadline
+    /// passed, the connection broke after it was sent, an answer that makes no sense):
+    /// ask again with the same key to learn what happened.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            PaymentError::Call(e) => e.outcome_unknown(),
+            _ => matches!(
+                self.class(),
+                ErrorClass::DeadlineExceeded | ErrorClass::Internal
+            ),
+        }
+    }
+
     /// Whether trying again later (with the same key) may succeed.
     pub fn is_retryable(&self) -> bool {
         self.class().is_retryable()

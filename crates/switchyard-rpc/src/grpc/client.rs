@@ -249,17 +249,23 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
             })
         }
         Ok(Err(e)) => {
+            // The connection failed (no status from the callee). Marked: the request
+            // may have reached the callee before it did (`Error::outcome_unknown`).
             let s = Status::from_error(e.into());
-            Err(if s.code() == Code::Unknown {
-                Status::unavailable(format!(
+            let code = match s.code() {
+                Code::Unknown => Code::Unavailable,
+                c => c,
+            };
+            Err(local_status(
+                code,
+                format!(
                     "transport error calling `{}` at {}: {}",
                     core.pool.name(),
                     lease.instance(),
                     s.message()
-                ))
-            } else {
-                s
-            })
+                ),
+                "transport",
+            ))
         }
         Err(_) => Err(Status::deadline_exceeded("attempt timed out")),
     };

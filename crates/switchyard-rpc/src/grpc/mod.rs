@@ -74,8 +74,26 @@ pub(crate) fn header_status(headers: &HeaderMap) -> Option<tonic::Status> {
 pub const FIELD_METADATA: &str = "x-switchyard-field";
 
 /// Metadata on statuses made by the client's own layers: `circuit-open`,
-/// `no-instances`, `deadline`, `attempt-timeout`.
+/// `no-instances`, `deadline`, `attempt-timeout`, `transport` (the connection failed).
 pub const LOCAL_ERROR_METADATA: &str = "x-switchyard-local";
+
+/// Whether the callee may have acted on a call that ended with `status` (the gRPC side
+/// of [`crate::Error::outcome_unknown`]): the connection failed, the deadline passed, or
+/// the callee failed without saying what it did.
+pub fn status_outcome_unknown(status: &tonic::Status) -> bool {
+    let local = status
+        .metadata()
+        .get(LOCAL_ERROR_METADATA)
+        .map(|v| v.as_bytes());
+    if local == Some(b"transport".as_slice()) {
+        return true;
+    }
+    match status.code() {
+        Code::DeadlineExceeded | Code::Unknown | Code::Internal | Code::DataLoss => true,
+        Code::Cancelled => local.is_none(),
+        _ => false,
+    }
+}
 
 /// What a status means to the caller (the gRPC side of [`crate::Error::kind`]).
 pub fn status_kind(status: &tonic::Status) -> ErrorKind {
@@ -217,5 +235,58 @@ mod tests {
             tonic::metadata::MetadataValue::from_static("circuit-open"),
         );
         assert_eq!(status_kind(&s), ErrorKind::CircuitOpen);
+    }
+
+    #[test]
+    fn an_outcome_is_unknown_only_when_the_callee_may_have_acted() {
+        let marked = |code, marker: &'static str| {
+            let mut s = tonic::Status::new(code, "x");
+            s.metadata_mut().insert(
+                LOCAL_ERROR_METADATA,
+                tonic::metadata::MetadataValue::from_static(marker),
+            );
+            crate::Error::from_grpc("payment", s)
+        };
+        let answered = |code| crate::Error::from_grpc("payment", tonic::Status::new(code, "x"));
+        // The connection broke after the request went out; the deadline passed; the
+        // callee failed without saying what it did.
+        assert!(marked(Code::Unavailable, "transport").outcome_unknown());
+        assert!(marked(Code::DeadlineExceeded, "attempt-timeout").outcome_unknown());
+        assert!(answered(Code::DeadlineExceeded).outcome_unknown());
+        assert!(answered(Code::Internal).outcome_unknown());
+        assert!(answered(Code::Unknown).outcome_unknown());
+        // Nothing was sent, or the callee answered without acting.
+        assert!(!marked(Code::Unavailable, "circuit-open").outcome_unknown());
+        assert!(!marked(Code::Unavailable, "no-instances").outcome_unknown());
+        assert!(!answered(Code::Unavailable).outcome_unknown());
+        assert!(!answered(Code::FailedPrecondition).outcome_unknown());
+        assert!(!answered(Code::InvalidArgument).outcome_unknown());
+        // HTTP: the same rule.
+        let status = |s: u16| crate::Error::Status {
+            service: "inventory".into(),
+            status: http::StatusCode::from_u16(s).unwrap_or_default(),
+            problem: None,
+        };
+        assert!(status(500).outcome_unknown());
+        assert!(status(504).outcome_unknown());
+        assert!(!status(503).outcome_unknown());
+        assert!(!status(409).outcome_unknown());
+        let io = || Box::new(std::io::Error::other("reset")) as Box<_>;
+        assert!(
+            crate::Error::Transport {
+                service: "inventory".into(),
+                instance: "http://127.0.0.1:1".into(),
+                source: io(),
+            }
+            .outcome_unknown()
+        );
+        assert!(
+            !crate::Error::Connect {
+                service: "inventory".into(),
+                instance: "http://127.0.0.1:1".into(),
+                source: io(),
+            }
+            .outcome_unknown()
+        );
     }
 }

@@ -207,6 +207,54 @@ async fn grpc_retry_with_key_does_not_duplicate_the_effect_and_no_key_is_never_r
     assert_eq!(s.svc.effects_for("k-2"), 1);
 }
 
+/// A connection that breaks after the request went out leaves the outcome unknown (the
+/// callee may have acted: ask again with the same key); the callee's own UNAVAILABLE
+/// answer does not.
+#[tokio::test]
+async fn grpc_outcome_is_unknown_when_the_connection_breaks_after_sending() {
+    use tokio::io::AsyncReadExt;
+    // A "server" that reads the request and then drops the connection, as a callee
+    // killed mid-call does.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let mut read = 0;
+            // The preface, SETTINGS and the request's HEADERS and DATA frames.
+            while read < 100 {
+                match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => read += n,
+                    _ => break,
+                }
+            }
+            drop(conn);
+        }
+    });
+    let (c, mut echo) = echo_client(StaticRegistry::default().with("echo", &url), fast_config());
+    let status = echo
+        .echo(tonic::Request::new(req("pay")))
+        .await
+        .unwrap_err();
+    let e = c.channel("echo").error(status);
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(e.outcome_unknown(), "{e}");
+
+    let s = spawn_echo().await;
+    let (c, mut echo) = echo_client(
+        StaticRegistry::default().with("echo", &s.url),
+        fast_config(),
+    );
+    let failing = EchoRequest {
+        fail: true,
+        ..req("pay")
+    };
+    let status = echo.echo(tonic::Request::new(failing)).await.unwrap_err();
+    let e = c.channel("echo").error(status);
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(!e.outcome_unknown(), "{e}");
+}
+
 /// A call that may not be retried sends its body as it comes (unbuffered); one that may
 /// be retried is buffered once. Both arrive whole, also when larger than one frame.
 #[tokio::test]

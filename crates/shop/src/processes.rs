@@ -6,7 +6,6 @@
 //! over them). Ctrl-C or SIGTERM
 //! stops every process (SIGTERM by pid, then a wait).
 
-use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -223,7 +222,6 @@ pub async fn up_with(
     }
     let mut running = Vec::new();
     let mut services = Vec::new();
-    let mut registry: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let free = format!("{}:0", c.host);
     let started = async {
         for service in ORDER_NEEDS {
@@ -236,7 +234,6 @@ pub async fn up_with(
                 let (p, urls) = start(&command, &c, service, &free, &[]).await?;
                 running.push(p);
                 for mut u in urls {
-                    registry.entry(service).or_default().push(u.url.clone());
                     if n > 1 {
                         u.name = format!("{}-{replica}", u.name);
                     }
@@ -245,7 +242,7 @@ pub async fn up_with(
             }
         }
         // The Order service finds them in the registry on NATS, where each registered.
-        tracing::info!(?registry, "backing services started");
+        tracing::info!(services = ?services, "backing services started");
         let rest = c.addr(0)?.to_string();
         let grpc = c.addr(1)?.to_string();
         let extra = ["--grpc-listen".to_string(), grpc];

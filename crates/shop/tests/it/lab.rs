@@ -168,8 +168,8 @@ fn assert_valid_chart(path: &std::path::Path) {
     }
 }
 
-/// Validates `results` against docs/lab-results.schema.json (JSON Schema 2020-12).
-fn assert_matches_schema(results: &serde_json::Value) {
+/// docs/lab-results.schema.json (JSON Schema 2020-12), compiled.
+fn results_schema() -> (boon::Schemas, boon::SchemaIndex) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/lab-results.schema.json"
@@ -183,6 +183,12 @@ fn assert_matches_schema(results: &serde_json::Value) {
     let index = compiler
         .compile("file:///lab-results.schema.json", &mut schemas)
         .unwrap_or_else(|e| panic!("the schema does not compile: {e:#}"));
+    (schemas, index)
+}
+
+/// Validates `results` against docs/lab-results.schema.json.
+fn assert_matches_schema(results: &serde_json::Value) {
+    let (schemas, index) = results_schema();
     if let Err(e) = schemas.validate(results, index) {
         panic!("results.json does not match the schema: {e:#}");
     }
@@ -267,19 +273,7 @@ async fn shop_lab_prints_the_tradeoff_table_and_writes_results_json() {
 /// The schema rejects what it does not describe (it is not a rubber stamp).
 #[test]
 fn the_results_schema_rejects_unknown_fields_and_wrong_types() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../docs/lab-results.schema.json"
-    );
-    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-    let mut schemas = boon::Schemas::new();
-    let mut compiler = boon::Compiler::new();
-    compiler
-        .add_resource("file:///lab-results.schema.json", schema)
-        .unwrap();
-    let index = compiler
-        .compile("file:///lab-results.schema.json", &mut schemas)
-        .unwrap();
+    let (schemas, index) = results_schema();
     let valid = serde_json::json!({
         "schema_version": 1,
         "machine": {"cores": 2, "os": "linux", "arch": "x86_64"},

@@ -22,8 +22,10 @@
 use std::collections::VecDeque;
 use std::future::IntoFuture;
 use std::io::Write;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -353,7 +355,14 @@ impl Switchyard {
         let mut acked = 0u64;
         while start.elapsed().as_secs_f64() < secs {
             while inflight.len() < IN_FLIGHT {
-                inflight.push(self.bus.publish(TOPIC, envelope(&self.payload)));
+                let mut publish = self.bus.publish(TOPIC, envelope(&self.payload));
+                match poll_once(publish.as_mut()).await {
+                    Poll::Ready(r) => {
+                        r?;
+                        acked += 1;
+                    }
+                    Poll::Pending => inflight.push(publish),
+                }
             }
             if let Some(r) = inflight.next().await {
                 r?;
@@ -409,6 +418,15 @@ impl Switchyard {
         admin.delete_stream(&self.stream).await?;
         Ok(())
     }
+}
+
+/// Polls `f` once with the calling task's waker: it starts (here: the message is sent)
+/// now, as the raw side's `send().await` sends before its ack future is collected.
+/// Without it, a publish pushed into `FuturesUnordered` is first polled only when the
+/// queue reaches it, behind the acks already in: fewer than `IN_FLIGHT` messages are
+/// really at the server (decision 0009, *Hot paths*).
+async fn poll_once<F: Future + ?Sized>(mut f: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await
 }
 
 /// Which figure family a pair measures.

@@ -230,6 +230,16 @@ impl Inner {
 
     pub(crate) async fn conn(&self) -> Result<&(async_nats::Client, jetstream::Context)> {
         self.check_open()?;
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn);
+        }
+        // Boxed: connecting is a large future, and every caller's future (the publish
+        // path's included) would otherwise carry its size and be copied with it.
+        Box::pin(self.connect()).await
+    }
+
+    /// Connects once (concurrent callers wait for the first).
+    async fn connect(&self) -> Result<&(async_nats::Client, jetstream::Context)> {
         self.conn
             .get_or_try_init(|| async {
                 let client = async_nats::ConnectOptions::new()
@@ -246,9 +256,21 @@ impl Inner {
     /// The stream of `topic`, created when missing. After the first call for a topic this
     /// is a map lookup under a plain lock (no stream handle is cloned).
     pub(crate) async fn topic(&self, topic: &str) -> Result<Arc<TopicStream>> {
-        if let Some(t) = lock(&self.streams).get(topic) {
-            return Ok(t.clone());
+        if let Some(t) = self.known_topic(topic) {
+            return Ok(t);
         }
+        // Boxed for the same reason as `connect`: looking up or creating a stream is a
+        // large future that the publish path's future would otherwise carry.
+        Box::pin(self.create_topic(topic)).await
+    }
+
+    /// The stream of `topic` if this bus has used it before (its name was valid then).
+    fn known_topic(&self, topic: &str) -> Option<Arc<TopicStream>> {
+        lock(&self.streams).get(topic).cloned()
+    }
+
+    /// Looks up or creates the stream of `topic` (once, however many callers ask).
+    async fn create_topic(&self, topic: &str) -> Result<Arc<TopicStream>> {
         let _creating = self.creating.lock().await;
         if let Some(t) = lock(&self.streams).get(topic) {
             return Ok(t.clone());
@@ -281,15 +303,22 @@ impl Inner {
 
     /// Sends `e` to `t`'s subject with `headers`, plus `Nats-Msg-Id` = `msg_id` or the
     /// envelope id (none when dedup is off); the returned future resolves to the ack.
-    async fn send(
+    ///
+    /// A plain function returning the client's future: the message is built before the
+    /// first await, so the publish path's future does not carry the arguments.
+    fn send<'a>(
         &self,
-        js: &jetstream::Context,
+        js: &'a jetstream::Context,
         t: &TopicStream,
         e: &Envelope,
         msg_id: Option<String>,
         mut headers: async_nats::HeaderMap,
-    ) -> std::result::Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>
-    {
+    ) -> impl Future<
+        Output = std::result::Result<
+            jetstream::context::PublishAckFuture,
+            jetstream::context::PublishError,
+        >,
+    > + 'a {
         // A window of zero means no dedup: the server would read a zero
         // `duplicate_window` as its default (2 minutes), so the id is not sent at all.
         let id = match msg_id {
@@ -309,7 +338,7 @@ impl Inner {
         if !headers.is_empty() {
             publish = publish.headers(headers);
         }
-        js.send_publish(t.subject.clone(), publish).await
+        js.send_publish(t.subject.clone(), publish)
     }
 
     /// Publishes one envelope (size checked by the caller) and awaits its ack.
@@ -321,9 +350,21 @@ impl Inner {
         headers: async_nats::HeaderMap,
     ) -> Result<Published> {
         let t = self.topic(topic).await?;
+        self.publish_to(&t, topic, e, msg_id, headers).await
+    }
+
+    /// Publishes one envelope to the known stream `t` of `topic` and awaits its ack.
+    async fn publish_to(
+        &self,
+        t: &TopicStream,
+        topic: &str,
+        e: &Envelope,
+        msg_id: Option<String>,
+        headers: async_nats::HeaderMap,
+    ) -> Result<Published> {
         let (_, js) = self.conn().await?;
         let ack = self
-            .send(js, &t, e, msg_id, headers)
+            .send(js, t, e, msg_id, headers)
             .await
             .map_err(|err| NatsError::publish(topic, err))?
             .await
@@ -397,10 +438,18 @@ impl Bus for NatsBus {
 
     async fn publish(&self, topic: &str, envelope: Envelope) -> Result<Published> {
         self.inner.check_open()?;
-        validate_name("topic", topic)?;
+        // A topic this bus has a stream for was valid when it was first used.
+        let known = self.inner.known_topic(topic);
+        if known.is_none() {
+            validate_name("topic", topic)?;
+        }
         self.inner.check_size(&envelope)?;
+        let t = match known {
+            Some(t) => t,
+            None => self.inner.topic(topic).await?,
+        };
         self.inner
-            .publish_one(topic, &envelope, None, async_nats::HeaderMap::new())
+            .publish_to(&t, topic, &envelope, None, async_nats::HeaderMap::new())
             .await
     }
 

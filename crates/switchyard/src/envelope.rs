@@ -30,10 +30,12 @@ impl MessageId {
     /// creation time across milliseconds. Random bits come from a fast thread-local
     /// generator, not a system call per id.
     pub fn new() -> Self {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        Self::at(Timestamp::now())
+    }
+
+    /// A fresh id whose UUIDv7 time prefix is `time` (to the millisecond).
+    pub(crate) fn at(time: Timestamp) -> Self {
+        let ms = time.unix_micros() / 1000;
         let mut random = [0u8; 10];
         fastrand::fill(&mut random);
         MessageId(uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid())
@@ -200,12 +202,14 @@ impl Envelope {
         datacontenttype: impl Into<String>,
         data: impl Into<Bytes>,
     ) -> Self {
+        // One clock read for both: the id's time prefix and `time` agree (to the ms).
+        let time = Timestamp::now();
         Envelope {
-            id: MessageId::new(),
+            id: MessageId::at(time),
             event_type: event_type.into(),
             source: source.into(),
             subject: None,
-            time: Timestamp::now(),
+            time,
             datacontenttype: datacontenttype.into(),
             correlationid: None,
             causationid: None,

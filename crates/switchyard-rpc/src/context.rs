@@ -159,7 +159,8 @@ impl TraceParent {
         let mut buf = [0u8; 32];
         put_hex(&mut buf[..16], (self.trace_id >> 64) as u64);
         put_hex(&mut buf[16..], self.trace_id as u64);
-        buf.iter().map(|&b| char::from(b)).collect()
+        // Only hex digits: always UTF-8 (one allocation of the exact size).
+        String::from_utf8(buf.to_vec()).unwrap_or_default()
     }
 }
 

@@ -20,6 +20,13 @@
 //! profiles, treated the same way. `seq` runs one caller on a current-thread runtime;
 //! `c64` runs 64 callers on a two-worker runtime (valgrind runs one thread at a time, so
 //! this counts the work-stealing and wake-up paths, not lock contention).
+//!
+//! By default no `tracing` subscriber is installed, as in `bench rpc`. With
+//! `RPC_COUNTS_FILTER=<directives>` (e.g. `warn` or `info`, the `EnvFilter` syntax) a
+//! level-filtered `fmt` subscriber writing to stderr is installed first, the same for
+//! both sides — as the shop's services run (`RUST_LOG`, default `info`). Without a
+//! subscriber, `tracing`'s `log` feature (on in this build: sqlx asks for it) makes every
+//! span and event of h2, hyper, tonic and switchyard evaluate its fields on both sides.
 
 use std::sync::Arc;
 
@@ -203,6 +210,12 @@ fn main() -> Result<(), BoxError> {
     let (transport, side, shape) = (arg(0, "http"), arg(1, "switchyard"), arg(2, "seq"));
     let calls: u64 = arg(3, "2000").parse()?;
     let warm: u64 = arg(4, "2000").parse()?;
+    if let Ok(filter) = std::env::var("RPC_COUNTS_FILTER") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .try_init()?;
+    }
     let (rt, callers) = match shape.as_str() {
         "seq" => (
             tokio::runtime::Builder::new_current_thread()

@@ -154,8 +154,9 @@ pub struct CallResponse {
     pub headers: HeaderMap,
     /// The whole body.
     pub body: Bytes,
-    /// The instance that answered.
-    pub instance: String,
+    /// The instance that answered (its URL, shared with the client's pool: no copy is
+    /// made per call).
+    pub instance: Arc<str>,
 }
 
 /// One outgoing request as the layers see it (cheap to clone for retries: the pieces
@@ -275,7 +276,7 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
             status: parts.status,
             headers: parts.headers,
             body,
-            instance: instance(),
+            instance: lease.instance_url(),
         })
     };
     let out = match tokio::time::timeout_at(attempt_deadline, fut).await {

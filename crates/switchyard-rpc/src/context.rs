@@ -159,7 +159,8 @@ impl TraceParent {
         let mut buf = [0u8; 32];
         put_hex(&mut buf[..16], (self.trace_id >> 64) as u64);
         put_hex(&mut buf[16..], self.trace_id as u64);
-        buf.iter().map(|&b| char::from(b)).collect()
+        // Only hex digits: always UTF-8 (one allocation of the exact size).
+        String::from_utf8(buf.to_vec()).unwrap_or_default()
     }
 }
 
@@ -206,9 +207,9 @@ pub struct CallContext {
     pub idempotency_key: Option<String>,
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
-    headers
-        .get(name)
+/// A header value as trimmed, non-empty text (`None` otherwise).
+fn value_str(value: Option<&HeaderValue>) -> Option<&str> {
+    value
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -223,13 +224,26 @@ impl CallContext {
     /// The context read from request headers; a malformed header counts as absent
     /// (a malformed deadline is ignored rather than rejected, as is a bad `traceparent`).
     pub fn from_headers(headers: &HeaderMap) -> Self {
+        // One pass over the headers instead of one lookup (a hash of the name) per field.
+        // As with `HeaderMap::get`, the first value of a repeated name is the one read.
+        let (mut deadline, mut traceparent, mut correlation, mut key) = (None, None, None, None);
+        for (name, value) in headers {
+            let slot = match name.as_str() {
+                DEADLINE_HEADER => &mut deadline,
+                TRACEPARENT_HEADER => &mut traceparent,
+                CORRELATION_HEADER => &mut correlation,
+                IDEMPOTENCY_HEADER => &mut key,
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
         CallContext {
-            deadline: header_str(headers, &DEADLINE_NAME)
+            deadline: value_str(deadline)
                 .and_then(|s| s.parse::<u64>().ok())
                 .map(|ms| Timestamp::from_unix_micros(ms.saturating_mul(1000))),
-            traceparent: header_str(headers, &TRACEPARENT_NAME).and_then(TraceParent::parse),
-            correlation_id: header_str(headers, &CORRELATION_NAME).map(str::to_string),
-            idempotency_key: header_str(headers, &IDEMPOTENCY_NAME).map(str::to_string),
+            traceparent: value_str(traceparent).and_then(TraceParent::parse),
+            correlation_id: value_str(correlation).map(str::to_string),
+            idempotency_key: value_str(key).map(str::to_string),
         }
     }
 
@@ -490,6 +504,37 @@ mod tests {
         assert_eq!(back.idempotency_key.as_deref(), Some("k1"));
         let ms = |t: Timestamp| t.unix_micros() / 1000;
         assert_eq!(ms(back.deadline.unwrap()), ms(ctx.deadline.unwrap()));
+    }
+
+    #[test]
+    fn from_headers_reads_the_first_value_and_ignores_other_headers() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("x"));
+        h.append(CORRELATION_NAME, HeaderValue::from_static(" first "));
+        h.append(CORRELATION_NAME, HeaderValue::from_static("second"));
+        // An empty first value is absent, as before (the second is not consulted).
+        h.append(IDEMPOTENCY_NAME, HeaderValue::from_static(""));
+        h.append(IDEMPOTENCY_NAME, HeaderValue::from_static("k2"));
+        h.insert(TRACEPARENT_NAME, HeaderValue::from_static(tp));
+        h.insert(DEADLINE_NAME, HeaderValue::from_static("1700000000123"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        let ctx = CallContext::from_headers(&h);
+        assert_eq!(ctx.correlation_id.as_deref(), Some("first"));
+        assert_eq!(ctx.idempotency_key, None);
+        assert_eq!(ctx.traceparent, TraceParent::parse(tp));
+        assert_eq!(
+            ctx.deadline,
+            Some(Timestamp::from_unix_micros(1_700_000_000_123_000))
+        );
+        assert_eq!(
+            CallContext::from_headers(&HeaderMap::new()),
+            CallContext::default()
+        );
+        let mut bad = HeaderMap::new();
+        bad.insert(DEADLINE_NAME, HeaderValue::from_static("soon"));
+        bad.insert(TRACEPARENT_NAME, HeaderValue::from_static("garbage"));
+        assert_eq!(CallContext::from_headers(&bad), CallContext::default());
     }
 
     #[test]

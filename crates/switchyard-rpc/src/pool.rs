@@ -284,6 +284,11 @@ impl Lease {
         &self.target.url
     }
 
+    /// The chosen instance's URL, shared (a reference count, not a copy).
+    pub(crate) fn instance_url(&self) -> Arc<str> {
+        self.target.url.clone()
+    }
+
     /// The chosen instance.
     pub(crate) fn target(&self) -> &Target {
         &self.target

@@ -36,7 +36,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
+use hyper::body::{Frame, SizeHint};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::body::Body;
@@ -162,6 +163,40 @@ fn is_local_fail_fast(s: &Status) -> bool {
         .is_some_and(|v| v.as_bytes() == b"circuit-open" || v.as_bytes() == b"no-instances")
 }
 
+/// The buffered request message of a call that may be retried, sent as one DATA frame.
+///
+/// Unlike `http_body_util::Full` it does not report its exact length: hyper adds a
+/// `content-length` header to a request whose body does, and gRPC has no use for one
+/// (messages carry their own length prefix; tonic's own request bodies never send it).
+/// Such a header is a literal in HPACK on every call (h2 never indexes its value), is
+/// decoded into a new value on the server and made the request's header map outgrow its
+/// first allocation on both ends.
+struct BufferedBody(Option<Bytes>);
+
+impl hyper::body::Body for BufferedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let data = self.get_mut().0.take().filter(|d| !d.is_empty());
+        Poll::Ready(data.map(|d| Ok(Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(Bytes::is_empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Not exact on purpose (see above): at least what is left.
+        let mut hint = SizeHint::new();
+        hint.set_lower(self.0.as_ref().map_or(0, |d| d.len() as u64));
+        hint
+    }
+}
+
 /// The innermost service: one attempt on one instance.
 #[derive(Clone)]
 struct Attempt {
@@ -222,7 +257,7 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
     );
     let body = match call.stream {
         Some(stream) => stream,
-        None => Body::new(Full::new(body)),
+        None => Body::new(BufferedBody(Some(body))),
     };
     let mut request = http::Request::new(body);
     *request.uri_mut() = uri;
@@ -561,5 +596,30 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::body::Body as _;
+
+    #[tokio::test]
+    async fn buffered_body_sends_its_bytes_once_without_an_exact_length() {
+        let body = BufferedBody(Some(Bytes::from_static(b"\0\0\0\0\x05hello")));
+        assert!(!body.is_end_stream());
+        // An exact length would make hyper send `content-length`.
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 10);
+        let collected = body.collect().await.map(|c| c.to_bytes());
+        assert_eq!(collected.ok().as_deref(), Some(&b"\0\0\0\0\x05hello"[..]));
+    }
+
+    #[tokio::test]
+    async fn empty_buffered_body_ends_at_once() {
+        let mut body = BufferedBody(Some(Bytes::new()));
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
     }
 }

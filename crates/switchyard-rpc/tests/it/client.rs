@@ -68,6 +68,23 @@ async fn callee_sees_the_propagated_deadline_and_context() {
 }
 
 #[tokio::test]
+async fn raw_call_names_the_instance_that_answered() {
+    let app = Router::new().route("/ok", get(|| async { "ok" }));
+    let s = spawn(app).await;
+    let c = client(StaticRegistry::default().with("ok", &s.url), fast_config());
+    let svc = c.service("ok");
+    for _ in 0..2 {
+        let r = svc
+            .call(axum::http::Method::GET, "/ok", None, &CallOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&*r.instance, s.url.as_str());
+        assert_eq!(&r.body[..], b"ok");
+    }
+}
+
+#[tokio::test]
 async fn timeout_fires_and_expired_deadline_fails_fast_without_sending() {
     let hits = Counter::default();
     let h = hits.clone();

@@ -276,6 +276,75 @@ async fn grpc_bodies_arrive_whole_buffered_or_not() {
     assert_eq!(s.svc.hits(), 2);
 }
 
+/// Neither a buffered (retryable) nor a streamed request carries `content-length`
+/// (gRPC messages carry their own length; the header only cost HPACK literals), and
+/// the message, key, trace and correlation id still arrive.
+#[tokio::test]
+async fn grpc_requests_carry_no_content_length_and_everything_else_arrives() {
+    use std::sync::Mutex;
+    use switchyard_rpc::grpc::echo::EchoServer;
+
+    /// What the server saw of one call: `content-length`, `idempotency-key`,
+    /// `x-correlation-id`, whether `traceparent` came.
+    type Seen = (bool, Option<String>, Option<String>, bool);
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let record = seen.clone();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let svc = EchoServer::with_interceptor(EchoService::new(), move |r: tonic::Request<()>| {
+        let m = r.metadata();
+        let text = |name: &str| m.get(name).and_then(|v| v.to_str().ok()).map(String::from);
+        record.lock().unwrap().push((
+            m.contains_key("content-length"),
+            text("idempotency-key"),
+            text("x-correlation-id"),
+            m.contains_key("traceparent"),
+        ));
+        Ok(r)
+    });
+    let (tx, rx) = oneshot::channel::<()>();
+    // A plain tonic server: what the client sends is under test, not our server.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            }),
+    );
+    let (_c, mut echo) = echo_client(StaticRegistry::default().with("echo", &url), fast_config());
+    let ctx = CallContext {
+        correlation_id: Some("order-7".into()),
+        ..CallContext::default()
+    };
+    // Keyed: retryable, so its message is buffered; plain: streamed.
+    let keyed = echo
+        .echo(
+            tonic::Request::new(req("keyed")).with_options(
+                CallOptions::new()
+                    .idempotency_key("k-1")
+                    .context(ctx.clone()),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(keyed.get_ref().message, "keyed");
+    let plain = echo
+        .echo(tonic::Request::new(req("plain")).with_options(CallOptions::new().context(ctx)))
+        .await
+        .unwrap();
+    assert_eq!(plain.get_ref().message, "plain");
+    let order = Some("order-7".to_string());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            (false, Some("k-1".to_string()), order.clone(), true),
+            (false, None, order, true),
+        ]
+    );
+    let _ = tx.send(());
+}
+
 #[tokio::test]
 async fn grpc_invalid_input_is_invalid_argument_naming_the_field() {
     let s = spawn_echo().await;

@@ -75,6 +75,7 @@
 
 mod consumer;
 mod error;
+mod lease;
 mod ledger;
 mod names;
 mod order;
@@ -99,7 +100,8 @@ use tokio::sync::{OnceCell, watch};
 
 pub use error::{NatsError, NatsErrorKind};
 
-use consumer::{GroupState, PARK_ROOM, Source};
+use consumer::{Group, PARK_ROOM, Source};
+use lease::Leases;
 use ledger::Ledger;
 use names::Names;
 
@@ -156,6 +158,8 @@ pub(crate) struct Inner {
     pub(crate) names: Names,
     /// Deliveries that were no attempts.
     pub(crate) ledger: Ledger,
+    /// Partition leases and group members (decision 0013).
+    pub(crate) leases: Leases,
     conn: OnceCell<(async_nats::Client, jetstream::Context)>,
     /// Streams known to exist (created or looked up once), by topic. A plain lock: the
     /// publish path only reads it.
@@ -163,7 +167,7 @@ pub(crate) struct Inner {
     /// Held while a stream is created or looked up, so each is asked for once.
     creating: tokio::sync::Mutex<()>,
     /// In-flight state of each (topic, group) used through this bus.
-    groups: Mutex<HashMap<(String, String), Arc<GroupState>>>,
+    groups: Mutex<HashMap<(String, String), Arc<Group>>>,
     pub(crate) closed: watch::Sender<bool>,
     /// Transient members dropped whose unsubscribe is not handed to the connection yet.
     pub(crate) leaving: watch::Sender<usize>,
@@ -171,10 +175,47 @@ pub(crate) struct Inner {
     pub(crate) live_members: watch::Sender<usize>,
 }
 
-/// A topic's stream, known to exist, and the subject its messages are published to.
+/// A topic's stream, known to exist, and the subjects its messages are published to.
 pub(crate) struct TopicStream {
     pub(crate) stream: jetstream::stream::Stream,
+    /// Messages without a subject (and streams without partitions).
     subject: async_nats::Subject,
+    /// The partition subjects, `partitions[p]` for partition `p` (decision 0013); empty
+    /// for a stream whose layout has no partitions.
+    partitions: Vec<async_nats::Subject>,
+}
+
+impl TopicStream {
+    /// Where `e` is published: its subject's partition, or the topic's own subject.
+    fn subject_for(&self, e: &Envelope) -> &async_nats::Subject {
+        match (e.subject.as_deref(), self.partitions.len()) {
+            (Some(key), n) if n > 0 => {
+                let p = names::partition_of(key, u32::try_from(n).unwrap_or(u32::MAX));
+                self.partitions.get(p as usize).unwrap_or(&self.subject)
+            }
+            _ => &self.subject,
+        }
+    }
+
+    /// How many partitions the topic has (0: none).
+    pub(crate) fn partition_count(&self) -> u32 {
+        u32::try_from(self.partitions.len()).unwrap_or(0)
+    }
+}
+
+/// Partitions of a topic created by this bus (decision 0013). Fixed at stream creation
+/// and written into the stream's description, which every bus reads: a later default
+/// never changes an existing topic's layout.
+pub(crate) const DEFAULT_PARTITIONS: u32 = 16;
+
+const PARTITIONS_TAG: &str = "switchyard partitions=";
+
+/// The partition count a stream description records.
+fn partitions_in(description: Option<&str>) -> Option<u32> {
+    let d = description?;
+    let at = d.find(PARTITIONS_TAG)? + PARTITIONS_TAG.len();
+    let digits: String = d[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|p| (1..=1024).contains(p))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -190,6 +231,7 @@ impl NatsBus {
             inner: Arc::new(Inner {
                 config,
                 ledger: Ledger::new(names.ledger_stream(), names.ledger_subjects()),
+                leases: Leases::new(names.lease_stream(), names.lease_subjects()),
                 names,
                 conn: OnceCell::new(),
                 streams: Default::default(),
@@ -199,6 +241,19 @@ impl NatsBus {
                 leaving: watch::channel(0).0,
                 live_members: watch::channel(0).0,
             }),
+        }
+    }
+}
+
+impl NatsBus {
+    /// The partitions of `topic` whose messages of `group` this bus pulls now (decision
+    /// 0013): each partition has at most one such bus among the group's members. Empty
+    /// before the first subscribe, for a topic without partitions, and after close.
+    pub fn owned_partitions(&self, topic: &str, group: &str) -> Vec<u32> {
+        let key = (topic.to_string(), group.to_string());
+        match lock(&self.inner.groups).get(&key) {
+            Some(g) => lease::owned(g),
+            None => Vec::new(),
         }
     }
 }
@@ -224,6 +279,14 @@ impl Inner {
     pub(crate) fn client(&self) -> Result<&async_nats::Client> {
         match self.conn.get() {
             Some((client, _)) => Ok(client),
+            None => Err(Error::Closed),
+        }
+    }
+
+    /// The connection's JetStream context, once connected (usable while closing).
+    pub(crate) fn js(&self) -> Result<&jetstream::Context> {
+        match self.conn.get() {
+            Some((_, js)) => Ok(js),
             None => Err(Error::Closed),
         }
     }
@@ -255,20 +318,46 @@ impl Inner {
         }
         let (_, js) = self.conn().await?;
         let subject = self.names.subject(topic);
+        let wildcard = self.names.partition_wildcard(topic);
         let config = jetstream::stream::Config {
             name: self.names.stream(topic),
-            subjects: vec![subject.clone()],
+            subjects: vec![subject.clone(), wildcard.clone()],
+            description: Some(format!("{PARTITIONS_TAG}{DEFAULT_PARTITIONS}")),
             duplicate_window: self.config.dedup_window,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let stream = js
+        let mut stream = js
             .get_or_create_stream(config)
             .await
             .map_err(|e| NatsError::stream(topic, e))?;
+        let mut count = partitions_in(stream.cached_info().config.description.as_deref());
+        if count.is_none() && !stream.cached_info().config.subjects.contains(&wildcard) {
+            // A stream made before partitions existed: add them. Until every consumer
+            // of the topic runs this version, its old group consumers (no subject
+            // filter) would also see the partitioned messages.
+            let mut config = stream.cached_info().config.clone();
+            config.subjects.push(wildcard);
+            config.description = Some(format!("{PARTITIONS_TAG}{DEFAULT_PARTITIONS}"));
+            match js.update_stream(config).await {
+                Ok(info) => {
+                    count = partitions_in(info.config.description.as_deref());
+                    stream = js
+                        .get_stream(self.names.stream(topic))
+                        .await
+                        .map_err(|e| NatsError::stream(topic, e))?;
+                }
+                Err(e) => tracing::warn!(topic, error = %e,
+                    "could not add partitions to an existing stream; its subjects are ordered per process only"),
+            }
+        }
+        let partitions = (0..count.unwrap_or(0))
+            .map(|p| self.names.partition_subject(topic, p).into())
+            .collect();
         let t = Arc::new(TopicStream {
             stream,
             subject: subject.into(),
+            partitions,
         });
         lock(&self.streams).insert(topic.to_string(), t.clone());
         Ok(t)
@@ -279,13 +368,14 @@ impl Inner {
         Ok(self.topic(topic).await?.stream.clone())
     }
 
-    /// Sends `e` to `t`'s subject with `headers`, plus `Nats-Msg-Id` = `msg_id` or the
+    /// Sends `e` to `t`'s subject (its partition's when `route`) with `headers`, plus `Nats-Msg-Id` = `msg_id` or the
     /// envelope id (none when dedup is off); the returned future resolves to the ack.
     async fn send(
         &self,
         js: &jetstream::Context,
         t: &TopicStream,
         e: &Envelope,
+        route: bool,
         msg_id: Option<String>,
         mut headers: async_nats::HeaderMap,
     ) -> std::result::Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>
@@ -309,21 +399,24 @@ impl Inner {
         if !headers.is_empty() {
             publish = publish.headers(headers);
         }
-        js.send_publish(t.subject.clone(), publish).await
+        let subject = if route { t.subject_for(e) } else { &t.subject };
+        js.send_publish(subject.clone(), publish).await
     }
 
-    /// Publishes one envelope (size checked by the caller) and awaits its ack.
+    /// Publishes one envelope (size checked by the caller) and awaits its ack; `route`
+    /// sends a message with a subject to its partition (not for the DLQ, read in order).
     pub(crate) async fn publish_one(
         &self,
         topic: &str,
         e: &Envelope,
+        route: bool,
         msg_id: Option<String>,
         headers: async_nats::HeaderMap,
     ) -> Result<Published> {
         let t = self.topic(topic).await?;
         let (_, js) = self.conn().await?;
         let ack = self
-            .send(js, &t, e, msg_id, headers)
+            .send(js, &t, e, route, msg_id, headers)
             .await
             .map_err(|err| NatsError::publish(topic, err))?
             .await
@@ -343,7 +436,7 @@ impl Inner {
         let mut acks = Vec::with_capacity(envelopes.len());
         for e in &envelopes {
             let ack = self
-                .send(js, &t, e, None, async_nats::HeaderMap::new())
+                .send(js, &t, e, true, None, async_nats::HeaderMap::new())
                 .await
                 .map_err(|err| NatsError::publish(topic, err))?;
             acks.push(ack);
@@ -366,7 +459,8 @@ impl Inner {
         topic: &str,
         group: &str,
         options: &SubscribeOptions,
-    ) -> (Arc<GroupState>, bool) {
+        partitions: u32,
+    ) -> (Arc<Group>, bool) {
         let mut groups = lock(&self.groups);
         let key = (topic.to_string(), group.to_string());
         let (g, created) = match groups.get(&key) {
@@ -376,7 +470,13 @@ impl Inner {
                 let key_prefix = format!("{stream}.{consumer}");
                 // The default JetStream API prefix (`jetstream::new`), as async-nats uses.
                 let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
-                let g = Arc::new(GroupState::new(topic, group, key_prefix, next_subject));
+                let g = Arc::new(Group::new(
+                    topic,
+                    group,
+                    key_prefix,
+                    next_subject,
+                    partitions,
+                ));
                 groups.insert(key, g.clone());
                 (g, true)
             }
@@ -400,7 +500,7 @@ impl Bus for NatsBus {
         validate_name("topic", topic)?;
         self.inner.check_size(&envelope)?;
         self.inner
-            .publish_one(topic, &envelope, None, async_nats::HeaderMap::new())
+            .publish_one(topic, &envelope, true, None, async_nats::HeaderMap::new())
             .await
     }
 
@@ -429,9 +529,18 @@ impl Bus for NatsBus {
                 reason: "names starting with `$` are reserved for the bus",
             });
         }
-        let stream = self.inner.stream(topic).await?;
+        let t = self.inner.topic(topic).await?;
+        let stream = t.stream.clone();
+        let partitions = t.partition_count();
         let config = jetstream::consumer::pull::Config {
             durable_name: Some(self.inner.names.consumer(group)),
+            // With partitions, the group's own consumer takes the topic's own subject
+            // (messages without a subject); each partition has a consumer of its own.
+            filter_subject: if partitions > 0 {
+                self.inner.names.subject(topic)
+            } else {
+                String::new()
+            },
             ack_policy: AckPolicy::Explicit,
             // At most `LIVENESS`: this bus keeps what it holds alive with `+WPI`, so what a
             // dead process held comes back soon; the lease itself is kept by the bus.
@@ -456,8 +565,31 @@ impl Bus for NatsBus {
                 .await
                 .map_err(|_| NatsError::consumer(topic, group, first))?,
         };
-        let (state, created) = self.inner.group_state(topic, group, &options);
+        if consumer.cached_info().config.filter_subject != config.filter_subject {
+            tracing::warn!(
+                topic,
+                group,
+                "the group's consumer predates partitions (no subject filter): its members also get partitioned messages, ordered per process only; delete the consumer to fix it"
+            );
+        }
+        // One consumer per partition, all made now so they start where the group does.
+        for p in 0..partitions {
+            let name = self.inner.names.partition_consumer(group, p);
+            let config = jetstream::consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: self.inner.names.partition_subject(topic, p),
+                ..config.clone()
+            };
+            if let Err(first) = stream.create_consumer(config).await {
+                stream
+                    .get_consumer::<jetstream::consumer::pull::Config>(&name)
+                    .await
+                    .map_err(|_| NatsError::consumer(topic, group, first))?;
+            }
+        }
+        let (g, created) = self.inner.group_state(topic, group, &options, partitions);
         if created {
+            let state = g.base.clone();
             state.set_inherited(consumer.cached_info().num_ack_pending);
             let (client, _) = self.inner.conn().await?;
             consumer::spawn_keep_alive(
@@ -480,10 +612,15 @@ impl Bus for NatsBus {
                     "could not take over the group's unsettled messages; they come back after the server's ack_wait");
             }
         }
-        Ok(Subscription::new(Box::new(Source::new(
-            self.inner.clone(),
-            state,
-        ))))
+        let source = Source::new(self.inner.clone(), g.clone());
+        if created && partitions > 0 {
+            lease::spawn(
+                Arc::downgrade(&self.inner),
+                g,
+                self.inner.closed.subscribe(),
+            );
+        }
+        Ok(Subscription::new(Box::new(source)))
     }
 
     async fn dead_letters(&self, topic: &str, limit: usize) -> Result<Vec<DeadLetter>> {
@@ -516,7 +653,7 @@ impl Bus for NatsBus {
             // Published first, then removed from the DLQ: a crash between the two replays
             // twice (at least once), never zero times.
             self.inner
-                .publish_one(topic, &e, Some(msg_id), async_nats::HeaderMap::new())
+                .publish_one(topic, &e, true, Some(msg_id), async_nats::HeaderMap::new())
                 .await?;
             dlq.delete_message(seq)
                 .await
@@ -555,7 +692,7 @@ impl Bus for NatsBus {
         let _ = tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0)).await;
         // Unsettled deliveries go back to the group now instead of after their ack_wait.
         let groups: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
-        for g in groups {
+        for g in &groups {
             g.release_all(&self.inner).await;
         }
         // A barrier: the server has processed every ack, nak and unsubscribe sent above,
@@ -563,6 +700,10 @@ impl Bus for NatsBus {
         transient::round_trip(client, None)
             .await
             .map_err(|e| Error::Unavailable(format!("closing the NATS bus: {e}")))?;
+        // Only then are the partitions free for other members (their messages are back).
+        for g in &groups {
+            lease::release(&self.inner, g).await;
+        }
         if let Err(e) = client.drain().await {
             tracing::debug!(error = %e, "draining the NATS connection on close");
         }

@@ -9,6 +9,7 @@
 mod attempts;
 mod conformance;
 mod keep_alive;
+mod partitions;
 mod registry;
 mod reply_conformance;
 mod router_conformance;

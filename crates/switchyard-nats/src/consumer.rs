@@ -992,6 +992,48 @@ impl Source {
     }
 }
 
+impl Source {
+    /// Reads what already arrived on the inbox of every lane with nothing ready, without
+    /// waiting (unless another subscriber is reading them): a lane's read-ahead must not
+    /// age unread, past the server's `ack_wait`, while other lanes keep the subscribers
+    /// busy (it would then be delivered twice).
+    async fn read_arrived(&self, lanes: &[Arc<GroupState>]) -> Result<()> {
+        let Ok(_reader) = self.group.reader.try_lock() else {
+            return Ok(());
+        };
+        for lane in lanes {
+            // A lane with messages ready is read when they are gone (as a single lane
+            // was): reading ahead of its subscribers would only fill memory.
+            if lock(&lane.order).has_ready() {
+                continue;
+            }
+            let Ok(mut puller) = lane.puller.try_lock() else {
+                continue;
+            };
+            let first = match puller.inbox.as_mut() {
+                Some((_, inbox)) => inbox.next().now_or_never().flatten(),
+                None => None,
+            };
+            let Some(first) = first else {
+                continue;
+            };
+            let out = self.ingest(lane, &mut puller, first).await;
+            drop(puller);
+            if let Some((special, records, failure)) = out {
+                if let Some(e) = failure {
+                    tracing::warn!(at = %lane.where_(), error = %e, "pull request failed; renewing it");
+                }
+                for (seq, u) in records {
+                    lane.record(&self.inner, seq, u).await;
+                }
+                let settler = self.settler_of(lane);
+                self.handle(&settler, special).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Source {
     fn drop(&mut self) {
         let group = self.group.clone();
@@ -1031,6 +1073,9 @@ impl DeliverySource for Source {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let lanes = group.lanes();
+            if lanes.len() > 1 {
+                self.read_arrived(&lanes).await?;
+            }
             let ready = self.take_ready(&lanes, max);
             if !ready.is_empty() {
                 // Keeps the next messages coming while the caller handles these (unless

@@ -19,11 +19,12 @@
 //!
 //! | contract | JetStream |
 //! | --- | --- |
-//! | topic `t` | stream `SY_<t escaped>` with the one subject `sy.t` |
+//! | topic `t` | stream `SY_<t escaped>` with the subjects `sy.t` (no subject) and `syp.t.<p>` (16 partitions by subject) |
 //! | offset | the stream sequence |
 //! | publisher dedup | `Nats-Msg-Id` = envelope id, the stream's duplicate window |
 //! | durable publish | the JetStream publish ack is awaited |
-//! | group | a durable pull consumer, explicit ack; the client counts attempts |
+//! | group | a durable pull consumer for `sy.t` and one per partition, explicit ack; the client counts attempts |
+//! | ordering across processes | one owner per partition and group at a time: leases in a KV-layout stream (decision 0013) |
 //! | attempt | the delivery count, minus deliveries that were no attempts (a ledger stream) |
 //! | per-subject ordering | a sequencer per group in each bus parks a message while an earlier one of its subject is unsettled |
 //! | ack_wait | the server's is at most 5 s; the bus keeps what it holds alive with `+WPI` for the lease's whole `ack_wait` |
@@ -43,13 +44,12 @@
 //!
 //! **Not provided yet** (details in `docs/decisions/0009-nats-bus.md`):
 //!
-//! - **Ordering across processes.** A subject is ordered among the subscribers of one
-//!   `NatsBus`. Members of one group in *different* processes (or different `NatsBus`
-//!   values) each order what they hold, but two of them can hold messages of the same
-//!   subject at once. Restarts are covered: the first subscriber of a group in a bus
-//!   takes over what a dead process left unsettled, before any later message. Run one
-//!   consuming process per group, or accept this, until partitions with exclusive owners
-//!   exist (the design: `docs/decisions/0013-nats-ordering-across-processes.md`).
+//! - **Ordering across processes holds, with the limits of leases** (decision 0013).
+//!   Messages with a subject go to one of 16 partitions of their topic; each partition
+//!   is pulled by one `NatsBus` per group at a time (see [`NatsBus::owned_partitions`]).
+//!   An owner that stalls past the lease TTL (10 s), or whose connection blips, may
+//!   overlap one handler with its successor's until its next renewal fails. A group
+//!   consumer made before partitions existed must be deleted once.
 //! - **Taking over is not polite to live members.** A new process redelivers what a live
 //!   member of the group holds too; that member's settle still succeeds and the effect
 //!   stays once through the inbox, but the message is handled twice.
@@ -64,6 +64,7 @@
 //! | `names` | topic and group names to stream, consumer and subject names |
 //! | `consumer` | the delivery source, settler, keep-alive and take-over of a group |
 //! | `order` | per-subject ordering of a group's messages (a state machine, no I/O) |
+//! | `lease` | partition leases: one owner per partition and group, fair share, drain, take-over |
 //! | `ledger` | deliveries that were no attempts, in a stream used as a key-value store |
 //! | `transient` | the transient channel on core NATS |
 //! | `error` | this crate's error type |
@@ -209,6 +210,13 @@ impl TopicStream {
 pub(crate) const DEFAULT_PARTITIONS: u32 = 16;
 
 const PARTITIONS_TAG: &str = "switchyard partitions=";
+
+/// The server window (`max_ack_pending`) of one partition consumer: the group's window
+/// (`PARK_ROOM` × `max_pending`) divided among the partitions, at least 16.
+fn partition_window(max_pending: usize, partitions: u32) -> usize {
+    let window = max_pending.max(1).saturating_mul(PARK_ROOM);
+    window.div_ceil(partitions.max(1) as usize).max(16)
+}
 
 /// The partition count a stream description records.
 fn partitions_in(description: Option<&str>) -> Option<u32> {
@@ -368,8 +376,9 @@ impl Inner {
         Ok(self.topic(topic).await?.stream.clone())
     }
 
-    /// Sends `e` to `t`'s subject (its partition's when `route`) with `headers`, plus `Nats-Msg-Id` = `msg_id` or the
-    /// envelope id (none when dedup is off); the returned future resolves to the ack.
+    /// Sends `e` to `t`'s subject (its partition's when `route`) with `headers`, plus
+    /// `Nats-Msg-Id` = `msg_id` or the envelope id (none when dedup is off); the returned
+    /// future resolves to the ack.
     async fn send(
         &self,
         js: &jetstream::Context,
@@ -578,6 +587,10 @@ impl Bus for NatsBus {
             let config = jetstream::consumer::pull::Config {
                 durable_name: Some(name.clone()),
                 filter_subject: self.inner.names.partition_subject(topic, p),
+                // The group's window shared by its partitions (so a bus holding them
+                // all holds at most twice the window of a group without partitions).
+                max_ack_pending: i64::try_from(partition_window(options.max_pending, partitions))
+                    .unwrap_or(i64::MAX),
                 ..config.clone()
             };
             if let Err(first) = stream.create_consumer(config).await {

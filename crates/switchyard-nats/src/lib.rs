@@ -55,9 +55,10 @@
 //!   stays once through the inbox, but the message is handled twice.
 //! - **Attempts.** A delivery lost in flight, or made ready but not handed out before its
 //!   process died, still counts as an attempt.
-//! - **The window.** The server's `max_ack_pending` is 4 × `max_pending`, and the bus may
-//!   hold that many messages in memory; a subject parked behind a backlog longer than the
-//!   window stalls the other subjects until it moves.
+//! - **The window.** The server's `max_ack_pending` is 4 × `max_pending` for the group's
+//!   own consumer and that divided by 16 (at least 16) for each partition's, and the bus
+//!   may hold that many messages in memory; a subject parked behind a backlog longer than
+//!   its partition's window stalls the other subjects of the partition until it moves.
 //!
 //! | module | what |
 //! | --- | --- |

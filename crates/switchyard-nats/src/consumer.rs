@@ -18,7 +18,7 @@
 //! `max` at a time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -176,16 +176,21 @@ pub(crate) fn server_ack_wait(ack_wait: Duration) -> Duration {
 pub(crate) struct GroupState {
     topic: Arc<str>,
     group: Arc<str>,
+    /// The partition this lane pulls (none: the group's own consumer).
+    pub(crate) partition: Option<u32>,
     /// `<stream>.<consumer>`: the prefix of this group's keys in the ledger.
     key_prefix: String,
     /// What the ledger knows of messages this bus holds (read or written here).
     uncounted: Mutex<HashMap<u64, Uncounted>>,
     settings: Mutex<GroupSettings>,
     order: Mutex<Sequencer<Held>>,
-    /// Woken when a parked message becomes ready.
-    ready: Notify,
+    /// Woken when a parked message becomes ready (shared by the group's lanes).
+    ready: Arc<Notify>,
     first_failure: Mutex<HashMap<u64, Timestamp>>,
-    sources: AtomicUsize,
+    /// Set once the lane's partition is released: its keep-alive task ends.
+    retired: AtomicBool,
+    /// Settles between taking a message out of the sequencer and sending it.
+    settling: AtomicUsize,
     /// Waiting messages the last subscriber left behind, handed back by the keep-alive
     /// task (or by `close`, in one ordered pass with the rest).
     leaving: Mutex<Vec<Handback>>,
@@ -194,6 +199,116 @@ pub(crate) struct GroupState {
     puller: tokio::sync::Mutex<Puller>,
     /// Where pull requests for the group go (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
     next_subject: Subject,
+}
+
+/// A group used through this bus: the lane of its own consumer (messages without a
+/// subject, and topics without partitions) and one lane per partition this bus owns
+/// (decision 0013). Each lane has its consumer, pull inbox and sequencer; one
+/// subscriber at a time reads the inboxes, and every subscriber takes ready messages
+/// from every lane.
+pub(crate) struct Group {
+    pub(crate) topic: Arc<str>,
+    pub(crate) group: Arc<str>,
+    /// The lane of the group's own consumer.
+    pub(crate) base: Arc<GroupState>,
+    /// The lanes of the partitions this bus owns.
+    parts: Mutex<Vec<Arc<GroupState>>>,
+    /// Woken when a message becomes ready in any lane, or the lanes change.
+    pub(crate) ready: Arc<Notify>,
+    /// Held by the subscriber reading the lanes' inboxes.
+    reader: tokio::sync::Mutex<()>,
+    /// Subscribers of the group in this bus.
+    pub(crate) sources: AtomicUsize,
+    /// The topic's partitions (0: none).
+    pub(crate) partitions: u32,
+    /// The partition leases this bus holds (`lease.rs`).
+    pub(crate) owned: Mutex<std::collections::BTreeMap<u32, crate::lease::Owned>>,
+}
+
+impl Group {
+    pub(crate) fn new(
+        topic: &str,
+        group: &str,
+        base_key: String,
+        base_next: String,
+        partitions: u32,
+    ) -> Self {
+        let ready = Arc::new(Notify::new());
+        Group {
+            topic: topic.into(),
+            group: group.into(),
+            base: Arc::new(GroupState::new(
+                topic,
+                group,
+                None,
+                base_key,
+                base_next,
+                ready.clone(),
+            )),
+            parts: Mutex::new(Vec::new()),
+            ready,
+            reader: tokio::sync::Mutex::new(()),
+            sources: AtomicUsize::new(0),
+            partitions,
+            owned: Default::default(),
+        }
+    }
+
+    /// Every lane: the group's own first, then the owned partitions'.
+    pub(crate) fn lanes(&self) -> Vec<Arc<GroupState>> {
+        let parts = lock(&self.parts);
+        let mut out = Vec::with_capacity(parts.len() + 1);
+        out.push(self.base.clone());
+        out.extend(parts.iter().cloned());
+        out
+    }
+
+    /// A new lane for partition `state.partition`, with the group's settings.
+    pub(crate) fn new_lane(&self, p: u32, key: String, next: String) -> Arc<GroupState> {
+        let lane = Arc::new(GroupState::new(
+            &self.topic,
+            &self.group,
+            Some(p),
+            key,
+            next,
+            self.ready.clone(),
+        ));
+        let settings = self.base.settings();
+        lane.set_settings(settings.policy, settings.ack_wait);
+        lane
+    }
+
+    /// Starts pulling `lane` (its partition's lease is held, its take-over done).
+    pub(crate) fn add_lane(&self, lane: Arc<GroupState>) {
+        lock(&self.parts).push(lane);
+        self.ready.notify_waiters();
+    }
+
+    /// Stops pulling partition `p`'s lane and returns it.
+    pub(crate) fn remove_lane(&self, p: u32) -> Option<Arc<GroupState>> {
+        let lane = {
+            let mut parts = lock(&self.parts);
+            let at = parts.iter().position(|l| l.partition == Some(p))?;
+            parts.remove(at)
+        };
+        // A reader waiting on the lane's inbox lets go of it.
+        self.ready.notify_waiters();
+        Some(lane)
+    }
+
+    /// The latest subscriber sets the policy and the lease of every lane.
+    pub(crate) fn set_settings(&self, policy: RedeliveryPolicy, ack_wait: Duration) {
+        for lane in self.lanes() {
+            lane.set_settings(policy.clone(), ack_wait);
+        }
+    }
+
+    /// Hands every held message of every lane back (the bus closes).
+    pub(crate) async fn release_all(&self, inner: &Inner) {
+        for lane in self.lanes() {
+            lane.release_all(inner).await;
+        }
+    }
 }
 
 /// The pull requests of a group in this bus: one inbox subscription that every request
@@ -310,11 +425,19 @@ impl Puller {
 }
 
 impl GroupState {
-    pub(crate) fn new(topic: &str, group: &str, key_prefix: String, next_subject: String) -> Self {
+    pub(crate) fn new(
+        topic: &str,
+        group: &str,
+        partition: Option<u32>,
+        key_prefix: String,
+        next_subject: String,
+        ready: Arc<Notify>,
+    ) -> Self {
         GroupState {
             next_subject: next_subject.into(),
             topic: topic.into(),
             group: group.into(),
+            partition,
             key_prefix,
             uncounted: Default::default(),
             settings: Mutex::new(GroupSettings {
@@ -322,9 +445,10 @@ impl GroupState {
                 ack_wait: Duration::from_secs(30),
             }),
             order: Mutex::new(Sequencer::default()),
-            ready: Notify::new(),
+            ready,
             first_failure: Default::default(),
-            sources: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+            settling: AtomicUsize::new(0),
             leaving: Mutex::new(Vec::new()),
             puller: Default::default(),
         }
@@ -336,6 +460,25 @@ impl GroupState {
     /// lost in flight once).
     pub(crate) fn set_inherited(&self, unsettled: usize) {
         lock(&self.order).hold_inherited(unsettled, Instant::now() + 2 * LIVENESS);
+    }
+
+    /// `topic/group` or `topic/group#p`, for logs.
+    fn where_(&self) -> String {
+        match self.partition {
+            Some(p) => format!("{}/{}#{p}", self.topic, self.group),
+            None => format!("{}/{}", self.topic, self.group),
+        }
+    }
+
+    /// Whether a handed-out message is unsettled here (in flight, or its settle is
+    /// being sent).
+    pub(crate) fn busy(&self) -> bool {
+        self.settling.load(Ordering::SeqCst) > 0 || lock(&self.order).in_flight() > 0
+    }
+
+    /// The lane's partition was released: its keep-alive task ends.
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
     }
 
     /// The latest subscriber sets the policy and the lease of the group.
@@ -422,6 +565,11 @@ impl GroupState {
         lock(&self.settings).clone()
     }
 
+    /// The lease (`ack_wait`) the group's latest subscriber gave.
+    pub(crate) fn settings_ack_wait(&self) -> Duration {
+        lock(&self.settings).ack_wait
+    }
+
     fn stale(&self, info: &DeliveryInfo) -> Error {
         Error::StaleDelivery {
             topic: self.topic.to_string(),
@@ -478,6 +626,9 @@ pub(crate) fn spawn_keep_alive(
         loop {
             let server_wait = state.settings().server_ack_wait();
             let tick = (server_wait / 6).clamp(Duration::from_millis(20), Duration::from_secs(1));
+            if state.retired.load(Ordering::SeqCst) {
+                return;
+            }
             tokio::select! {
                 r = closed.wait_for(|c| *c) => {
                     let _ = r;
@@ -590,50 +741,78 @@ struct Fetched {
 }
 
 /// The [`DeliverySource`] of one subscriber. The subscribers of a group in one bus share
-/// its pull inbox (requests are made only from `next_batch`: when none is ready, and to
-/// keep what the caller asked for coming), so the sequencer sees the messages in the
-/// server's order.
+/// its lanes' pull inboxes (requests are made only from `next_batch`: when none is
+/// ready, and to keep what the caller asked for coming; one subscriber at a time reads
+/// them), so each lane's sequencer sees its messages in the server's order.
 pub(crate) struct Source {
     inner: Arc<Inner>,
-    settler: Arc<GroupSettler>,
+    group: Arc<Group>,
+    /// The settler of the group's own lane (partition lanes get one per batch).
+    base: Arc<GroupSettler>,
+    /// Where the next `take_ready` starts, so no lane starves the others.
+    turn: usize,
     closed: watch::Receiver<bool>,
 }
 
 impl Source {
-    pub(crate) fn new(inner: Arc<Inner>, state: Arc<GroupState>) -> Self {
+    pub(crate) fn new(inner: Arc<Inner>, group: Arc<Group>) -> Self {
         let closed = inner.closed.subscribe();
-        state.sources.fetch_add(1, Ordering::SeqCst);
+        group.sources.fetch_add(1, Ordering::SeqCst);
         Source {
-            settler: Arc::new(GroupSettler {
+            base: Arc::new(GroupSettler {
                 inner: inner.clone(),
-                state,
+                state: group.base.clone(),
             }),
+            group,
             inner,
+            turn: 0,
             closed,
         }
     }
 
-    /// Up to `max` of the group's ready messages, handed out.
-    fn take_ready(&self, max: usize) -> Vec<Delivery> {
-        let state = &self.settler.state;
-        let ack_wait = state.settings().ack_wait;
+    fn settler_of(&self, lane: &Arc<GroupState>) -> Arc<GroupSettler> {
+        if Arc::ptr_eq(lane, &self.base.state) {
+            return self.base.clone();
+        }
+        Arc::new(GroupSettler {
+            inner: self.inner.clone(),
+            state: lane.clone(),
+        })
+    }
+
+    /// Up to `max` of the group's ready messages, handed out, taken lane by lane.
+    fn take_ready(&mut self, lanes: &[Arc<GroupState>], max: usize) -> Vec<Delivery> {
         let now = Instant::now();
         let mut out = Vec::new();
-        let mut order = lock(&state.order);
-        while out.len() < max {
-            let Some((seq, lease, held)) = order.take_ready(now, ack_wait) else {
+        let n = lanes.len();
+        self.turn = self.turn.wrapping_add(1);
+        for k in 0..n {
+            if out.len() >= max {
                 break;
+            }
+            let Some(lane) = lanes.get((self.turn + k) % n) else {
+                continue;
             };
-            let envelope = held.envelope.clone();
-            out.push(state.delivery(&self.settler, seq, lease, envelope));
+            let ack_wait = lane.settings().ack_wait;
+            let mut order = lock(&lane.order);
+            if !order.has_ready() {
+                continue;
+            }
+            let settler = self.settler_of(lane);
+            while out.len() < max {
+                let Some((seq, lease, held)) = order.take_ready(now, ack_wait) else {
+                    break;
+                };
+                let envelope = held.envelope.clone();
+                out.push(lane.delivery(&settler, seq, lease, envelope));
+            }
         }
         out
     }
 
     /// Reads the ledger entries of fetched redeliveries that this bus sees for the first
     /// time.
-    async fn read_ledger(&self, fetched: &[Fetched]) {
-        let state = &self.settler.state;
+    async fn read_ledger(&self, state: &GroupState, fetched: &[Fetched]) {
         for m in fetched {
             let seq = m.seq;
             if m.delivered <= 1
@@ -645,7 +824,7 @@ impl Source {
             let u = match self.inner.ledger.get(&self.inner, &state.key(seq)).await {
                 Ok(u) => u,
                 Err(e) => {
-                    tracing::warn!(at = %self.where_(), seq, error = %e,
+                    tracing::warn!(at = %state.where_(), seq, error = %e,
                         "reading the ledger failed; every delivery counts as an attempt");
                     Uncounted::default()
                 }
@@ -654,10 +833,13 @@ impl Source {
         }
     }
 
-    /// Puts fetched messages into the sequencer, in order. Returns those handled here,
-    /// and the ledger entries to write: deliveries found to have been no attempts.
-    fn arrive(&self, fetched: Vec<Fetched>) -> (Vec<Special>, Vec<(u64, Uncounted)>) {
-        let state = &self.settler.state;
+    /// Puts fetched messages into the lane's sequencer, in order. Returns those handled
+    /// here, and the ledger entries to write: deliveries found to have been no attempts.
+    fn arrive(
+        &self,
+        state: &GroupState,
+        fetched: Vec<Fetched>,
+    ) -> (Vec<Special>, Vec<(u64, Uncounted)>) {
         let settings = state.settings();
         let max_attempts = u64::from(settings.policy.max_attempts.max(1));
         let now = Instant::now();
@@ -732,8 +914,8 @@ impl Source {
     }
 
     /// Settles what [`arrive`](Self::arrive) set aside.
-    async fn handle(&self, special: Vec<Special>) -> Result<()> {
-        let state = &self.settler.state;
+    async fn handle(&self, settler: &GroupSettler, special: Vec<Special>) -> Result<()> {
+        let state = &settler.state;
         for s in special {
             match s {
                 Special::Undecodable(reply) => {
@@ -755,7 +937,7 @@ impl Source {
                     let first = lock(&state.first_failure).remove(&seq).unwrap_or(now);
                     let reason = "not settled within ack_wait on the last attempt".to_string();
                     let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
-                    self.settler
+                    settler
                         .dead_letter(seq, held, reason, attempts, first, now)
                         .await?;
                     state.done(&self.inner, seq);
@@ -765,33 +947,118 @@ impl Source {
         Ok(())
     }
 
-    fn where_(&self) -> String {
-        format!("{}/{}", self.settler.state.topic, self.settler.state.group)
+    /// Reads what `first` started on `lane`'s inbox (and whatever else is already there)
+    /// into the lane's sequencer. Returns a failure the server reported, if any.
+    async fn ingest(
+        &self,
+        lane: &Arc<GroupState>,
+        puller: &mut tokio::sync::MutexGuard<'_, Puller>,
+        first: async_nats::Message,
+    ) -> Option<(Vec<Special>, Vec<(u64, Uncounted)>, Option<String>)> {
+        let mut fetched = Vec::new();
+        let mut failure = None;
+        let mut next = Some(first);
+        while let Some(m) = next {
+            match m.status {
+                Some(status) if status != StatusCode::OK => {
+                    failure = failure.or(puller.status(&m, status));
+                }
+                _ => {
+                    puller.pending = puller.pending.saturating_sub(1);
+                    let info = m.reply.as_ref().and_then(|r| ack_info(r.as_str()));
+                    match (m.reply, info) {
+                        (Some(reply), Some((seq, delivered))) => fetched.push(Fetched {
+                            reply,
+                            payload: m.payload,
+                            seq,
+                            delivered: delivered.max(1),
+                        }),
+                        (reply, _) => tracing::warn!(at = %lane.where_(), subject = ?reply,
+                            "message without JetStream metadata skipped"),
+                    }
+                }
+            }
+            next = match puller.inbox.as_mut() {
+                Some((_, inbox)) => inbox.next().now_or_never().flatten(),
+                None => None,
+            };
+        }
+        if fetched.is_empty() {
+            return failure.map(|f| (Vec::new(), Vec::new(), Some(f)));
+        }
+        self.read_ledger(lane, &fetched).await;
+        let (special, records) = self.arrive(lane, fetched);
+        Some((special, records, failure))
+    }
+}
+
+impl Source {
+    /// Reads what already arrived on the inbox of every lane with nothing ready, without
+    /// waiting (unless another subscriber is reading them): a lane's read-ahead must not
+    /// age unread, past the server's `ack_wait`, while other lanes keep the subscribers
+    /// busy (it would then be delivered twice).
+    async fn read_arrived(&self, lanes: &[Arc<GroupState>]) -> Result<()> {
+        let Ok(_reader) = self.group.reader.try_lock() else {
+            return Ok(());
+        };
+        for lane in lanes {
+            // A lane with messages ready is read when they are gone (as a single lane
+            // was): reading ahead of its subscribers would only fill memory.
+            if lock(&lane.order).has_ready() {
+                continue;
+            }
+            let Ok(mut puller) = lane.puller.try_lock() else {
+                continue;
+            };
+            let first = match puller.inbox.as_mut() {
+                Some((_, inbox)) => inbox.next().now_or_never().flatten(),
+                None => None,
+            };
+            let Some(first) = first else {
+                continue;
+            };
+            let out = self.ingest(lane, &mut puller, first).await;
+            drop(puller);
+            if let Some((special, records, failure)) = out {
+                if let Some(e) = failure {
+                    tracing::warn!(at = %lane.where_(), error = %e, "pull request failed; renewing it");
+                }
+                for (seq, u) in records {
+                    lane.record(&self.inner, seq, u).await;
+                }
+                let settler = self.settler_of(lane);
+                self.handle(&settler, special).await?;
+            }
+        }
+        Ok(())
     }
 }
 
 impl Drop for Source {
     fn drop(&mut self) {
-        let state = self.settler.state.clone();
-        if state.sources.fetch_sub(1, Ordering::SeqCst) != 1 {
+        let group = self.group.clone();
+        if group.sources.fetch_sub(1, Ordering::SeqCst) != 1 {
             return;
         }
-        // The last subscriber of the group in this bus left: its pull inbox ends, and
+        // The last subscriber of the group in this bus left: its pull inboxes end, and
         // what waits here goes back to the group (deliveries in flight stay settleable).
-        let mut back = match state.puller.try_lock() {
-            Ok(mut puller) => puller.leave(),
-            Err(_) => Vec::new(),
-        };
-        back.extend(
-            lock(&state.order)
-                .drain_waiting()
-                .into_iter()
-                .map(|h| Handback::of(h, true)),
-        );
-        if back.is_empty() {
-            return;
+        // The lease task then releases the partitions this bus owns.
+        for state in group.lanes() {
+            let mut back = match state.puller.try_lock() {
+                Ok(mut puller) => puller.leave(),
+                Err(_) => Vec::new(),
+            };
+            back.extend(
+                lock(&state.order)
+                    .drain_waiting()
+                    .into_iter()
+                    .map(|h| Handback::of(h, true)),
+            );
+            if !back.is_empty() {
+                lock(&state.leaving).extend(back);
+            }
         }
-        lock(&state.leaving).extend(back);
+        group.ready.notify_waiters();
     }
 }
 
@@ -799,97 +1066,99 @@ impl Drop for Source {
 impl DeliverySource for Source {
     async fn next_batch(&mut self, max: usize) -> Result<Vec<Delivery>> {
         let max = max.max(1);
-        let state = self.settler.state.clone();
+        let group = self.group.clone();
         loop {
             self.inner.check_open()?;
-            let notified = state.ready.notified();
+            let notified = group.ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let ready = self.take_ready(max);
+            let lanes = group.lanes();
+            if lanes.len() > 1 {
+                self.read_arrived(&lanes).await?;
+            }
+            let ready = self.take_ready(&lanes, max);
             if !ready.is_empty() {
                 // Keeps the next messages coming while the caller handles these (unless
-                // another subscriber of the group is reading the inbox: it asks itself).
-                if let Ok(mut puller) = state.puller.try_lock()
-                    && let Ok(client) = self.inner.client()
-                    && let Err(e) = puller.top_up(client, &state.next_subject, max).await
-                {
-                    tracing::debug!(at = %self.where_(), error = %e, "asking for more failed");
-                }
-                return Ok(ready);
-            }
-            let mut puller = tokio::select! {
-                _ = self.closed.wait_for(|c| *c) => return Err(Error::Closed),
-                _ = &mut notified => continue,
-                p = state.puller.lock() => p,
-            };
-            let (client, _) = self.inner.conn().await?;
-            puller.open(client).await?;
-            puller.top_up(client, &state.next_subject, max).await?;
-            let ends = puller.ends;
-            let Some((_, inbox)) = puller.inbox.as_mut() else {
-                continue;
-            };
-            let item = tokio::select! {
-                _ = self.closed.wait_for(|c| *c) => return Err(Error::Closed),
-                _ = &mut notified => continue,
-                // The requests' end notices were lost: what they asked for is not coming.
-                _ = sleep_until(ends) => {
-                    puller.pending = 0;
-                    puller.ends = None;
-                    continue;
-                }
-                item = inbox.next() => item,
-            };
-            let Some(first) = item else {
-                // The subscription ended (the connection closed it): a fresh one next time.
-                *puller = Puller::default();
-                continue;
-            };
-            let mut fetched = Vec::new();
-            let mut failure = None;
-            let mut next = Some(first);
-            while let Some(m) = next {
-                match m.status {
-                    Some(status) if status != StatusCode::OK => {
-                        failure = failure.or(puller.status(&m, status));
-                    }
-                    _ => {
-                        puller.pending = puller.pending.saturating_sub(1);
-                        let info = m.reply.as_ref().and_then(|r| ack_info(r.as_str()));
-                        match (m.reply, info) {
-                            (Some(reply), Some((seq, delivered))) => fetched.push(Fetched {
-                                reply,
-                                payload: m.payload,
-                                seq,
-                                delivered: delivered.max(1),
-                            }),
-                            (reply, _) => tracing::warn!(at = %self.where_(), subject = ?reply,
-                                "message without JetStream metadata skipped"),
+                // another subscriber of the group is reading the inboxes: it asks itself).
+                if let Ok(client) = self.inner.client() {
+                    for lane in &lanes {
+                        if let Ok(mut puller) = lane.puller.try_lock()
+                            && let Err(e) = puller.top_up(client, &lane.next_subject, max).await
+                        {
+                            tracing::debug!(at = %lane.where_(), error = %e, "asking for more failed");
                         }
                     }
                 }
-                next = match puller.inbox.as_mut() {
-                    Some((_, inbox)) => inbox.next().now_or_never().flatten(),
-                    None => None,
-                };
+                return Ok(ready);
             }
+            let _reader = tokio::select! {
+                _ = self.closed.wait_for(|c| *c) => return Err(Error::Closed),
+                _ = &mut notified => continue,
+                r = group.reader.lock() => r,
+            };
+            let (client, _) = self.inner.conn().await?;
+            let mut pullers = Vec::with_capacity(lanes.len());
+            for lane in &lanes {
+                let mut puller = lane.puller.lock().await;
+                puller.open(client).await?;
+                puller.top_up(client, &lane.next_subject, max).await?;
+                pullers.push(puller);
+            }
+            let ends = pullers.iter().filter_map(|p| p.ends).min();
+            let item = {
+                let nexts: Vec<_> = pullers
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(|(i, p)| {
+                        p.inbox
+                            .as_mut()
+                            .map(|(_, inbox)| Box::pin(async move { (i, inbox.next().await) }))
+                    })
+                    .collect();
+                if nexts.is_empty() {
+                    continue;
+                }
+                tokio::select! {
+                    _ = self.closed.wait_for(|c| *c) => return Err(Error::Closed),
+                    _ = &mut notified => continue,
+                    // The requests' end notices were lost: what they asked for is not coming.
+                    _ = sleep_until(ends) => None,
+                    (item, _, _) = futures_util::future::select_all(nexts) => Some(item),
+                }
+            };
+            let Some((i, item)) = item else {
+                let now = Instant::now();
+                for p in &mut pullers {
+                    if p.ends.is_some_and(|e| e <= now) {
+                        p.pending = 0;
+                        p.ends = None;
+                    }
+                }
+                continue;
+            };
+            let (Some(lane), Some(puller)) = (lanes.get(i), pullers.get_mut(i)) else {
+                continue;
+            };
+            let Some(first) = item else {
+                // The subscription ended (the connection closed it): a fresh one next time.
+                **puller = Puller::default();
+                continue;
+            };
+            let Some((special, records, failure)) = self.ingest(lane, puller, first).await else {
+                continue;
+            };
+            drop(pullers);
+            drop(_reader);
             if let Some(e) = failure {
-                tracing::warn!(at = %self.where_(), error = %e, "pull request failed; renewing it");
-                drop(puller);
+                tracing::warn!(at = %lane.where_(), error = %e, "pull request failed; renewing it");
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
             }
-            if fetched.is_empty() {
-                continue;
-            }
-            self.read_ledger(&fetched).await;
-            let (special, records) = self.arrive(fetched);
-            drop(puller);
             for (seq, u) in records {
-                state.record(&self.inner, seq, u).await;
+                lane.record(&self.inner, seq, u).await;
             }
-            self.handle(special).await?;
-            state.ready.notify_waiters();
+            let settler = self.settler_of(lane);
+            self.handle(&settler, special).await?;
+            group.ready.notify_waiters();
         }
     }
 }
@@ -899,6 +1168,15 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Counts a settle in progress on a lane until dropped.
+struct Settling<'a>(&'a GroupState);
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.settling.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -932,7 +1210,13 @@ impl GroupSettler {
         headers.insert(H_LAST, last.unix_micros().to_string().as_str());
         let msg_id = format!("dlq.{}.{seq}", s.group);
         self.inner
-            .publish_one(&dlq_topic(&s.topic), &held.envelope, Some(msg_id), headers)
+            .publish_one(
+                &dlq_topic(&s.topic),
+                &held.envelope,
+                false,
+                Some(msg_id),
+                headers,
+            )
             .await?;
         send_ack(self.inner.client()?, &held.reply, AckKind::Term)
             .await
@@ -960,6 +1244,8 @@ impl Settler for GroupSettler {
             _ => None,
         };
         let until = now + nack_delay.unwrap_or_default() + settings.server_ack_wait() + AWAY_GRACE;
+        s.settling.fetch_add(1, Ordering::SeqCst);
+        let _settling = Settling(s);
         let Some(held) = lock(&s.order).begin_settle(seq, info.lease, until) else {
             return Err(s.stale(info));
         };

@@ -19,11 +19,12 @@
 //!
 //! | contract | JetStream |
 //! | --- | --- |
-//! | topic `t` | stream `SY_<t escaped>` with the one subject `sy.t` |
+//! | topic `t` | stream `SY_<t escaped>` with the subjects `sy.t` (no subject) and `syp.t.<p>` (16 partitions by subject) |
 //! | offset | the stream sequence |
 //! | publisher dedup | `Nats-Msg-Id` = envelope id, the stream's duplicate window |
 //! | durable publish | the JetStream publish ack is awaited |
-//! | group | a durable pull consumer, explicit ack; the client counts attempts |
+//! | group | a durable pull consumer for `sy.t` and one per partition, explicit ack; the client counts attempts |
+//! | ordering across processes | one owner per partition and group at a time: leases in a KV-layout stream (decision 0013) |
 //! | attempt | the delivery count, minus deliveries that were no attempts (a ledger stream) |
 //! | per-subject ordering | a sequencer per group in each bus parks a message while an earlier one of its subject is unsettled |
 //! | ack_wait | the server's is at most 5 s; the bus keeps what it holds alive with `+WPI` for the lease's whole `ack_wait` |
@@ -43,27 +44,28 @@
 //!
 //! **Not provided yet** (details in `docs/decisions/0009-nats-bus.md`):
 //!
-//! - **Ordering across processes.** A subject is ordered among the subscribers of one
-//!   `NatsBus`. Members of one group in *different* processes (or different `NatsBus`
-//!   values) each order what they hold, but two of them can hold messages of the same
-//!   subject at once. Restarts are covered: the first subscriber of a group in a bus
-//!   takes over what a dead process left unsettled, before any later message. Run one
-//!   consuming process per group, or accept this, until partitions with exclusive owners
-//!   exist (the design: `docs/decisions/0013-nats-ordering-across-processes.md`).
+//! - **Ordering across processes holds, with the limits of leases** (decision 0013).
+//!   Messages with a subject go to one of 16 partitions of their topic; each partition
+//!   is pulled by one `NatsBus` per group at a time (see [`NatsBus::owned_partitions`]).
+//!   An owner that stalls past the lease TTL (10 s), or whose connection blips, may
+//!   overlap one handler with its successor's until its next renewal fails. A group
+//!   consumer made before partitions existed must be deleted once.
 //! - **Taking over is not polite to live members.** A new process redelivers what a live
 //!   member of the group holds too; that member's settle still succeeds and the effect
 //!   stays once through the inbox, but the message is handled twice.
 //! - **Attempts.** A delivery lost in flight, or made ready but not handed out before its
 //!   process died, still counts as an attempt.
-//! - **The window.** The server's `max_ack_pending` is 4 × `max_pending`, and the bus may
-//!   hold that many messages in memory; a subject parked behind a backlog longer than the
-//!   window stalls the other subjects until it moves.
+//! - **The window.** The server's `max_ack_pending` is 4 × `max_pending` for the group's
+//!   own consumer and that divided by 16 (at least 16) for each partition's, and the bus
+//!   may hold that many messages in memory; a subject parked behind a backlog longer than
+//!   its partition's window stalls the other subjects of the partition until it moves.
 //!
 //! | module | what |
 //! | --- | --- |
 //! | `names` | topic and group names to stream, consumer and subject names |
 //! | `consumer` | the delivery source, settler, keep-alive and take-over of a group |
 //! | `order` | per-subject ordering of a group's messages (a state machine, no I/O) |
+//! | `lease` | partition leases: one owner per partition and group, fair share, drain, take-over |
 //! | `ledger` | deliveries that were no attempts, in a stream used as a key-value store |
 //! | `transient` | the transient channel on core NATS |
 //! | `error` | this crate's error type |
@@ -76,6 +78,7 @@
 mod ack;
 mod consumer;
 mod error;
+mod lease;
 mod ledger;
 mod names;
 mod order;
@@ -100,7 +103,8 @@ use tokio::sync::{OnceCell, watch};
 
 pub use error::{NatsError, NatsErrorKind};
 
-use consumer::{GroupState, PARK_ROOM, Source};
+use consumer::{Group, PARK_ROOM, Source};
+use lease::Leases;
 use ledger::Ledger;
 use names::Names;
 
@@ -157,6 +161,8 @@ pub(crate) struct Inner {
     pub(crate) names: Names,
     /// Deliveries that were no attempts.
     pub(crate) ledger: Ledger,
+    /// Partition leases and group members (decision 0013).
+    pub(crate) leases: Leases,
     conn: OnceCell<(async_nats::Client, jetstream::Context)>,
     /// Streams known to exist (created or looked up once), by topic. A plain lock: the
     /// publish path only reads it.
@@ -164,7 +170,7 @@ pub(crate) struct Inner {
     /// Held while a stream is created or looked up, so each is asked for once.
     creating: tokio::sync::Mutex<()>,
     /// In-flight state of each (topic, group) used through this bus.
-    groups: Mutex<HashMap<(String, String), Arc<GroupState>>>,
+    groups: Mutex<HashMap<(String, String), Arc<Group>>>,
     pub(crate) closed: watch::Sender<bool>,
     /// Transient members dropped whose unsubscribe is not handed to the connection yet.
     pub(crate) leaving: watch::Sender<usize>,
@@ -172,10 +178,54 @@ pub(crate) struct Inner {
     pub(crate) live_members: watch::Sender<usize>,
 }
 
-/// A topic's stream, known to exist, and the subject its messages are published to.
+/// A topic's stream, known to exist, and the subjects its messages are published to.
 pub(crate) struct TopicStream {
     pub(crate) stream: jetstream::stream::Stream,
+    /// Messages without a subject (and streams without partitions).
     subject: async_nats::Subject,
+    /// The partition subjects, `partitions[p]` for partition `p` (decision 0013); empty
+    /// for a stream whose layout has no partitions.
+    partitions: Vec<async_nats::Subject>,
+}
+
+impl TopicStream {
+    /// Where `e` is published: its subject's partition, or the topic's own subject.
+    fn subject_for(&self, e: &Envelope) -> &async_nats::Subject {
+        match (e.subject.as_deref(), self.partitions.len()) {
+            (Some(key), n) if n > 0 => {
+                let p = names::partition_of(key, u32::try_from(n).unwrap_or(u32::MAX));
+                self.partitions.get(p as usize).unwrap_or(&self.subject)
+            }
+            _ => &self.subject,
+        }
+    }
+
+    /// How many partitions the topic has (0: none).
+    pub(crate) fn partition_count(&self) -> u32 {
+        u32::try_from(self.partitions.len()).unwrap_or(0)
+    }
+}
+
+/// Partitions of a topic created by this bus (decision 0013). Fixed at stream creation
+/// and written into the stream's description, which every bus reads: a later default
+/// never changes an existing topic's layout.
+pub(crate) const DEFAULT_PARTITIONS: u32 = 16;
+
+const PARTITIONS_TAG: &str = "switchyard partitions=";
+
+/// The server window (`max_ack_pending`) of one partition consumer: the group's window
+/// (`PARK_ROOM` × `max_pending`) divided among the partitions, at least 16.
+fn partition_window(max_pending: usize, partitions: u32) -> usize {
+    let window = max_pending.max(1).saturating_mul(PARK_ROOM);
+    window.div_ceil(partitions.max(1) as usize).max(16)
+}
+
+/// The partition count a stream description records.
+fn partitions_in(description: Option<&str>) -> Option<u32> {
+    let d = description?;
+    let at = d.find(PARTITIONS_TAG)? + PARTITIONS_TAG.len();
+    let digits: String = d[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok().filter(|p| (1..=1024).contains(p))
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -191,6 +241,7 @@ impl NatsBus {
             inner: Arc::new(Inner {
                 config,
                 ledger: Ledger::new(names.ledger_stream(), names.ledger_subjects()),
+                leases: Leases::new(names.lease_stream(), names.lease_subjects()),
                 names,
                 conn: OnceCell::new(),
                 streams: Default::default(),
@@ -200,6 +251,19 @@ impl NatsBus {
                 leaving: watch::channel(0).0,
                 live_members: watch::channel(0).0,
             }),
+        }
+    }
+}
+
+impl NatsBus {
+    /// The partitions of `topic` whose messages of `group` this bus pulls now (decision
+    /// 0013): each partition has at most one such bus among the group's members. Empty
+    /// before the first subscribe, for a topic without partitions, and after close.
+    pub fn owned_partitions(&self, topic: &str, group: &str) -> Vec<u32> {
+        let key = (topic.to_string(), group.to_string());
+        match lock(&self.inner.groups).get(&key) {
+            Some(g) => lease::owned(g),
+            None => Vec::new(),
         }
     }
 }
@@ -225,6 +289,14 @@ impl Inner {
     pub(crate) fn client(&self) -> Result<&async_nats::Client> {
         match self.conn.get() {
             Some((client, _)) => Ok(client),
+            None => Err(Error::Closed),
+        }
+    }
+
+    /// The connection's JetStream context, once connected (usable while closing).
+    pub(crate) fn js(&self) -> Result<&jetstream::Context> {
+        match self.conn.get() {
+            Some((_, js)) => Ok(js),
             None => Err(Error::Closed),
         }
     }
@@ -278,20 +350,46 @@ impl Inner {
         }
         let (_, js) = self.conn().await?;
         let subject = self.names.subject(topic);
+        let wildcard = self.names.partition_wildcard(topic);
         let config = jetstream::stream::Config {
             name: self.names.stream(topic),
-            subjects: vec![subject.clone()],
+            subjects: vec![subject.clone(), wildcard.clone()],
+            description: Some(format!("{PARTITIONS_TAG}{DEFAULT_PARTITIONS}")),
             duplicate_window: self.config.dedup_window,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let stream = js
+        let mut stream = js
             .get_or_create_stream(config)
             .await
             .map_err(|e| NatsError::stream(topic, e))?;
+        let mut count = partitions_in(stream.cached_info().config.description.as_deref());
+        if count.is_none() && !stream.cached_info().config.subjects.contains(&wildcard) {
+            // A stream made before partitions existed: add them. Until every consumer
+            // of the topic runs this version, its old group consumers (no subject
+            // filter) would also see the partitioned messages.
+            let mut config = stream.cached_info().config.clone();
+            config.subjects.push(wildcard);
+            config.description = Some(format!("{PARTITIONS_TAG}{DEFAULT_PARTITIONS}"));
+            match js.update_stream(config).await {
+                Ok(info) => {
+                    count = partitions_in(info.config.description.as_deref());
+                    stream = js
+                        .get_stream(self.names.stream(topic))
+                        .await
+                        .map_err(|e| NatsError::stream(topic, e))?;
+                }
+                Err(e) => tracing::warn!(topic, error = %e,
+                    "could not add partitions to an existing stream; its subjects are ordered per process only"),
+            }
+        }
+        let partitions = (0..count.unwrap_or(0))
+            .map(|p| self.names.partition_subject(topic, p).into())
+            .collect();
         let t = Arc::new(TopicStream {
             stream,
             subject: subject.into(),
+            partitions,
         });
         lock(&self.streams).insert(topic.to_string(), t.clone());
         Ok(t)
@@ -329,14 +427,15 @@ impl Inner {
         (e.to_bytes(), headers)
     }
 
-    /// Sends `e` to `t`'s subject (see [`Inner::message`]); the returned future resolves
-    /// to the ack future. A plain function returning the client's future: the message is
-    /// built before the first await.
+    /// Sends `e` to `t`'s subject (its partition's when `route`; see [`Inner::message`]);
+    /// the returned future resolves to the ack future. A plain function returning the
+    /// client's future: the message is built before the first await.
     fn send<'a>(
         &self,
         js: &'a jetstream::Context,
         t: &TopicStream,
         e: &Envelope,
+        route: bool,
         msg_id: Option<String>,
         headers: async_nats::HeaderMap,
     ) -> impl Future<
@@ -350,27 +449,32 @@ impl Inner {
         if let Some(headers) = headers {
             publish = publish.headers(headers);
         }
-        js.send_publish(t.subject.clone(), publish)
+        let subject = if route { t.subject_for(e) } else { &t.subject };
+        js.send_publish(subject.clone(), publish)
     }
 
-    /// Publishes one envelope (size checked by the caller) and awaits its ack.
+    /// Publishes one envelope (size checked by the caller) and awaits its ack; `route`
+    /// sends a message with a subject to its partition (not for the DLQ, read in order).
     pub(crate) async fn publish_one(
         &self,
         topic: &str,
         e: &Envelope,
+        route: bool,
         msg_id: Option<String>,
         headers: async_nats::HeaderMap,
     ) -> Result<Published> {
         let t = self.topic(topic).await?;
-        self.publish_to(&t, topic, e, msg_id, headers).await
+        self.publish_to(&t, topic, e, route, msg_id, headers).await
     }
 
-    /// Publishes one envelope to the known stream `t` of `topic` and awaits its ack.
+    /// Publishes one envelope to the known stream `t` of `topic` (to its partition when
+    /// `route`) and awaits its ack.
     async fn publish_to(
         &self,
         t: &TopicStream,
         topic: &str,
         e: &Envelope,
+        route: bool,
         msg_id: Option<String>,
         headers: async_nats::HeaderMap,
     ) -> Result<Published> {
@@ -383,9 +487,10 @@ impl Inner {
         if let Some(headers) = headers {
             request = request.headers(headers);
         }
+        let subject = if route { t.subject_for(e) } else { &t.subject };
         let answer = tokio::time::timeout(
             ack::ACK_TIMEOUT,
-            client.send_request(t.subject.clone(), request),
+            client.send_request(subject.clone(), request),
         )
         .await
         .map_err(|_| NatsError::publish(topic, ack::AckError::TimedOut))?
@@ -406,7 +511,7 @@ impl Inner {
         let mut acks = Vec::with_capacity(envelopes.len());
         for e in &envelopes {
             let ack = self
-                .send(js, &t, e, None, async_nats::HeaderMap::new())
+                .send(js, &t, e, true, None, async_nats::HeaderMap::new())
                 .await
                 .map_err(|err| NatsError::publish(topic, err))?;
             acks.push(ack);
@@ -429,7 +534,8 @@ impl Inner {
         topic: &str,
         group: &str,
         options: &SubscribeOptions,
-    ) -> (Arc<GroupState>, bool) {
+        partitions: u32,
+    ) -> (Arc<Group>, bool) {
         let mut groups = lock(&self.groups);
         let key = (topic.to_string(), group.to_string());
         let (g, created) = match groups.get(&key) {
@@ -439,7 +545,13 @@ impl Inner {
                 let key_prefix = format!("{stream}.{consumer}");
                 // The default JetStream API prefix (`jetstream::new`), as async-nats uses.
                 let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}");
-                let g = Arc::new(GroupState::new(topic, group, key_prefix, next_subject));
+                let g = Arc::new(Group::new(
+                    topic,
+                    group,
+                    key_prefix,
+                    next_subject,
+                    partitions,
+                ));
                 groups.insert(key, g.clone());
                 (g, true)
             }
@@ -471,7 +583,14 @@ impl Bus for NatsBus {
             None => self.inner.topic(topic).await?,
         };
         self.inner
-            .publish_to(&t, topic, &envelope, None, async_nats::HeaderMap::new())
+            .publish_to(
+                &t,
+                topic,
+                &envelope,
+                true,
+                None,
+                async_nats::HeaderMap::new(),
+            )
             .await
     }
 
@@ -500,9 +619,18 @@ impl Bus for NatsBus {
                 reason: "names starting with `$` are reserved for the bus",
             });
         }
-        let stream = self.inner.stream(topic).await?;
+        let t = self.inner.topic(topic).await?;
+        let stream = t.stream.clone();
+        let partitions = t.partition_count();
         let config = jetstream::consumer::pull::Config {
             durable_name: Some(self.inner.names.consumer(group)),
+            // With partitions, the group's own consumer takes the topic's own subject
+            // (messages without a subject); each partition has a consumer of its own.
+            filter_subject: if partitions > 0 {
+                self.inner.names.subject(topic)
+            } else {
+                String::new()
+            },
             ack_policy: AckPolicy::Explicit,
             // At most `LIVENESS`: this bus keeps what it holds alive with `+WPI`, so what a
             // dead process held comes back soon; the lease itself is kept by the bus.
@@ -527,8 +655,35 @@ impl Bus for NatsBus {
                 .await
                 .map_err(|_| NatsError::consumer(topic, group, first))?,
         };
-        let (state, created) = self.inner.group_state(topic, group, &options);
+        if consumer.cached_info().config.filter_subject != config.filter_subject {
+            tracing::warn!(
+                topic,
+                group,
+                "the group's consumer predates partitions (no subject filter): its members also get partitioned messages, ordered per process only; delete the consumer to fix it"
+            );
+        }
+        // One consumer per partition, all made now so they start where the group does.
+        for p in 0..partitions {
+            let name = self.inner.names.partition_consumer(group, p);
+            let config = jetstream::consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: self.inner.names.partition_subject(topic, p),
+                // The group's window shared by its partitions (so a bus holding them
+                // all holds at most twice the window of a group without partitions).
+                max_ack_pending: i64::try_from(partition_window(options.max_pending, partitions))
+                    .unwrap_or(i64::MAX),
+                ..config.clone()
+            };
+            if let Err(first) = stream.create_consumer(config).await {
+                stream
+                    .get_consumer::<jetstream::consumer::pull::Config>(&name)
+                    .await
+                    .map_err(|_| NatsError::consumer(topic, group, first))?;
+            }
+        }
+        let (g, created) = self.inner.group_state(topic, group, &options, partitions);
         if created {
+            let state = g.base.clone();
             state.set_inherited(consumer.cached_info().num_ack_pending);
             let (client, _) = self.inner.conn().await?;
             consumer::spawn_keep_alive(
@@ -551,10 +706,15 @@ impl Bus for NatsBus {
                     "could not take over the group's unsettled messages; they come back after the server's ack_wait");
             }
         }
-        Ok(Subscription::new(Box::new(Source::new(
-            self.inner.clone(),
-            state,
-        ))))
+        let source = Source::new(self.inner.clone(), g.clone());
+        if created && partitions > 0 {
+            lease::spawn(
+                Arc::downgrade(&self.inner),
+                g,
+                self.inner.closed.subscribe(),
+            );
+        }
+        Ok(Subscription::new(Box::new(source)))
     }
 
     async fn dead_letters(&self, topic: &str, limit: usize) -> Result<Vec<DeadLetter>> {
@@ -587,7 +747,7 @@ impl Bus for NatsBus {
             // Published first, then removed from the DLQ: a crash between the two replays
             // twice (at least once), never zero times.
             self.inner
-                .publish_one(topic, &e, Some(msg_id), async_nats::HeaderMap::new())
+                .publish_one(topic, &e, true, Some(msg_id), async_nats::HeaderMap::new())
                 .await?;
             dlq.delete_message(seq)
                 .await
@@ -626,7 +786,7 @@ impl Bus for NatsBus {
         let _ = tokio::time::timeout(Duration::from_secs(5), live.wait_for(|n| *n == 0)).await;
         // Unsettled deliveries go back to the group now instead of after their ack_wait.
         let groups: Vec<_> = lock(&self.inner.groups).values().cloned().collect();
-        for g in groups {
+        for g in &groups {
             g.release_all(&self.inner).await;
         }
         // A barrier: the server has processed every ack, nak and unsubscribe sent above,
@@ -634,6 +794,10 @@ impl Bus for NatsBus {
         transient::round_trip(client, None)
             .await
             .map_err(|e| Error::Unavailable(format!("closing the NATS bus: {e}")))?;
+        // Only then are the partitions free for other members (their messages are back).
+        for g in &groups {
+            lease::release(&self.inner, g).await;
+        }
         if let Err(e) = client.drain().await {
             tracing::debug!(error = %e, "draining the NATS connection on close");
         }

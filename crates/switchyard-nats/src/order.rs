@@ -339,9 +339,16 @@ impl<M> Sequencer<M> {
     }
 
     /// Whether a message waits for a subscriber.
-    #[cfg(test)]
     pub(crate) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
+    }
+
+    /// Messages handed to a subscriber and not settled yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| matches!(e.state, State::InFlight { .. }))
+            .count()
     }
 
     /// The held message of `seq` (in flight under `lease`): taken out to be settled. Its

@@ -751,15 +751,8 @@ pub(crate) struct Source {
     base: Arc<GroupSettler>,
     /// Where the next `take_ready` starts, so no lane starves the others.
     turn: usize,
-    /// When `read_arrived` last walked the lanes.
-    arrived_read: std::time::Instant,
     closed: watch::Receiver<bool>,
 }
-
-/// How often a subscriber that finds messages ready reads what arrived on the other
-/// lanes: far inside the server's `ack_wait` (5 s), and rarely enough that a group's idle
-/// partition lanes are not walked on every `next_batch` (batches are often a few messages).
-const READ_ARRIVED_EVERY: Duration = Duration::from_millis(50);
 
 impl Source {
     pub(crate) fn new(inner: Arc<Inner>, group: Arc<Group>) -> Self {
@@ -773,7 +766,6 @@ impl Source {
             group,
             inner,
             turn: 0,
-            arrived_read: std::time::Instant::now(),
             closed,
         }
     }
@@ -1081,8 +1073,7 @@ impl DeliverySource for Source {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let lanes = group.lanes();
-            if lanes.len() > 1 && self.arrived_read.elapsed() >= READ_ARRIVED_EVERY {
-                self.arrived_read = std::time::Instant::now();
+            if lanes.len() > 1 {
                 self.read_arrived(&lanes).await?;
             }
             let ready = self.take_ready(&lanes, max);

@@ -260,19 +260,22 @@ pub async fn figures(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             .collect::<Vec<_>>()
     };
     let all = [
-        Figure::from_runs("rpc.grpc.raw.rtt.p50", "µs", col(&raw_runs, 0)),
-        Figure::from_runs("rpc.grpc.raw.rtt.p99", "µs", col(&raw_runs, 1)),
-        Figure::from_runs("rpc.grpc.raw.c64", "req/s", col(&raw_runs, 2)),
+        Figure::from_runs("rpc.grpc.raw.rtt.p50", "µs", col(&raw_runs, 0))
+            .with_note("raw peer: tonic server + tonic client, sequential, 1 connection"),
+        Figure::from_runs("rpc.grpc.raw.rtt.p99", "µs", col(&raw_runs, 1))
+            .with_note("raw peer, sequential, 1 connection"),
+        Figure::from_runs("rpc.grpc.raw.c64", "req/s", col(&raw_runs, 2))
+            .with_note("raw peer, 64 requests in flight"),
         Figure::from_runs("rpc.grpc.switchyard.rtt.p50", "µs", col(&sy_runs, 0))
-            .with_note("rpc.grpc.raw.rtt.p50"),
+            .with_note("switchyard GrpcServer + GrpcChannel by name, all layers on"),
         Figure::from_runs("rpc.grpc.switchyard.rtt.p99", "µs", col(&sy_runs, 1))
-            .with_note("rpc.grpc.raw.rtt.p99"),
+            .with_note("switchyard, sequential, 1 connection"),
         Figure::from_runs("rpc.grpc.switchyard.c64", "req/s", col(&sy_runs, 2))
-            .with_note("rpc.grpc.raw.c64"),
+            .with_note("switchyard, 64 requests in flight"),
         Figure::from_runs("rpc.grpc.ratio.c64", "x", ratio(2))
-            .with_note("switchyard / raw, ≥ 0.90 wanted"),
+            .with_note("switchyard / raw req/s, pair by pair per run (target >= 0.90)"),
         Figure::from_runs("rpc.grpc.ratio.p50", "x", ratio(0))
-            .with_note("switchyard / raw, ≤ 1.10 wanted"),
+            .with_note("switchyard / raw rtt p50, pair by pair per run (target <= 1.10)"),
     ];
     drop((raw_srv, sy_srv));
     Ok(all.into_iter().filter(|f| s.selected(&f.figure)).collect())

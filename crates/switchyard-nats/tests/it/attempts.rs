@@ -8,6 +8,8 @@ use switchyard::{Bus, Envelope, MessageId, SubscribeOptions, Subscription};
 use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_testkit::servers::NatsServer;
 
+use crate::runtime;
+
 const ARRIVES: Duration = Duration::from_secs(30);
 
 fn bus(url: &str) -> NatsBus {
@@ -31,14 +33,6 @@ async fn recv(sub: &mut Subscription) -> switchyard::Delivery {
         .await
         .expect("a delivery should have arrived")
         .expect("next() failed")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Publishes three messages of one subject; a first bus takes the first and, asking for

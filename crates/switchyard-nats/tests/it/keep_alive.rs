@@ -10,6 +10,8 @@ use switchyard::{Bus, Envelope, SubscribeOptions, Subscription};
 use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_testkit::servers::NatsServer;
 
+use crate::runtime;
+
 /// Longer than the server's ack_wait (5 s): a message not kept alive would be back by then.
 const PAST_SERVER_ACK_WAIT: Duration = Duration::from_secs(8);
 const ARRIVES: Duration = Duration::from_secs(30);
@@ -42,14 +44,6 @@ async fn recv(sub: &mut Subscription) -> switchyard::Delivery {
         .await
         .expect("a delivery should have arrived")
         .expect("next() failed")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

@@ -16,3 +16,12 @@ mod publish;
 mod registry;
 mod reply_conformance;
 mod router_conformance;
+
+/// The runtime the cases that drive buses directly run on (two workers, as the machine).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}

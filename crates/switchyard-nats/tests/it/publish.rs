@@ -10,6 +10,8 @@ use switchyard::{Bus, Envelope, Error};
 use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_testkit::servers::NatsServer;
 
+use crate::runtime;
+
 /// Far above the publish's own ack timeout (5 s): a publish must have ended by then.
 const ENDS: Duration = Duration::from_secs(30);
 
@@ -20,14 +22,6 @@ fn message(bytes: usize) -> Envelope {
         "application/octet-stream",
         vec![b'x'; bytes],
     )
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]

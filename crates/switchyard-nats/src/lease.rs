@@ -109,17 +109,7 @@ impl Leases {
     async fn handle(&self, inner: &Inner) -> Result<&stream::Stream> {
         self.handle
             .get_or_try_init(|| async {
-                let (_, js) = inner.conn().await?;
-                js.get_or_create_stream(stream::Config {
-                    name: self.stream.clone(),
-                    subjects: vec![format!("{}.>", self.prefix)],
-                    max_messages_per_subject: 1,
-                    max_age: MAX_AGE,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| NatsError::stream(&self.stream, e))
+                crate::ledger::key_value_stream(inner, &self.stream, &self.prefix, MAX_AGE).await
             })
             .await
     }

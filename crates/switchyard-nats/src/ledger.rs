@@ -74,17 +74,7 @@ impl Ledger {
     async fn handle(&self, inner: &Inner) -> Result<&stream::Stream> {
         self.handle
             .get_or_try_init(|| async {
-                let (_, js) = inner.conn().await?;
-                js.get_or_create_stream(stream::Config {
-                    name: self.stream.clone(),
-                    subjects: vec![format!("{}.>", self.subject_prefix)],
-                    max_messages_per_subject: 1,
-                    max_age: MAX_AGE,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| NatsError::stream(&self.stream, e))
+                key_value_stream(inner, &self.stream, &self.subject_prefix, MAX_AGE).await
             })
             .await
     }
@@ -128,6 +118,28 @@ impl Ledger {
             .map_err(|e| NatsError::consume(format!("deleting `{key}` of {}", self.stream), e))?;
         Ok(())
     }
+}
+
+/// A stream used as a key-value store (the KV API fails on nats-server 2.9.10): subjects
+/// `<prefix>.>`, the last value of each subject kept, values older than `max_age` dropped.
+/// The ledger and the partition leases keep their state this way.
+pub(crate) async fn key_value_stream(
+    inner: &Inner,
+    name: &str,
+    prefix: &str,
+    max_age: Duration,
+) -> Result<stream::Stream> {
+    let (_, js) = inner.conn().await?;
+    js.get_or_create_stream(stream::Config {
+        name: name.to_string(),
+        subjects: vec![format!("{prefix}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| NatsError::stream(name, e))
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ use switchyard_nats::{NatsBus, NatsConfig};
 use switchyard_testkit::Child;
 use switchyard_testkit::servers::NatsServer;
 
+use crate::runtime;
+
 const MODE_VAR: &str = "SWITCHYARD_PARTITION_CHILD";
 const URL_VAR: &str = "SWITCHYARD_PARTITION_URL";
 const DIR_VAR: &str = "SWITCHYARD_PARTITION_DIR";
@@ -279,14 +281,6 @@ fn latest_own(child: &Child, latest: &mut Vec<u32>, wait: Duration) {
                 .collect();
         }
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 enum Ending {

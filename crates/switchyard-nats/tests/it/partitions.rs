@@ -72,11 +72,7 @@ fn partition_child() {
     let dir = PathBuf::from(std::env::var(DIR_VAR).unwrap());
     let name = std::env::var(NAME_VAR).unwrap();
     assert_eq!(mode, "consume");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async move {
         let bus = bus(&url);
         let log = Arc::new(Mutex::new(

@@ -101,7 +101,7 @@ async fn raw(url: &str, messages: u64) -> Result<(), BoxError> {
     while acked < messages {
         while acks.len() < IN_FLIGHT && next < messages {
             let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", format!("raw-{next}").as_str());
+            h.insert("Nats-Msg-Id", format!("raw-{next:032}").as_str());
             next += 1;
             let ack = js
                 .publish_with_headers(subject.clone(), h, body.clone())

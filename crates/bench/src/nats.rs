@@ -208,9 +208,12 @@ impl Raw {
     }
 
     /// Sends the next message; the returned future resolves to the JetStream ack.
+    ///
+    /// Its `Nats-Msg-Id` is as long as switchyard's (a hyphenated UUID, 36 characters),
+    /// so both sides store and deliver the same number of bytes per message.
     async fn send(&mut self) -> Result<jetstream::context::PublishAckFuture, BoxError> {
         let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", format!("raw-{}", self.next).as_str());
+        h.insert("Nats-Msg-Id", format!("raw-{:032}", self.next).as_str());
         self.next += 1;
         Ok(self
             .js

@@ -43,6 +43,19 @@ use crate::{Inner, NatsError, lock};
 /// died would otherwise expire exactly when the dead member's message comes back.
 const PULL_EXPIRES: Duration = Duration::from_secs(27);
 
+/// How long a pull request of a partition lane waits on the server. Shorter than the
+/// lease's TTL less a renewal round and a margin: when a stalled holder's lease is taken
+/// (unrenewed for the TTL), none of the pull requests it made is still open on the
+/// server, so no message of the partition can be delivered to the stalled process
+/// instead of the new holder (decision 0013, *A stalled holder*).
+const PARTITION_PULL_EXPIRES: Duration = Duration::from_secs(7);
+const _: () = assert!(PARTITION_PULL_EXPIRES.as_secs() + 3 <= crate::lease::TTL.as_secs());
+
+/// How long before its lease could be taken (its last renewal, plus the TTL) a partition
+/// lane stops handing messages out: a process that stalls past the TTL hands nothing
+/// more out once it runs again, before it has even learnt that the lease is gone.
+const LEASE_FENCE_MARGIN: Duration = Duration::from_secs(2);
+
 /// How long after a pull request expires its end notice (`408`) is waited for before the
 /// messages it asked for are taken as not coming.
 const PULL_GRACE: Duration = Duration::from_secs(5);
@@ -219,6 +232,9 @@ pub(crate) struct GroupState {
     puller: tokio::sync::Mutex<Puller>,
     /// Where pull requests for the group go (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
     next_subject: Subject,
+    /// Until when this partition lane may hand messages out (its lease's last renewal,
+    /// plus the TTL, less a margin); `None` for the group's own lane, which has no lease.
+    lease_until: Mutex<Option<Instant>>,
     /// `$JS.ACK.<stream>.<consumer>.`: how the ack subject of this lane's deliveries
     /// starts (in the form without a domain), read past without splitting it.
     ack_prefix: String,
@@ -372,6 +388,7 @@ impl Puller {
         client: &async_nats::Client,
         next_subject: &Subject,
         want: usize,
+        expires: Duration,
     ) -> Result<()> {
         let Some((inbox, _)) = &self.inbox else {
             return Ok(());
@@ -380,13 +397,13 @@ impl Puller {
             return Ok(());
         }
         let n = want;
-        let body = format!("{{\"batch\":{n},\"expires\":{}}}", PULL_EXPIRES.as_nanos());
+        let body = format!("{{\"batch\":{n},\"expires\":{}}}", expires.as_nanos());
         client
             .publish_with_reply(next_subject.clone(), inbox.clone(), body.into())
             .await
             .map_err(|e| NatsError::consume("sending a pull request".into(), e))?;
         self.pending += n;
-        self.ends = Some(Instant::now() + PULL_EXPIRES + PULL_GRACE);
+        self.ends = Some(Instant::now() + expires + PULL_GRACE);
         Ok(())
     }
 
@@ -479,6 +496,7 @@ impl GroupState {
             ready,
             first_failure: Default::default(),
             retired: AtomicBool::new(false),
+            lease_until: Mutex::new(None),
             settling: AtomicUsize::new(0),
             leaving: Mutex::new(Vec::new()),
             puller: Default::default(),
@@ -507,6 +525,31 @@ impl GroupState {
         self.settling.load(Ordering::SeqCst) > 0 || lock(&self.order).in_flight() > 0
     }
 
+    /// How long this lane's pull requests wait on the server.
+    fn pull_expires(&self) -> Duration {
+        match self.partition {
+            Some(_) => PARTITION_PULL_EXPIRES,
+            None => PULL_EXPIRES,
+        }
+    }
+
+    /// The lane's lease was written (taken or renewed) by a request sent at `sent`: it
+    /// may hand messages out until shortly before the lease could be taken from it.
+    pub(crate) fn lease_renewed(&self, sent: Instant) {
+        let was_fenced = self.fenced(Instant::now());
+        *lock(&self.lease_until) = Some(sent + crate::lease::TTL - LEASE_FENCE_MARGIN);
+        if was_fenced {
+            // Subscribers waiting meanwhile hand out what is ready and ask for more.
+            self.ready.notify_waiters();
+        }
+    }
+
+    /// Whether this lane must not hand messages out now: it is a partition lane whose
+    /// lease was not renewed recently enough (or not yet written).
+    fn fenced(&self, now: Instant) -> bool {
+        self.partition.is_some() && lock(&self.lease_until).is_none_or(|until| now >= until)
+    }
+
     /// The lane's partition was released: its keep-alive task ends.
     pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::SeqCst);
@@ -519,6 +562,21 @@ impl GroupState {
 
     /// Hands every held message back to the group, in stream order, redelivered after
     /// [`RELEASE_DELAY`]; later settles of them fail as stale.
+    /// The lane's lease was lost (this bus stalled past the TTL and another member took
+    /// the partition): stops pulling and forgets everything held, sending nothing about
+    /// it. The new holder's take-over already made the server hand those messages out
+    /// again; a `-NAK`, `+WPI` or `+ACK` sent now would act on *its* deliveries
+    /// (nats-server 2.9 matches them by stream sequence only): redeliver what it holds,
+    /// out of turn, or settle what it has not handled.
+    pub(crate) async fn forget_all(&self) {
+        self.retire();
+        let _ = self.puller.lock().await.close().await;
+        lock(&self.order).drain_all();
+        lock(&self.leaving).clear();
+        lock(&self.uncounted).clear();
+        lock(&self.first_failure).clear();
+    }
+
     pub(crate) async fn release_all(&self, inner: &Inner) {
         // The pull inbox goes first (its unsubscribe precedes the naks on the
         // connection), or the server could hand a released message to it, to be lost.
@@ -689,6 +747,11 @@ pub(crate) fn spawn_keep_alive(
                 _ = tokio::time::sleep(tick) => {}
             }
             let now = Instant::now();
+            if state.fenced(now) {
+                // Its lease may be another member's by now: nothing is sent for it
+                // until the lease is renewed (or, lost, the lane is forgotten).
+                continue;
+            }
             let mut replies = Vec::new();
             let woke = {
                 let mut order = lock(&state.order);
@@ -845,6 +908,9 @@ impl Source {
             let Some(lane) = lanes.get((self.turn + k) % n) else {
                 continue;
             };
+            if lane.fenced(now) {
+                continue;
+            }
             let ack_wait = lane.settings().ack_wait;
             let mut order = lock(&lane.order);
             if !order.has_ready() {
@@ -1133,9 +1199,12 @@ impl DeliverySource for Source {
                 // Keeps the next messages coming while the caller handles these (unless
                 // another subscriber of the group is reading the inboxes: it asks itself).
                 if let Ok(client) = self.inner.client() {
-                    for lane in &lanes {
+                    let now = Instant::now();
+                    for lane in lanes.iter().filter(|l| !l.fenced(now)) {
                         if let Ok(mut puller) = lane.puller.try_lock()
-                            && let Err(e) = puller.top_up(client, &lane.next_subject, max).await
+                            && let Err(e) = puller
+                                .top_up(client, &lane.next_subject, max, lane.pull_expires())
+                                .await
                         {
                             tracing::debug!(at = %lane.where_(), error = %e, "asking for more failed");
                         }
@@ -1150,10 +1219,18 @@ impl DeliverySource for Source {
             };
             let (client, _) = self.inner.conn().await?;
             let mut pullers = Vec::with_capacity(lanes.len());
+            let now = Instant::now();
             for lane in &lanes {
                 let mut puller = lane.puller.lock().await;
                 puller.open(client).await?;
-                puller.top_up(client, &lane.next_subject, max).await?;
+                // A lane whose lease is not fresh asks for nothing: what the server sent
+                // it could not be handed out, nor given back without acting on the new
+                // holder's deliveries. It asks again once the lease is renewed.
+                if !lane.fenced(now) {
+                    puller
+                        .top_up(client, &lane.next_subject, max, lane.pull_expires())
+                        .await?;
+                }
                 pullers.push(puller);
             }
             let ends = pullers.iter().filter_map(|p| p.ends).min();
@@ -1296,6 +1373,12 @@ impl Settler for GroupSettler {
             _ => None,
         };
         let until = now + nack_delay.unwrap_or_default() + settings.server_ack_wait() + AWAY_GRACE;
+        if s.fenced(now) {
+            // The partition's lease may be another member's by now, and what is sent to
+            // the ack subject would act on its delivery of the message: the settle is
+            // stale, as after a redelivery (the message is or will be handled there).
+            return Err(s.stale(info));
+        }
         s.settling.fetch_add(1, Ordering::SeqCst);
         let _settling = Settling(s);
         let Some(held) = lock(&s.order).begin_settle(seq, info.lease, until) else {
@@ -1460,6 +1543,34 @@ mod tests {
         assert_eq!(lane.ack_info("$JS.ACK.SY_t.C_g.x.42.57.1.9"), None);
         assert_eq!(lane.ack_info("$JS.ACK.SY_t.C_g.3"), None);
         assert_eq!(lane.ack_info("$JS.ACK.SY_t.C_g.3."), None);
+    }
+
+    #[test]
+    fn a_partition_lane_hands_out_only_while_its_lease_is_fresh() {
+        let lane = |partition| {
+            GroupState::new(
+                "t",
+                "g",
+                partition,
+                "SY_t.C_g_p3".into(),
+                "$JS.API.CONSUMER.MSG.NEXT.SY_t.C_g_p3".into(),
+                Arc::new(Notify::new()),
+            )
+        };
+        let now = Instant::now();
+        assert!(!lane(None).fenced(now), "the group's own lane has no lease");
+        let p = lane(Some(3));
+        assert!(p.fenced(now), "no lease written yet");
+        p.lease_renewed(now);
+        assert!(!p.fenced(now));
+        assert!(!p.fenced(now + crate::lease::TTL - LEASE_FENCE_MARGIN - Duration::from_millis(1)));
+        assert!(p.fenced(now + crate::lease::TTL - LEASE_FENCE_MARGIN));
+        // A renewal sent long ago (the process stalled before it was answered).
+        let stalled = lane(Some(3));
+        stalled.lease_renewed(now - crate::lease::TTL);
+        assert!(stalled.fenced(now));
+        assert_eq!(p.pull_expires(), PARTITION_PULL_EXPIRES);
+        assert_eq!(lane(None).pull_expires(), PULL_EXPIRES);
     }
 
     fn status_message(status: u16, pending: Option<&str>) -> async_nats::Message {

@@ -297,10 +297,12 @@ async fn tick(
         .collect();
     for (p, rev, drained) in held {
         let value = if drained { Bytes::new() } else { mine.clone() };
+        let sent = Instant::now();
         match leases.cas(inner, &lease_key(p), value, rev).await? {
             Some(new) if !drained => {
                 if let Some(o) = lock(&group.owned).get_mut(&p) {
                     o.rev = new;
+                    o.lane.lease_renewed(sent);
                 }
             }
             Some(_) => {
@@ -309,8 +311,8 @@ async fn tick(
             }
             None => {
                 tracing::warn!(topic = %group.topic, group = %group.group, p,
-                    "partition lease lost to another member (this bus stalled past the TTL?); its messages are handed back");
-                abandon(inner, group, p).await;
+                    "partition lease lost to another member (this bus stalled past the TTL?); what it held here is forgotten, the new holder has it");
+                abandon(group, p).await;
             }
         }
     }
@@ -407,11 +409,13 @@ async fn tick(
         if count >= share || *inner.closed.borrow() {
             break;
         }
+        let sent = Instant::now();
         let Some(new) = leases.cas(inner, &lease_key(p), mine.clone(), rev).await? else {
             continue;
         };
         match acquire(inner, group, p).await {
             Ok(lane) => {
+                lane.lease_renewed(sent);
                 lock(&group.owned).insert(
                     p,
                     Owned {
@@ -500,14 +504,14 @@ fn drain(inner: &Arc<Inner>, group: &Arc<Group>, p: u32) {
     });
 }
 
-/// Partition `p`'s lease was lost: stop at once and hand everything back.
-async fn abandon(inner: &Arc<Inner>, group: &Arc<Group>, p: u32) {
+/// Partition `p`'s lease was lost: stop at once and forget what the lane held (the new
+/// holder took it over; see [`GroupState::forget_all`]).
+async fn abandon(group: &Arc<Group>, p: u32) {
     let owned = lock(&group.owned).remove(&p);
     if group.remove_lane(p).is_some()
         && let Some(o) = owned
     {
-        o.lane.release_all(inner).await;
-        o.lane.retire();
+        o.lane.forget_all().await;
     }
 }
 

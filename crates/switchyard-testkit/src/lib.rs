@@ -100,14 +100,30 @@ impl Child {
     /// Sends SIGTERM to the child by its pid (asking it to stop cleanly); reap it with
     /// [`wait`](Self::wait).
     pub fn terminate(&self) -> std::io::Result<()> {
+        self.signal("TERM")
+    }
+
+    /// Sends SIGSTOP to the child by its pid: it stalls (its connections stay open, it
+    /// answers nothing) until [`resume`](Self::resume).
+    pub fn stop(&self) -> std::io::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Sends SIGCONT to a child stopped with [`stop`](Self::stop).
+    pub fn resume(&self) -> std::io::Result<()> {
+        self.signal("CONT")
+    }
+
+    /// Sends `signal` (`TERM`, `STOP`, …) to the child by its pid with `kill`.
+    fn signal(&self, signal: &str) -> std::io::Result<()> {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()?;
         if status.success() {
             Ok(())
         } else {
             Err(std::io::Error::other(format!(
-                "kill -TERM {} failed: {status}",
+                "kill -{signal} {} failed: {status}",
                 self.child.id()
             )))
         }

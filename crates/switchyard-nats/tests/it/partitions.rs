@@ -91,10 +91,23 @@ fn partition_child() {
         let limit = Arc::new(tokio::sync::Semaphore::new(8));
         let mut rng = u64::from(pid) | 1;
         let stop = dir.join(format!("stop-{name}"));
+        let stall = dir.join(format!("stall-{name}"));
         let mut last_own = Instant::now();
         loop {
             if stop.exists() {
                 break;
+            }
+            if stall.exists() {
+                // A real stall (every thread frozen: handlers, lease renewals,
+                // keep-alives), started here so that the log's `STOP` line follows the
+                // begin line of every message handed out so far.
+                std::fs::remove_file(&stall).unwrap();
+                write(&log, &format!("STOP {pid}\n"));
+                std::process::Command::new("kill")
+                    .args(["-STOP", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                write(&log, &format!("CONT {pid}\n"));
             }
             if last_own.elapsed() >= Duration::from_millis(200) {
                 println!("OWN {:?}", bus.owned_partitions(TOPIC, GROUP));
@@ -112,11 +125,12 @@ fn partition_child() {
                 rng ^= rng << 17;
                 let delay = Duration::from_micros(rng % 4_000);
                 let log = log.clone();
+                // Begun when the handler gets it (logged here, before it is spawned).
+                let subject = d.envelope().subject.clone().unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_slice(&d.envelope().data).unwrap();
+                let i = v["i"].as_u64().unwrap();
+                write(&log, &format!("B {subject} {i} {pid}\n"));
                 tokio::spawn(async move {
-                    let subject = d.envelope().subject.clone().unwrap_or_default();
-                    let v: serde_json::Value = serde_json::from_slice(&d.envelope().data).unwrap();
-                    let i = v["i"].as_u64().unwrap();
-                    write(&log, &format!("B {subject} {i} {pid}\n"));
                     tokio::time::sleep(delay).await;
                     write(&log, &format!("E {subject} {i} {pid}\n"));
                     // A stale ack (the message went back meanwhile) is the contract's
@@ -157,12 +171,13 @@ fn spawn(url: &str, dir: &Path, name: &str) -> Child {
     child
 }
 
-/// One log event.
-struct Event {
-    begin: bool,
-    subject: String,
-    i: u64,
-    pid: u32,
+/// One log event: a handler began or ended, or a process stalled itself (`STOP`, the
+/// line written just before) and ran again (`CONT`).
+enum Event {
+    Begin { subject: String, i: u64, pid: u32 },
+    End { subject: String, i: u64, pid: u32 },
+    Stop { pid: u32 },
+    Cont,
 }
 
 fn events(dir: &Path) -> Vec<Event> {
@@ -171,14 +186,21 @@ fn events(dir: &Path) -> Vec<Event> {
         .filter_map(|l| {
             let mut it = l.split(' ');
             let kind = it.next()?;
+            match kind {
+                "STOP" => {
+                    return Some(Event::Stop {
+                        pid: it.next()?.parse().ok()?,
+                    });
+                }
+                "CONT" => return Some(Event::Cont),
+                _ => {}
+            }
             let subject = it.next()?.to_string();
             let i = it.next()?.parse().ok()?;
             let pid = it.next()?.parse().ok()?;
-            Some(Event {
-                begin: kind == "B",
-                subject,
-                i,
-                pid,
+            Some(match kind {
+                "B" => Event::Begin { subject, i, pid },
+                _ => Event::End { subject, i, pid },
             })
         })
         .collect()
@@ -188,8 +210,10 @@ fn events(dir: &Path) -> Vec<Event> {
 fn done(dir: &Path) -> usize {
     events(dir)
         .iter()
-        .filter(|e| !e.begin)
-        .map(|e| (e.subject.clone(), e.i))
+        .filter_map(|e| match e {
+            Event::End { subject, i, .. } => Some((subject.clone(), *i)),
+            _ => None,
+        })
         .collect::<BTreeSet<_>>()
         .len()
 }
@@ -203,57 +227,75 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 }
 
 /// Per subject: each message begins only after the previous one ended (unless the
-/// process handling it was killed), never ahead of an earlier one, and every message
-/// ended. A message begun again at or below the last finished index is a redelivery,
-/// allowed only after a kill.
+/// process handling it was killed, or it was in hand when its process stalled), never
+/// ahead of an earlier one, and every message ended. A message begun again at or below
+/// the last finished index is a redelivery, allowed only after a kill or a stall. A
+/// stalled process may end, late, what it had in hand when it stopped; once it runs again
+/// it must not begin anything out of turn (its leases are fenced by time).
 fn check(dir: &Path, killed: Option<u32>) {
+    let _ = std::fs::copy(
+        dir.join("log"),
+        format!("/tmp/stall-log-{}", std::process::id()),
+    );
     struct S {
         last_done: i64,
         open: Option<(u64, u32)>,
     }
     let mut subjects: HashMap<String, S> = HashMap::new();
+    // What was in hand when a process stopped: (subject, index, pid).
+    let mut stalled: BTreeSet<(String, u64, u32)> = BTreeSet::new();
+    let mut after_stop = false;
     for (n, e) in events(dir).iter().enumerate() {
-        let s = subjects.entry(e.subject.clone()).or_insert(S {
+        let (begin, subject, i_u, pid) = match e {
+            Event::Stop { pid: stopped } => {
+                after_stop = true;
+                for (name, s) in &subjects {
+                    if let Some((j, pid)) = s.open
+                        && pid == *stopped
+                    {
+                        stalled.insert((name.clone(), j, pid));
+                    }
+                }
+                continue;
+            }
+            Event::Cont => continue,
+            Event::Begin { subject, i, pid } => (true, subject, *i, *pid),
+            Event::End { subject, i, pid } => (false, subject, *i, *pid),
+        };
+        let s = subjects.entry(subject.clone()).or_insert(S {
             last_done: -1,
             open: None,
         });
-        let i = i64::try_from(e.i).unwrap();
-        if e.begin {
-            if let Some((j, pid)) = s.open {
+        let i = i64::try_from(i_u).unwrap();
+        if begin {
+            if let Some((j, open_pid)) = s.open {
                 assert!(
-                    Some(pid) == killed,
-                    "line {n}: {} {} began in pid {} while {j} was in hand in pid {pid}",
-                    e.subject,
-                    e.i,
-                    e.pid
+                    Some(open_pid) == killed || stalled.contains(&(subject.clone(), j, open_pid)),
+                    "line {n}: {subject} {i} began in pid {pid} while {j} was in hand in pid {open_pid}"
                 );
             }
             assert!(
                 i <= s.last_done + 1,
-                "line {n}: {} {} began before {} had ended",
-                e.subject,
-                e.i,
+                "line {n}: {subject} {i} began before {} had ended",
                 s.last_done + 1
             );
             if i <= s.last_done {
                 assert!(
-                    killed.is_some(),
-                    "line {n}: {} {} handled again without a kill",
-                    e.subject,
-                    e.i
+                    killed.is_some() || after_stop,
+                    "line {n}: {subject} {i} handled again without a kill or a stall"
                 );
             }
-            s.open = Some((e.i, e.pid));
-        } else {
-            assert_eq!(
-                s.open,
-                Some((e.i, e.pid)),
-                "line {n}: {} {} ended but was not the one in hand",
-                e.subject,
-                e.i
-            );
+            s.open = Some((i_u, pid));
+        } else if s.open == Some((i_u, pid)) {
             s.last_done = s.last_done.max(i);
             s.open = None;
+        } else {
+            // Only what a stalled process had in hand may end after another began.
+            assert!(
+                stalled.remove(&(subject.clone(), i_u, pid)),
+                "line {n}: {subject} {i} ended but was not the one in hand"
+            );
+            s.last_done = s.last_done.max(i);
         }
     }
     assert_eq!(subjects.len() as u64, SUBJECTS, "every subject was handled");
@@ -286,6 +328,9 @@ enum Ending {
     Kill,
     /// The first child closes its bus mid-stream.
     Close,
+    /// The first child stalls mid-stream (SIGSTOP) until the second has taken every
+    /// partition from it (the lease TTL), then runs again.
+    Stall,
 }
 
 /// Runs two members: both from the start, or the second joining mid-stream; the first
@@ -317,6 +362,22 @@ fn run(late_join: bool, ending: Ending) {
     let mut killed = None;
     match ending {
         Ending::None => {}
+        Ending::Stall => {
+            wait_until("a third handled", || done(dir.path()) as u64 >= TOTAL / 3);
+            std::fs::write(dir.path().join("stall-a"), b"").unwrap();
+            wait_until("the first member stalled", || {
+                events(dir.path())
+                    .iter()
+                    .any(|e| matches!(e, Event::Stop { .. }))
+            });
+            let b = b.as_ref().unwrap();
+            let mut own_b = Vec::new();
+            wait_until("the second member took every partition", || {
+                latest_own(b, &mut own_b, Duration::ZERO);
+                own_b.len() == PARTITIONS as usize
+            });
+            a.resume().unwrap();
+        }
         Ending::Kill | Ending::Close => {
             wait_until("a third handled", || done(dir.path()) as u64 >= TOTAL / 3);
             if let Ending::Kill = ending {
@@ -332,7 +393,7 @@ fn run(late_join: bool, ending: Ending) {
     wait_until("every message handled", || done(dir.path()) as u64 >= TOTAL);
     check(dir.path(), killed);
     let b = b.unwrap();
-    if let Ending::None = ending {
+    if let Ending::None | Ending::Stall = ending {
         // Every partition ends with exactly one owner, and both members have some.
         let (mut own_a, mut own_b) = (Vec::new(), Vec::new());
         wait_until("the partitions split between the members", || {
@@ -368,6 +429,11 @@ fn a_member_killed_mid_stream_loses_nothing_and_order_holds() {
 #[test]
 fn a_member_closing_mid_stream_hands_its_partitions_over_in_order() {
     run(false, Ending::Close);
+}
+
+#[test]
+fn a_member_stalled_past_the_lease_ttl_loses_nothing_and_order_holds() {
+    run(false, Ending::Stall);
 }
 
 #[test]

@@ -380,12 +380,22 @@ impl Switchyard {
         Ok(())
     }
 
-    /// Publishes `n` messages (untimed) in batches of `IN_FLIGHT`, and subscribes.
-    async fn fill(&mut self, n: u64) -> Result<(), BoxError> {
+    /// Publishes `n` messages (untimed) in batches of `IN_FLIGHT`, with ordering keys
+    /// (`SUBJECTS`, round robin) when `subjects`, and subscribes.
+    async fn fill(&mut self, n: u64, subjects: bool) -> Result<(), BoxError> {
         let mut left = n;
         while left > 0 {
             let k = left.min(IN_FLIGHT as u64);
-            let batch = (0..k).map(|_| envelope(&self.payload)).collect();
+            let batch = (0..k)
+                .map(|i| {
+                    let e = envelope(&self.payload);
+                    if subjects {
+                        e.with_subject(format!("k{}", (left + i) % SUBJECTS))
+                    } else {
+                        e
+                    }
+                })
+                .collect();
             self.bus.publish_batch(TOPIC, batch).await?;
             left -= k;
         }
@@ -438,7 +448,17 @@ enum Case {
     PublishC1,
     PublishAsync,
     Consume,
+    /// `Consume` with an ordering key on every message ([`SUBJECTS`] of them, round
+    /// robin): the messages go through the topic's 16 partition lanes and the
+    /// per-subject ordering. Switchyard alone (no raw turns): its 16 lanes each read
+    /// ahead, and what a side asked for before its slice ended is delivered in the next
+    /// side's slice, so taking turns with the raw peer would bill the peer for it.
+    /// Compare with `nats.switchyard.consume`.
+    ConsumeSubjects,
 }
+
+/// Distinct ordering keys (`Envelope::subject`) in the `consume.subjects` figures.
+const SUBJECTS: u64 = 1024;
 
 /// Measures `case` on a fresh raw side and a fresh switchyard side, taking turns slice by
 /// slice; returns the (raw, switchyard) tallies.
@@ -456,9 +476,13 @@ async fn pair(
     let mut sy = Switchyard::new(url, &format!("{tag}s")).await?;
     // The consume backlog: about what a side consumes in `secs`.
     let backlog = ((s.secs * 100_000.0) as u64).max(SLICES as u64);
-    if let Case::Consume = case {
-        raw.fill(backlog).await?;
-        sy.fill(backlog).await?;
+    match case {
+        Case::Consume => {
+            raw.fill(backlog).await?;
+            sy.fill(backlog, false).await?;
+        }
+        Case::ConsumeSubjects => sy.fill(backlog, true).await?,
+        Case::PublishC1 | Case::PublishAsync => {}
     }
     let slice_secs = s.secs / SLICES as f64;
     let per_slice = backlog / SLICES as u64;
@@ -466,6 +490,9 @@ async fn pair(
     for k in 0..SLICES {
         for side in 0..2 {
             let raw_turn = (side == 0) == (raw_first == (k % 2 == 0));
+            if raw_turn && matches!(case, Case::ConsumeSubjects) {
+                continue;
+            }
             let cpu = CpuProbe::start(server_pid);
             match (case, raw_turn) {
                 (Case::PublishC1, true) => raw.publish_c1(slice_secs, &mut tr).await?,
@@ -473,7 +500,10 @@ async fn pair(
                 (Case::PublishAsync, true) => raw.publish_window(slice_secs, &mut tr).await?,
                 (Case::PublishAsync, false) => sy.publish_window(slice_secs, &mut tw).await?,
                 (Case::Consume, true) => raw.consume(per_slice, &mut tr).await?,
-                (Case::Consume, false) => sy.consume(per_slice, &mut tw).await?,
+                (Case::Consume | Case::ConsumeSubjects, false) => {
+                    sy.consume(per_slice, &mut tw).await?
+                }
+                (Case::ConsumeSubjects, true) => {}
             }
             if raw_turn {
                 tr.add_cpu(&cpu);
@@ -568,6 +598,11 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             "consume",
             "durable pull consumer draining a backlog, explicit ack per message",
         ),
+        (
+            Case::ConsumeSubjects,
+            "consume.subjects",
+            "the same backlog with 1,024 ordering keys (16 partition lanes, per-subject order), alone: compare with nats.switchyard.consume",
+        ),
     ];
     for (ci, (case, name, what)) in cases.into_iter().enumerate() {
         let raw_name = format!("nats.raw.{name}");
@@ -579,6 +614,7 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
         {
             continue;
         }
+        let alone = matches!(case, Case::ConsumeSubjects);
         let (mut raw, mut sy, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
         // CPU µs per message: (raw client, switchyard client, raw server, switchyard
         // server, switchyard / raw client).
@@ -597,6 +633,29 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             if let (Some(rc), Some(wc)) = (rc, wc) {
                 cpu[4].push(wc / rc);
             }
+        }
+        if alone {
+            figures.push(
+                Figure::from_runs(&sy_name, "msg/s", sy)
+                    .with_note(format!("switchyard NatsBus, {what}")),
+            );
+            for (figure, values, note) in [
+                (
+                    format!("{sy_name}.cpu_us"),
+                    std::mem::take(&mut cpu[1]),
+                    "bench process CPU per message",
+                ),
+                (
+                    format!("{sy_name}.server_cpu_us"),
+                    std::mem::take(&mut cpu[3]),
+                    "nats-server CPU per message",
+                ),
+            ] {
+                if !values.is_empty() {
+                    figures.push(Figure::from_runs(&figure, "µs/msg", values).with_note(note));
+                }
+            }
+            continue;
         }
         figures.push(
             Figure::from_runs(&raw_name, "msg/s", raw)

@@ -42,6 +42,9 @@
 //! - `RAW_EXTRA=16`: that many idle consumers, each with a waiting pull request (the
 //!   partitions);
 //! - `RAW_BATCH=n`: pull requests of `n` instead of 1,024.
+//!
+//! `SY_SUBJECTS=1` on `switchyard-fill` gives every message an ordering key (1,024, round
+//! robin), so the drain goes through the topic's 16 partition lanes.
 
 use std::future::IntoFuture;
 use std::task::Poll;
@@ -339,8 +342,20 @@ async fn switchyard_fill(url: &str, name: &str, messages: u64) -> Result<(), Box
     let mut left = messages;
     while left > 0 {
         let k = left.min(IN_FLIGHT as u64);
-        bus.publish_batch(TOPIC, (0..k).map(|_| envelope(&body)).collect())
-            .await?;
+        // `SY_SUBJECTS=1`: an ordering key on every message (1,024 round robin), so
+        // the drain goes through the topic's 16 partition lanes.
+        let keys = std::env::var_os("SY_SUBJECTS").is_some();
+        let batch = (0..k)
+            .map(|i| {
+                let e = envelope(&body);
+                if keys {
+                    e.with_subject(format!("k{}", (left + i) % 1024))
+                } else {
+                    e
+                }
+            })
+            .collect();
+        bus.publish_batch(TOPIC, batch).await?;
         left -= k;
     }
     bus.close().await?;

@@ -43,13 +43,16 @@ use crate::{Inner, NatsError, lock};
 /// died would otherwise expire exactly when the dead member's message comes back.
 const PULL_EXPIRES: Duration = Duration::from_secs(27);
 
-/// How long a pull request of a partition lane waits on the server. Shorter than the
-/// lease's TTL less a renewal round and a margin: when a stalled holder's lease is taken
-/// (unrenewed for the TTL), none of the pull requests it made is still open on the
-/// server, so no message of the partition can be delivered to the stalled process
-/// instead of the new holder (decision 0013, *A stalled holder*).
+/// The longest a pull request of a partition lane waits on the server. A request also
+/// never outlives the lane's fence (see [`GroupState::pull_expires`]): when a stalled
+/// holder's lease is taken (unrenewed for the TTL), none of the pull requests it made is
+/// still open on the server, so no message of the partition can be delivered to the
+/// stalled process instead of the new holder (decision 0013, *A stalled holder*).
 const PARTITION_PULL_EXPIRES: Duration = Duration::from_secs(7);
-const _: () = assert!(PARTITION_PULL_EXPIRES.as_secs() + 3 <= crate::lease::TTL.as_secs());
+
+/// A partition lane whose fence is nearer than this makes no pull request (one this
+/// short would mostly come back empty).
+const MIN_PULL_EXPIRES: Duration = Duration::from_millis(500);
 
 /// How long before its lease could be taken (its last renewal, plus the TTL) a partition
 /// lane stops handing messages out: a process that stalls past the TTL hands nothing
@@ -525,12 +528,21 @@ impl GroupState {
         self.settling.load(Ordering::SeqCst) > 0 || lock(&self.order).in_flight() > 0
     }
 
-    /// How long this lane's pull requests wait on the server.
-    fn pull_expires(&self) -> Duration {
-        match self.partition {
-            Some(_) => PARTITION_PULL_EXPIRES,
-            None => PULL_EXPIRES,
+    /// How long a pull request made now by this lane may wait on the server; `None`: it
+    /// must make none. A partition lane's request ends by its fence, so it is closed
+    /// before the lease can be taken even if this process stalls right after sending it
+    /// (and however late its lease rounds ran before).
+    fn pull_expires(&self, now: Instant) -> Option<Duration> {
+        if self.partition.is_none() {
+            return Some(PULL_EXPIRES);
         }
+        let until = (*lock(&self.lease_until))?;
+        Some(
+            until
+                .saturating_duration_since(now)
+                .min(PARTITION_PULL_EXPIRES),
+        )
+        .filter(|left| *left >= MIN_PULL_EXPIRES)
     }
 
     /// The lane's lease was written (taken or renewed) by a request sent at `sent`: it
@@ -1200,10 +1212,13 @@ impl DeliverySource for Source {
                 // another subscriber of the group is reading the inboxes: it asks itself).
                 if let Ok(client) = self.inner.client() {
                     let now = Instant::now();
-                    for lane in lanes.iter().filter(|l| !l.fenced(now)) {
+                    for lane in &lanes {
+                        let Some(expires) = lane.pull_expires(now) else {
+                            continue;
+                        };
                         if let Ok(mut puller) = lane.puller.try_lock()
                             && let Err(e) = puller
-                                .top_up(client, &lane.next_subject, max, lane.pull_expires())
+                                .top_up(client, &lane.next_subject, max, expires)
                                 .await
                         {
                             tracing::debug!(at = %lane.where_(), error = %e, "asking for more failed");
@@ -1226,9 +1241,9 @@ impl DeliverySource for Source {
                 // A lane whose lease is not fresh asks for nothing: what the server sent
                 // it could not be handed out, nor given back without acting on the new
                 // holder's deliveries. It asks again once the lease is renewed.
-                if !lane.fenced(now) {
+                if let Some(expires) = lane.pull_expires(now) {
                     puller
-                        .top_up(client, &lane.next_subject, max, lane.pull_expires())
+                        .top_up(client, &lane.next_subject, max, expires)
                         .await?;
                 }
                 pullers.push(puller);
@@ -1569,8 +1584,22 @@ mod tests {
         let stalled = lane(Some(3));
         stalled.lease_renewed(now - crate::lease::TTL);
         assert!(stalled.fenced(now));
-        assert_eq!(p.pull_expires(), PARTITION_PULL_EXPIRES);
-        assert_eq!(lane(None).pull_expires(), PULL_EXPIRES);
+        // A pull request ends by the fence: full length while the lease is fresh, shorter
+        // near the fence, none within `MIN_PULL_EXPIRES` of it.
+        assert_eq!(p.pull_expires(now), Some(PARTITION_PULL_EXPIRES));
+        let fence = now + crate::lease::TTL - LEASE_FENCE_MARGIN;
+        assert_eq!(
+            p.pull_expires(fence - Duration::from_secs(3)),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(p.pull_expires(fence - MIN_PULL_EXPIRES / 2), None);
+        assert_eq!(stalled.pull_expires(now), None);
+        assert_eq!(
+            lane(Some(3)).pull_expires(now),
+            None,
+            "no lease written yet"
+        );
+        assert_eq!(lane(None).pull_expires(now), Some(PULL_EXPIRES));
     }
 
     fn status_message(status: u16, pending: Option<&str>) -> async_nats::Message {

@@ -233,10 +233,6 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// stalled process may end, late, what it had in hand when it stopped; once it runs again
 /// it must not begin anything out of turn (its leases are fenced by time).
 fn check(dir: &Path, killed: Option<u32>) {
-    let _ = std::fs::copy(
-        dir.join("log"),
-        format!("/tmp/stall-log-{}", std::process::id()),
-    );
     struct S {
         last_done: i64,
         open: Option<(u64, u32)>,

@@ -235,6 +235,10 @@ pub(crate) struct GroupState {
     puller: tokio::sync::Mutex<Puller>,
     /// Where pull requests for the group go (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
     next_subject: Subject,
+    /// Messages read from the pull inbox whose ledger lookups were under way when the
+    /// reading subscriber's call was dropped (a timeout): they enter the sequencer
+    /// first, on the next read of this lane, so none is lost until its `ack_wait`.
+    stash: Mutex<Vec<Fetched>>,
     /// Until when this partition lane may hand messages out (its lease's last renewal,
     /// plus the TTL, less a margin); `None` for the group's own lane, which has no lease.
     lease_until: Mutex<Option<Instant>>,
@@ -500,6 +504,7 @@ impl GroupState {
             first_failure: Default::default(),
             retired: AtomicBool::new(false),
             lease_until: Mutex::new(None),
+            stash: Mutex::new(Vec::new()),
             settling: AtomicUsize::new(0),
             leaving: Mutex::new(Vec::new()),
             puller: Default::default(),
@@ -907,6 +912,14 @@ impl Source {
         })
     }
 
+    /// Whether a lane that may hand messages out has one ready.
+    fn any_ready(lanes: &[Arc<GroupState>]) -> bool {
+        let now = Instant::now();
+        lanes
+            .iter()
+            .any(|l| !l.fenced(now) && lock(&l.order).has_ready())
+    }
+
     /// Up to `max` of the group's ready messages, handed out, taken lane by lane.
     fn take_ready(&mut self, lanes: &[Arc<GroupState>], max: usize) -> Vec<Delivery> {
         let now = Instant::now();
@@ -942,10 +955,9 @@ impl Source {
 
     /// Reads the ledger entries of fetched redeliveries that this bus sees for the first
     /// time.
-    async fn read_ledger(&self, state: &GroupState, fetched: &[Fetched]) {
-        for m in fetched {
-            let seq = m.seq;
-            if m.delivered <= 1
+    async fn read_ledger(&self, state: &GroupState, fetched: &[(u64, u64)]) {
+        for &(seq, delivered) in fetched {
+            if delivered <= 1
                 || lock(&state.uncounted).contains_key(&seq)
                 || lock(&state.order).contains(seq)
             {
@@ -1083,11 +1095,12 @@ impl Source {
         &self,
         lane: &Arc<GroupState>,
         puller: &mut tokio::sync::MutexGuard<'_, Puller>,
-        first: async_nats::Message,
+        first: Option<async_nats::Message>,
     ) -> Option<(Vec<Special>, Vec<(u64, Uncounted)>, Option<String>)> {
-        let mut fetched = Vec::new();
+        // What a dropped call left read but not yet in the sequencer goes first.
+        let mut fetched = std::mem::take(&mut *lock(&lane.stash));
         let mut failure = None;
-        let mut next = Some(first);
+        let mut next = first;
         while let Some(m) = next {
             match m.status {
                 Some(status) if status != StatusCode::OK => {
@@ -1116,7 +1129,14 @@ impl Source {
         if fetched.is_empty() {
             return failure.map(|f| (Vec::new(), Vec::new(), Some(f)));
         }
-        self.read_ledger(lane, &fetched).await;
+        // The ledger lookups await: the messages wait in the lane's stash meanwhile, so
+        // a caller that drops this future (a timeout) loses none of them. A message
+        // lost here would come back only after its `ack_wait`, behind later messages of
+        // its subject.
+        let keys: Vec<(u64, u64)> = fetched.iter().map(|m| (m.seq, m.delivered)).collect();
+        *lock(&lane.stash) = fetched;
+        self.read_ledger(lane, &keys).await;
+        let fetched = std::mem::take(&mut *lock(&lane.stash));
         let (special, records) = self.arrive(lane, fetched);
         Some((special, records, failure))
     }
@@ -1144,9 +1164,9 @@ impl Source {
                 Some((_, inbox)) => inbox.next().now_or_never().flatten(),
                 None => None,
             };
-            let Some(first) = first else {
+            if first.is_none() && lock(&lane.stash).is_empty() {
                 continue;
-            };
+            }
             let out = self.ingest(lane, &mut puller, first).await;
             drop(puller);
             if let Some((special, records, failure)) = out {
@@ -1203,13 +1223,14 @@ impl DeliverySource for Source {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let lanes = group.lanes();
-            if lanes.len() > 1 {
+            if lanes.len() > 1 || lanes.iter().any(|l| !lock(&l.stash).is_empty()) {
                 self.read_arrived(&lanes).await?;
             }
-            let ready = self.take_ready(&lanes, max);
-            if !ready.is_empty() {
+            if Self::any_ready(&lanes) {
                 // Keeps the next messages coming while the caller handles these (unless
                 // another subscriber of the group is reading the inboxes: it asks itself).
+                // Asked for before anything is handed out: a caller that drops this
+                // future at an await (a timeout) loses no message taken out for it.
                 if let Ok(client) = self.inner.client() {
                     let now = Instant::now();
                     for lane in &lanes {
@@ -1225,7 +1246,11 @@ impl DeliverySource for Source {
                         }
                     }
                 }
-                return Ok(ready);
+                // No await from here to the return.
+                let ready = self.take_ready(&lanes, max);
+                if !ready.is_empty() {
+                    return Ok(ready);
+                }
             }
             let _reader = tokio::select! {
                 _ = self.closed.wait_for(|c| *c) => return Err(Error::Closed),
@@ -1288,7 +1313,8 @@ impl DeliverySource for Source {
                 **puller = Puller::default();
                 continue;
             };
-            let Some((special, records, failure)) = self.ingest(lane, puller, first).await else {
+            let Some((special, records, failure)) = self.ingest(lane, puller, Some(first)).await
+            else {
                 continue;
             };
             drop(pullers);

@@ -623,9 +623,11 @@ pub async fn run(s: &Settings) -> Result<Vec<Figure>, BoxError> {
             progress(&format!("nats.{name} (run {}/{})", run + 1, s.runs));
             let tag = format!("b{ci}r{run}");
             let (r, w) = pair(&server_pid, &url, &admin, case, &tag, run % 2 == 0, s).await?;
-            raw.push(r.rate());
             sy.push(w.rate());
-            ratio.push(w.rate() / r.rate());
+            if !alone {
+                raw.push(r.rate());
+                ratio.push(w.rate() / r.rate());
+            }
             let ((rc, rs), (wc, ws)) = (r.cpu_per_msg(), w.cpu_per_msg());
             for (i, v) in [rc, wc, rs, ws].into_iter().enumerate() {
                 cpu[i].extend(v);

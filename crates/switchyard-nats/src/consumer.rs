@@ -13,9 +13,10 @@
 //! the sequencer in the order the server sent them however many requests are open. A
 //! request is only made from a subscriber's `next_batch`: when nothing is ready, and when
 //! at most half of what the caller asked for is still to come (so the next messages are
-//! on their way while the caller handles these, as `consumer.stream()` does). What is
-//! asked for and not yet here never exceeds the caller's `max`, as with one request of
-//! `max` at a time.
+//! on their way while the caller handles these, as `consumer.stream()` does): a whole
+//! `max` each time, so what is asked for and not yet here never exceeds 1.5 × the
+//! caller's `max`. A partition lane asks only while its lease is fresh, and its requests
+//! end by the lease's fence (decision 0013).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -577,8 +578,6 @@ impl GroupState {
         *lock(&self.settings) = GroupSettings { policy, ack_wait };
     }
 
-    /// Hands every held message back to the group, in stream order, redelivered after
-    /// [`RELEASE_DELAY`]; later settles of them fail as stale.
     /// The lane's lease was lost (this bus stalled past the TTL and another member took
     /// the partition): stops pulling and forgets everything held, sending nothing about
     /// it. The new holder's take-over already made the server hand those messages out
@@ -589,15 +588,33 @@ impl GroupState {
         self.retire();
         let _ = self.puller.lock().await.close().await;
         lock(&self.order).drain_all();
+        lock(&self.stash).clear();
         lock(&self.leaving).clear();
         lock(&self.uncounted).clear();
         lock(&self.first_failure).clear();
     }
 
+    /// What a dropped call read from the inbox and did not put into the sequencer, as
+    /// hand-backs: those messages only waited here.
+    fn take_stash(&self) -> Vec<Handback> {
+        lock(&self.stash)
+            .drain(..)
+            .map(|m| Handback {
+                reply: m.reply,
+                seq: m.seq,
+                delivered: m.delivered,
+                waiting: true,
+            })
+            .collect()
+    }
+
+    /// Hands every held message back to the group, in stream order, redelivered after
+    /// [`RELEASE_DELAY`]; later settles of them fail as stale.
     pub(crate) async fn release_all(&self, inner: &Inner) {
         // The pull inbox goes first (its unsubscribe precedes the naks on the
         // connection), or the server could hand a released message to it, to be lost.
         let mut back = self.puller.lock().await.close().await;
+        back.extend(self.take_stash());
         back.extend(
             lock(&self.order)
                 .drain_all()
@@ -1198,6 +1215,7 @@ impl Drop for Source {
                 Ok(mut puller) => puller.leave(),
                 Err(_) => Vec::new(),
             };
+            back.extend(state.take_stash());
             back.extend(
                 lock(&state.order)
                     .drain_waiting()

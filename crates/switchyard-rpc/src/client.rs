@@ -32,11 +32,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
@@ -47,6 +44,7 @@ use tracing::Instrument;
 
 use crate::balance::BalanceConfig;
 use crate::breaker::{BreakerConfig, BreakerState};
+use crate::conn::Http1Connections;
 use crate::context::{CallContext, TraceIdField, WireContext};
 use crate::error::{Error, Result};
 use crate::pool::Pool;
@@ -181,11 +179,8 @@ struct CallParts {
 /// adds (`host`, `content-length`) make the map grow.
 const ATTEMPT_HEADERS: usize = 12;
 
-type Http = Client<HttpConnector, Full<Bytes>>;
-
 struct Core {
     pool: Arc<Pool>,
-    http: Http,
     cfg: ClientConfig,
 }
 
@@ -224,14 +219,31 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
         return Err(Error::DeadlineExceeded { service: service() });
     }
     let lease = core.pool.pick()?;
-    let uri = lease
-        .target()
-        .uri(&req.path)
-        .map_err(Error::InvalidRequest)?;
+    let target = lease.target().clone();
+    let instance = || lease.instance().to_string();
+    let origin = match target.origin() {
+        Ok(o) => o,
+        Err(e) => {
+            let err = Error::Connect {
+                service: service(),
+                instance: instance(),
+                source: Box::new(e),
+            };
+            lease.finish(false);
+            return Err(err);
+        }
+    };
+    // Origin-form: the connection is to the instance already.
+    let path = match &origin.path_prefix {
+        None => req.path.clone(),
+        Some(prefix) => PathAndQuery::try_from(format!("{prefix}{}", req.path))
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?,
+    };
     let mut request = http::Request::new(Full::new(req.body.clone().unwrap_or_default()));
     *request.method_mut() = req.method.clone();
-    *request.uri_mut() = uri;
-    let mut headers = HeaderMap::with_capacity(ATTEMPT_HEADERS.max(4 + req.wire.len()));
+    *request.uri_mut() = Uri::from(path);
+    let mut headers = HeaderMap::with_capacity(ATTEMPT_HEADERS.max(5 + req.wire.len()));
+    headers.insert(header::HOST, origin.host_header().clone());
     headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
     if req.body.is_some() {
         headers.insert(
@@ -245,39 +257,58 @@ async fn attempt(core: &Core, req: CallRequest) -> Result<CallResponse> {
         Some(t) => req.deadline.min(now + t),
         None => req.deadline,
     };
-    let instance = || lease.instance().to_string();
+    let transport = |e: Box<dyn std::error::Error + Send + Sync>| Error::Transport {
+        service: service(),
+        instance: instance(),
+        source: e,
+    };
+    let conns = &target.connections().http1;
     let fut = async {
-        let resp = core.http.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                Error::Connect {
-                    service: service(),
-                    instance: instance(),
-                    source: Box::new(e),
+        let mut request = request;
+        loop {
+            let (mut sender, reused) = match conns.take() {
+                Some(s) => (s, true),
+                None => {
+                    let s =
+                        Http1Connections::connect(origin)
+                            .await
+                            .map_err(|e| Error::Connect {
+                                service: service(),
+                                instance: instance(),
+                                source: Box::new(e),
+                            })?;
+                    (s, false)
                 }
-            } else {
-                Error::Transport {
-                    service: service(),
-                    instance: instance(),
-                    source: Box::new(e),
-                }
+            };
+            // A connection given back the moment its last response ended may not have
+            // taken that in yet; one that closed meanwhile is dropped.
+            if reused && !sender.is_ready() && sender.ready().await.is_err() {
+                continue;
             }
-        })?;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| Error::Transport {
-                service: service(),
-                instance: instance(),
-                source: Box::new(e),
-            })?
-            .to_bytes();
-        Ok(CallResponse {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            instance: lease.instance_url(),
-        })
+            match sender.try_send_request(request).await {
+                Ok(resp) => {
+                    let (parts, body) = resp.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map_err(|e| transport(Box::new(e)))?
+                        .to_bytes();
+                    conns.put(sender);
+                    return Ok(CallResponse {
+                        status: parts.status,
+                        headers: parts.headers,
+                        body,
+                        instance: lease.instance_url(),
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    // Not written: a kept-alive connection closed under it (the
+                    // server ended it while idle). Sent again on another connection.
+                    Some(r) if reused => request = r,
+                    _ => return Err(transport(Box::new(e.into_error()))),
+                },
+            }
+        }
     };
     let out = match tokio::time::timeout_at(attempt_deadline, fut).await {
         Ok(r) => r,
@@ -362,7 +393,6 @@ struct Shared {
 
 struct ClientInner {
     registry: Arc<dyn Registry>,
-    http: Http,
     cfg: ClientConfig,
     services: Mutex<HashMap<String, Arc<Shared>>>,
 }
@@ -390,16 +420,9 @@ impl HttpClient {
 
     /// A client over `registry` with `cfg`.
     pub fn with_config(registry: Arc<dyn Registry>, cfg: ClientConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         HttpClient {
             inner: Arc::new(ClientInner {
                 registry,
-                http,
                 cfg,
                 services: Mutex::new(HashMap::new()),
             }),
@@ -424,7 +447,6 @@ impl HttpClient {
                         cfg.breaker,
                         cfg.balance,
                     )),
-                    http: self.inner.http.clone(),
                     cfg: cfg.clone(),
                 });
                 let retrier = Retrier::new(&cfg, name);

@@ -43,6 +43,7 @@
 pub mod balance;
 pub mod breaker;
 pub mod client;
+mod conn;
 pub mod context;
 pub mod error;
 pub mod grpc;

@@ -4,61 +4,37 @@
 //! [`pick`](Pool::pick)s an instance, gets a [`Lease`], and reports the outcome on it.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-
-use http::Uri;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::balance::{BalanceConfig, Balancer};
 use crate::breaker::{Admit, Breaker, BreakerConfig, BreakerState};
+use crate::conn::{ConnectError, Connections, Origin};
 use crate::error::{Error, Result};
 use crate::registry::{Instance, Registry};
 
-/// One instance as the pool keeps it: its URL, parsed once, and the transport's
-/// per-instance handle (the gRPC channel), made on first use.
+/// One instance as the pool keeps it: its URL, parsed once, and its connections, made
+/// on first use (dropped with the instance when it leaves the registry).
 pub(crate) struct Target {
     url: Arc<str>,
-    /// Scheme and authority of the URL, when it has no path of its own (the usual
-    /// `http://host:port`): requests are then built without re-parsing the URL.
-    base: Option<(Scheme, Authority)>,
-    grpc: OnceLock<tonic::transport::Channel>,
+    conns: Connections,
 }
 
 impl Target {
     fn new(url: &str) -> Self {
-        let base = url.parse::<Uri>().ok().and_then(|u| {
-            let no_path = matches!(u.path(), "" | "/") && u.query().is_none();
-            match (u.scheme(), u.authority()) {
-                (Some(s), Some(a)) if no_path => Some((s.clone(), a.clone())),
-                _ => None,
-            }
-        });
         Target {
             url: Arc::from(url),
-            base,
-            grpc: OnceLock::new(),
+            conns: Connections::new(url),
         }
     }
 
-    /// The URI of `path` (which starts with `/`) on this instance.
-    pub(crate) fn uri(&self, path: &PathAndQuery) -> std::result::Result<Uri, String> {
-        match &self.base {
-            Some((scheme, authority)) => Uri::builder()
-                .scheme(scheme.clone())
-                .authority(authority.clone())
-                .path_and_query(path.clone())
-                .build()
-                .map_err(|e| e.to_string()),
-            None => format!("{}{}", self.url, path.as_str())
-                .parse::<Uri>()
-                .map_err(|e| e.to_string()),
-        }
+    /// Where the instance is, or why its URL cannot be called.
+    pub(crate) fn origin(&self) -> std::result::Result<&Origin, Arc<ConnectError>> {
+        self.conns.origin.as_ref().map_err(Arc::clone)
     }
 
-    /// The gRPC channel slot of this instance (dropped with the instance when it
-    /// leaves the registry).
-    pub(crate) fn grpc_channel(&self) -> &OnceLock<tonic::transport::Channel> {
-        &self.grpc
+    /// The instance's connections.
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.conns
     }
 }
 
@@ -290,7 +266,7 @@ impl Lease {
     }
 
     /// The chosen instance.
-    pub(crate) fn target(&self) -> &Target {
+    pub(crate) fn target(&self) -> &Arc<Target> {
         &self.target
     }
 

@@ -36,12 +36,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use http::uri::PathAndQuery;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::body::Body;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tower::ServiceExt;
 use tower::retry::Retry;
@@ -54,9 +54,10 @@ use super::{
 use crate::balance::FnvBuild;
 use crate::breaker::BreakerState;
 use crate::client::{CallOptions, ClientConfig};
+use crate::conn::{ConnectError, Http2Body, send_body};
 use crate::context::{CallContext, IDEMPOTENCY_NAME, TraceIdField};
 use crate::error::Error;
-use crate::pool::{Lease, Pool};
+use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::retry::Retrier;
 
@@ -122,20 +123,17 @@ struct Core {
     cfg: ClientConfig,
 }
 
-/// The channel (one lazily connected HTTP/2 connection) of the chosen instance, made
-/// on first use and kept with the instance in the pool (dropped when it leaves the
-/// registry).
-fn channel(lease: &Lease) -> Result<Channel, Status> {
-    let slot = lease.target().grpc_channel();
-    if let Some(c) = slot.get() {
-        return Ok(c.clone());
-    }
-    let instance = lease.instance();
-    let endpoint = Endpoint::from_shared(instance.to_string())
-        .map_err(|e| Status::invalid_argument(format!("instance URL `{instance}`: {e}")))?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(2));
-    Ok(slot.get_or_init(|| endpoint.connect_lazy()).clone())
+/// The `user-agent` of calls that do not set their own.
+const USER_AGENT: &str = concat!("switchyard-rpc/", env!("CARGO_PKG_VERSION"));
+
+/// Why an attempt got no response.
+enum SendError {
+    /// No connection could be made: nothing was sent.
+    Connect(ConnectError),
+    /// The connection would not take the call's stream: nothing was sent.
+    NotSent(h2::Error),
+    /// The connection or the stream failed while the call was on it.
+    Transport(h2::Error),
 }
 
 /// The outcome class of a status: (a failure of the instance, retryable).
@@ -231,9 +229,22 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
         ));
     }
     let lease = core.pool.pick().map_err(|e| error_status(&e))?;
-    let channel = match channel(&lease) {
-        Ok(c) => c,
-        Err(s) => {
+    let target = lease.target().clone();
+    let cannot_connect = |e: &dyn std::fmt::Display| {
+        local_status(
+            Code::Unavailable,
+            format!(
+                "cannot connect to `{}` at {}: {e}",
+                core.pool.name(),
+                lease.instance()
+            ),
+            "connect",
+        )
+    };
+    let origin = match target.origin() {
+        Ok(o) => o,
+        Err(e) => {
+            let s = cannot_connect(&e);
             lease.finish(false);
             return Err(s);
         }
@@ -259,10 +270,45 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
         Some(stream) => stream,
         None => Body::new(BufferedBody(Some(body))),
     };
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut request = http::Request::new(body);
-    *request.uri_mut() = uri;
+    *request.uri_mut() = origin
+        .uri(path)
+        .map_err(|e| Status::invalid_argument(format!("request path: {e}")))?;
     *request.headers_mut() = headers;
-    let out = match tokio::time::timeout_at(attempt_deadline, channel.oneshot(request)).await {
+    let conn = &target.connections().http2;
+    let send = async {
+        let (head, body) = request.into_parts();
+        // A connection found ended when the call is about to open its stream (nothing
+        // sent yet) is made again, once.
+        let mut retried = false;
+        let mut sender = loop {
+            let (s, ended) = conn.sender(origin).await.map_err(SendError::Connect)?;
+            match s.ready().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    ended.store(true, std::sync::atomic::Ordering::Release);
+                    if retried {
+                        return Err(SendError::NotSent(e));
+                    }
+                    retried = true;
+                }
+            }
+        };
+        let eos = hyper::body::Body::is_end_stream(&body);
+        let (response, stream) = sender
+            .send_request(http::Request::from_parts(head, ()), eos)
+            .map_err(SendError::NotSent)?;
+        if !eos {
+            send_body(body, stream).await;
+        }
+        let response = response.await.map_err(SendError::Transport)?;
+        Ok(response.map(|recv| Body::new(Http2Body::new(recv))))
+    };
+    let out = match tokio::time::timeout_at(attempt_deadline, send).await {
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(_)) | Err(_) if Instant::now() >= attempt_deadline => {
             Err(if attempt_deadline >= deadline {
@@ -283,21 +329,23 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
                 )
             })
         }
-        Ok(Err(e)) => {
+        Ok(Err(SendError::Connect(e))) => Err(cannot_connect(&e)),
+        Ok(Err(SendError::NotSent(e))) => Err(cannot_connect(&e)),
+        Ok(Err(SendError::Transport(e))) => {
             // The connection failed (no status from the callee). Marked: the request
-            // may have reached the callee before it did (`Error::outcome_unknown`).
-            let s = Status::from_error(e.into());
-            let code = match s.code() {
-                Code::Unknown => Code::Unavailable,
-                c => c,
+            // may have reached the callee before it did (`Error::outcome_unknown`). A
+            // stream reset keeps its gRPC meaning (CANCEL: CANCELLED, …).
+            let code = match e.reason() {
+                Some(h2::Reason::CANCEL) => Code::Cancelled,
+                Some(h2::Reason::ENHANCE_YOUR_CALM) => Code::ResourceExhausted,
+                _ => Code::Unavailable,
             };
             Err(local_status(
                 code,
                 format!(
-                    "transport error calling `{}` at {}: {}",
+                    "transport error calling `{}` at {}: {e}",
                     core.pool.name(),
                     lease.instance(),
-                    s.message()
                 ),
                 "transport",
             ))
@@ -528,8 +576,14 @@ impl tower::Service<http::Request<Body>> for GrpcChannel {
             || shared.idempotent.contains(parts.uri.path());
         // Room for the context headers and each attempt's `grpc-timeout`, so that
         // neither these inserts nor the per-attempt copy make the map grow.
-        parts.headers.reserve(4);
+        parts.headers.reserve(5);
         ctx.write_trace_headers(&mut parts.headers);
+        if !parts.headers.contains_key(http::header::USER_AGENT) {
+            parts.headers.insert(
+                http::header::USER_AGENT,
+                http::HeaderValue::from_static(USER_AGENT),
+            );
+        }
         let span = tracing::info_span!(
             "rpc.client",
             service = %shared.core.pool.name(),

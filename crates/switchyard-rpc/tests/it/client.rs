@@ -308,3 +308,109 @@ async fn unknown_service_and_stopped_instance() {
     let e = c.service("gone").get_json::<Value>("/").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
 }
+
+/// A hand-written HTTP/1.1 server that answers `{}` to every request and closes each
+/// connection after `per_connection` answers, without saying so (no `connection:
+/// close`), as a server ending idle keep-alive connections does; or, with `say_close`,
+/// announcing it on the last answer. Returns its URL and the count of connections taken.
+async fn closing_server(per_connection: usize, say_close: bool) -> (String, Counter) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Counter::default();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            count.inc();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for answered in 1..=per_connection {
+                    // One request: its head, then `content-length` bytes of body.
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse().unwrap());
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    let close = if say_close && answered == per_connection {
+                        "connection: close\r\n"
+                    } else {
+                        ""
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n{close}\r\n{{}}"
+                    );
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                // Closed after the last answer.
+            });
+        }
+    });
+    (url, accepted)
+}
+
+/// Calls reuse an idle keep-alive connection; one the server closed is not used again,
+/// so even calls that may never be retried (a POST without a key) all succeed.
+#[tokio::test]
+async fn keep_alive_connections_are_reused_and_closed_ones_are_not() {
+    for say_close in [false, true] {
+        let (url, accepted) = closing_server(3, say_close).await;
+        let c = client(StaticRegistry::default().with("svc", &url), fast_config());
+        let svc = c.service("svc");
+        for i in 0..10 {
+            let r: Result<Value, _> = svc.post_json("/pay", &json!({ "n": i })).await;
+            assert!(r.is_ok(), "call {i} (say_close {say_close}): {r:?}");
+            // Time for the client to see a connection the server closed.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Three answers per connection: ten calls need four, not ten.
+        assert_eq!(accepted.get(), 4, "say_close {say_close}");
+    }
+}
+
+/// An instance registered with a path (`http://host:port/api`) gets it before every
+/// request's path.
+#[tokio::test]
+async fn an_instance_url_with_a_path_prefixes_every_request() {
+    let app = Router::new().route("/api/ok", get(|| async { axum::Json(json!("prefixed")) }));
+    let s = spawn(app).await;
+    let c = client(
+        StaticRegistry::default().with("svc", &format!("{}/api", s.url)),
+        fast_config(),
+    );
+    let v: Value = c.service("svc").get_json("/ok").await.unwrap();
+    assert_eq!(v, "prefixed");
+}
+
+/// An instance URL the client cannot call (TLS is not built in) fails as a connect
+/// error naming the URL; nothing is sent.
+#[tokio::test]
+async fn an_https_instance_is_a_connect_error_that_says_why() {
+    let c = client(
+        StaticRegistry::default().with("svc", "https://127.0.0.1:1"),
+        fast_config(),
+    );
+    let e = c.service("svc").get_json::<Value>("/").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    assert!(!e.outcome_unknown(), "{e}");
+    assert!(e.to_string().contains("plain `http`"), "{e}");
+}

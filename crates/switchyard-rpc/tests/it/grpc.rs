@@ -31,7 +31,10 @@ impl Drop for EchoServerHandle {
 }
 
 async fn spawn_echo() -> EchoServerHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    spawn_echo_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+fn spawn_echo_on(listener: TcpListener) -> EchoServerHandle {
     let addr = listener.local_addr().unwrap();
     let svc = EchoService::new();
     let server = GrpcServer::new("echo").add_service(svc.clone().server());
@@ -465,4 +468,39 @@ async fn grpc_health_is_served() {
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }
+}
+
+/// The callee restarts on the same port: the client's connection to the old process
+/// ended, and the next call — one that may not be retried — goes out on a new one.
+#[tokio::test]
+async fn grpc_calls_reconnect_after_the_callee_restarts() {
+    let first = spawn_echo().await;
+    let addr: std::net::SocketAddr = first.url.trim_start_matches("http://").parse().unwrap();
+    let (_c, mut echo) = echo_client(
+        StaticRegistry::default().with("echo", &first.url),
+        fast_config(),
+    );
+    echo.echo(tonic::Request::new(req("one"))).await.unwrap();
+    assert_eq!(first.svc.hits(), 1);
+    // A graceful stop: GOAWAY, then the connection closes.
+    drop(first);
+    let mut listener = None;
+    for _ in 0..250 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                listener = Some(l);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let second = spawn_echo_on(listener.expect("the port is free again within 5 s"));
+    // Time for the client to see its old connection end.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let two = echo.echo(tonic::Request::new(req("two"))).await;
+    assert_eq!(
+        two.map(|r| r.into_inner().message).ok().as_deref(),
+        Some("two")
+    );
+    assert_eq!(second.svc.hits(), 1);
 }

@@ -10,8 +10,9 @@
 //!   for the handler's task (so outgoing calls continue it), and the **deadline**: a
 //!   handler still running when the caller's propagated deadline passes is cancelled
 //!   (its future dropped) and the answer is 504 problem+json;
-//! - a request body limit (`tower_http::limit::RequestBodyLimitLayer`) answered with
-//!   413 problem+json, and problem+json for unknown routes (404) and wrong methods (405).
+//! - a request body limit answered with 413 problem+json (a declared `content-length`
+//!   over it at once, before the body is read; a body without one when it gets there),
+//!   and problem+json for unknown routes (404) and wrong methods (405).
 //!
 //! Handler errors are [`Problem`]s; JSON bodies go through [`Json`].
 
@@ -28,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -35,7 +37,6 @@ use http::request::Parts;
 use http::{StatusCode, header};
 use tokio::net::TcpListener;
 use tokio::task::futures::TaskLocalFuture;
-use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 use tracing::instrument::Instrumented;
 
@@ -117,6 +118,7 @@ fn deadline_exceeded() -> Response {
 #[derive(Debug, Clone)]
 struct ServerLayer {
     service: Arc<str>,
+    body_limit: usize,
 }
 
 impl<S> tower::Layer<S> for ServerLayer {
@@ -126,6 +128,7 @@ impl<S> tower::Layer<S> for ServerLayer {
         ServerService {
             inner,
             service: self.service.clone(),
+            body_limit: self.body_limit,
         }
     }
 }
@@ -135,6 +138,7 @@ impl<S> tower::Layer<S> for ServerLayer {
 struct ServerService<S> {
     inner: S,
     service: Arc<str>,
+    body_limit: usize,
 }
 
 pin_project_lite::pin_project! {
@@ -235,6 +239,21 @@ where
                 response: Some(deadline_exceeded()),
             };
         }
+        // The body limit. A declared length is checked here (hyper delivers no more
+        // than it declares); only a body without one is counted as it is read.
+        match body_length(&req) {
+            BodyLength::Declared(n) if n > self.body_limit as u64 => {
+                span.in_scope(|| tracing::info!(length = n, "request body over the limit"));
+                return ServerFuture::Done {
+                    response: Some(json::too_large().into_response()),
+                };
+            }
+            BodyLength::Declared(_) | BodyLength::Empty => {}
+            BodyLength::Unknown => {
+                let limit = self.body_limit;
+                req = req.map(|body| Body::new(http_body_util::Limited::new(body, limit)));
+            }
+        }
         // Fixed now; the timer itself is armed only if the handler has to wait.
         let deadline = remaining.map(|r| tokio::time::Instant::now() + r);
         req.extensions_mut().insert(ctx.clone());
@@ -245,6 +264,31 @@ where
             }
             .instrument(span),
         }
+    }
+}
+
+/// What a request says of its body's length.
+enum BodyLength {
+    /// `content-length` (a malformed one never gets past hyper).
+    Declared(u64),
+    /// No body at all.
+    Empty,
+    /// Chunked, or HTTP/2 without `content-length`.
+    Unknown,
+}
+
+fn body_length(req: &Request) -> BodyLength {
+    if let Some(n) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        return BodyLength::Declared(n);
+    }
+    if hyper::body::Body::is_end_stream(req.body()) {
+        BodyLength::Empty
+    } else {
+        BodyLength::Unknown
     }
 }
 
@@ -308,8 +352,10 @@ pub fn router(app: Router, opts: &ServerOptions) -> Router {
     // request service for each call, so three separate layers would cost three of those.
     .layer(
         tower::ServiceBuilder::new()
-            .layer(ServerLayer { service })
-            .layer(RequestBodyLimitLayer::new(opts.body_limit))
+            .layer(ServerLayer {
+                service,
+                body_limit: opts.body_limit,
+            })
             .layer(DefaultBodyLimit::disable()),
     )
 }

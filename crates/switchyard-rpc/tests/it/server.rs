@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use switchyard_rpc::http::{Json, ServerOptions};
 use switchyard_rpc::problem::{PROBLEM_JSON, types};
 
-use crate::support::{raw, spawn, spawn_with};
+use crate::support::{raw, raw_chunked, spawn, spawn_with};
 
 #[derive(Debug, Deserialize, Serialize)]
 struct Charge {
@@ -94,6 +94,38 @@ async fn oversize_body_is_413_problem_and_wrong_media_type_415() {
     let r = raw(s.addr, "GET", "/charge", &[], b"").await;
     assert_eq!(r.status, 405);
     assert!(r.content_type().starts_with(PROBLEM_JSON));
+}
+
+/// A body sent without a length (chunked) is counted as it is read: over the limit it is
+/// a 413 problem too, through `Json` and through a handler taking plain `Bytes`; one under
+/// the limit is served.
+#[tokio::test]
+async fn oversize_chunked_body_is_413_problem_and_a_small_one_is_served() {
+    let mut opts = ServerOptions::new("test");
+    opts.body_limit = 1024;
+    let app = app().route(
+        "/bytes",
+        post(|b: axum::body::Bytes| async move { b.len().to_string() }),
+    );
+    let s = spawn_with(app, &opts).await;
+    let big = format!(
+        r#"{{"order": 1, "amount": 2, "pad": "{}"}}"#,
+        "x".repeat(4096)
+    );
+    for path in ["/charge", "/bytes"] {
+        let r = raw_chunked(s.addr, path, &[JSON], big.as_bytes()).await;
+        assert_eq!(r.status, 413, "{path}: {r:?}");
+        assert!(r.content_type().starts_with(PROBLEM_JSON), "{path}: {r:?}");
+        assert_eq!(r.json()["type"], types::TOO_LARGE, "{path}");
+    }
+    let r = raw_chunked(s.addr, "/charge", &[JSON], br#"{"order": 1, "amount": 2}"#).await;
+    assert_eq!(
+        (r.status, r.json()["amount"].as_u64()),
+        (200, Some(2)),
+        "{r:?}"
+    );
+    let r = raw_chunked(s.addr, "/bytes", &[], &[b'x'; 1000]).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "1000"), "{r:?}");
 }
 
 #[tokio::test]

@@ -88,11 +88,42 @@ pub async fn raw(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> RawResponse {
+    let length = body.len().to_string();
+    let mut all = vec![("content-length", length.as_str())];
+    all.extend_from_slice(headers);
+    raw_framed(addr, method, path, &all, body).await
+}
+
+/// Sends one raw request whose body has no declared length (`transfer-encoding:
+/// chunked`, 512-byte chunks) and reads the whole answer.
+pub async fn raw_chunked(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    let mut chunked = Vec::new();
+    for chunk in body.chunks(512) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let mut all = vec![("transfer-encoding", "chunked")];
+    all.extend_from_slice(headers);
+    raw_framed(addr, "POST", path, &all, &chunked).await
+}
+
+/// Sends `body` as it is after the head (its framing is in `headers`).
+async fn raw_framed(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

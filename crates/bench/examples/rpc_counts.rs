@@ -9,7 +9,7 @@
 //! Run with:
 //!
 //! ```text
-//! cargo run --release -p bench --example rpc_counts -- <http|grpc> <raw|switchyard> <seq|c64> [calls] [warm-up]
+//! cargo run --release -p bench --example rpc_counts -- <http|grpc> <raw|switchyard> <seq|seq2|c64> [calls] [warm-up]
 //! ```
 //!
 //! Run it under `valgrind --tool=callgrind` twice with different `calls` (e.g. 2000 and
@@ -17,7 +17,8 @@
 //! start-up and warm-up cost cancels out, what is left is one round trip, client and
 //! server together. Allocations per round trip are the calls to the allocator
 //! (`mi_malloc_aligned`, `mi_zalloc_aligned`, `mi_realloc_aligned`) in the same two
-//! profiles, treated the same way. `seq` runs one caller on a current-thread runtime;
+//! profiles, treated the same way. `seq` runs one caller on a current-thread runtime
+//! (`seq2`: on the two-worker runtime, as the bench times round trips);
 //! `c64` runs 64 callers on a two-worker runtime (valgrind runs one thread at a time, so
 //! this counts the work-stealing and wake-up paths, not lock contention).
 //!
@@ -219,6 +220,14 @@ fn main() -> Result<(), BoxError> {
     let (rt, callers) = match shape.as_str() {
         "seq" => (
             tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+            1,
+        ),
+        // One caller on the two-worker runtime, as `bench rpc` measures round-trip times.
+        "seq2" => (
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()?,
             1,

@@ -151,10 +151,16 @@ impl Http1Connections {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The most recently used idle connection that is still open, if any.
+    /// The most recently used idle connection that is still open, if any. One idle
+    /// for longer than 30 s is closed instead, with every older one.
     pub(crate) fn take(&self) -> Option<Http1Sender> {
+        let now = std::time::Instant::now();
         let mut idle = self.lock();
         while let Some(c) = idle.pop() {
+            if now.duration_since(c.since) > IDLE_TIMEOUT {
+                idle.clear();
+                return None;
+            }
             if !c.sender.is_closed() {
                 return Some(c.sender);
             }

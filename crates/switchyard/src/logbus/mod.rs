@@ -379,11 +379,19 @@ impl<T: TopicLog> GroupShared<T> {
     }
 
     async fn bury(&self, orders: Vec<DeadLetterOrder>) -> Result<()> {
+        // Orders not carried out when this future is dropped (a `next_batch` or a settle
+        // cancelled by its caller) or when it returns early go back to be issued again,
+        // as after a failed move; else they would stay `Dying` for good.
+        let mut unfinished = UnfinishedBurials {
+            group: self,
+            offsets: orders.iter().rev().map(|o| o.offset).collect(),
+        };
         for order in orders {
             let stored = self
                 .dead_letters
                 .store(&self.topic_name, &self.name, &order)
                 .await;
+            unfinished.offsets.pop();
             let floor_moved = {
                 let mut core = lock(&self.core);
                 match &stored {
@@ -407,6 +415,30 @@ impl<T: TopicLog> GroupShared<T> {
             }
         }
         Ok(())
+    }
+}
+
+/// The offsets (last first) of a burial's orders not yet carried out; on drop they are
+/// handed back to be issued again.
+struct UnfinishedBurials<'a, T: TopicLog> {
+    group: &'a GroupShared<T>,
+    offsets: Vec<u64>,
+}
+
+impl<T: TopicLog> Drop for UnfinishedBurials<'_, T> {
+    fn drop(&mut self) {
+        if self.offsets.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let mut core = lock(&self.group.core);
+            for &offset in &self.offsets {
+                core.dead_letter_failed(offset, now);
+            }
+        }
+        // Waiting consumers learn of the new deadline.
+        self.group.notify.notify_waiters();
     }
 }
 
@@ -767,4 +799,53 @@ impl<S: LogStorage> LogBus<S> {
 /// The current wall-clock time in milliseconds since the epoch (for storage timestamps).
 pub fn now_ms() -> u64 {
     Timestamp::now().unix_micros() / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryStorage;
+
+    /// A dead-letter queue that never answers, so a move can be caught midway.
+    struct StuckSink;
+
+    #[async_trait]
+    impl DeadLetterSink for StuckSink {
+        async fn store(&self, _: &str, _: &str, _: &DeadLetterOrder) -> Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    /// A settle that moves a message to the DLQ, dropped while the move waits (its caller
+    /// gave up), leaves the message to be moved again — not stuck half-way for good.
+    #[tokio::test]
+    async fn a_move_to_the_dlq_dropped_midway_is_issued_again() {
+        let bus = LogBus::new(
+            MemoryStorage::new(Duration::from_secs(60)),
+            LogBusConfig::default(),
+        );
+        let env = Envelope::new("t.v1", "/test", crate::envelope::JSON_CONTENT_TYPE, "{}");
+        bus.publish("t", env).await.unwrap();
+        let topic = bus.inner.topic("t").unwrap();
+        let sink: Arc<dyn DeadLetterSink> = Arc::new(StuckSink);
+        let group = topic
+            .group("g", SubscribeOptions::default(), &sink)
+            .unwrap();
+        let mut consumer = Consumer {
+            bus: bus.inner.clone(),
+            end: topic.log.watch_end(),
+            topic: topic.clone(),
+            group: group.clone(),
+        };
+        let mut batch = consumer.next_batch(1).await.unwrap();
+        let delivery = batch.pop().unwrap();
+        let settle =
+            tokio::time::timeout(Duration::from_millis(50), delivery.dead_letter("poison"));
+        assert!(settle.await.is_err(), "the stuck move cannot finish");
+        // Issued again once its short lease runs out: the next poll orders the move anew.
+        let mut dead = Vec::new();
+        lock(&group.core).expire(Instant::now() + Duration::from_secs(1), &mut dead);
+        assert_eq!(dead.len(), 1, "the message is stuck half-way to the DLQ");
+        assert_eq!(dead[0].offset, 0);
+    }
 }

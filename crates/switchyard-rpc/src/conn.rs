@@ -1,6 +1,6 @@
-//! The connections of one instance, made with hyper's connection API (decision 0004,
-//! *Sixth pass*): HTTP/1.1 keep-alive connections reused most-recent-first (the HTTP
-//! client), and one HTTP/2 connection shared by every call (the gRPC client).
+//! The connections of one instance (decision 0004, *Sixth pass*): HTTP/1.1 keep-alive
+//! connections on hyper's connection API, reused most-recent-first (the HTTP client), and
+//! one HTTP/2 connection on h2, shared by every call (the gRPC client).
 //!
 //! Both clients already choose the instance, bound each attempt by its deadline and
 //! retry; what is left to the transport is to hold connections. hyper-util's pooled
@@ -56,6 +56,9 @@ pub(crate) enum ConnectError {
     /// The HTTP/2 handshake failed.
     #[error("HTTP/2 handshake failed: {0}")]
     Http2(#[from] h2::Error),
+    /// The HTTP/2 connection would not take a new stream (it is closing).
+    #[error("the HTTP/2 connection takes no new stream: {0}")]
+    Refused(h2::Error),
 }
 
 /// Where an instance is: its scheme and authority (for request URIs), the address to
@@ -228,10 +231,23 @@ impl Http2Connection {
             .map(|c| (c.sender.clone(), c.ended.clone()))
     }
 
+    /// A sender ready to open a stream. A connection found ended here (nothing was sent
+    /// on it by this call) is marked so and made again, once.
+    pub(crate) async fn ready_sender(&self, origin: &Origin) -> Result<Http2Sender, ConnectError> {
+        let (sender, ended) = self.sender(origin).await?;
+        match sender.ready().await {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                ended.store(true, Ordering::Release);
+                let (sender, _) = self.sender(origin).await?;
+                Ok(sender.ready().await.map_err(ConnectError::Refused)?)
+            }
+        }
+    }
+
     /// A sender on the open connection, connecting first if there is none; with the
-    /// connection's "ended" mark, to set when the sender fails (the next call then
-    /// connects again).
-    pub(crate) async fn sender(
+    /// connection's "ended" mark.
+    async fn sender(
         &self,
         origin: &Origin,
     ) -> Result<(Http2Sender, Arc<AtomicBool>), ConnectError> {

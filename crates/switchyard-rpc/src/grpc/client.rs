@@ -128,10 +128,9 @@ const USER_AGENT: &str = concat!("switchyard-rpc/", env!("CARGO_PKG_VERSION"));
 
 /// Why an attempt got no response.
 enum SendError {
-    /// No connection could be made: nothing was sent.
+    /// No connection could be made, or it would not take the call's stream: nothing
+    /// was sent.
     Connect(ConnectError),
-    /// The connection would not take the call's stream: nothing was sent.
-    NotSent(h2::Error),
     /// The connection or the stream failed while the call was on it.
     Transport(h2::Error),
 }
@@ -282,26 +281,14 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
     let conn = &target.connections().http2;
     let send = async {
         let (head, body) = request.into_parts();
-        // A connection found ended when the call is about to open its stream (nothing
-        // sent yet) is made again, once.
-        let mut retried = false;
-        let mut sender = loop {
-            let (s, ended) = conn.sender(origin).await.map_err(SendError::Connect)?;
-            match s.ready().await {
-                Ok(s) => break s,
-                Err(e) => {
-                    ended.store(true, std::sync::atomic::Ordering::Release);
-                    if retried {
-                        return Err(SendError::NotSent(e));
-                    }
-                    retried = true;
-                }
-            }
-        };
+        let mut sender = conn
+            .ready_sender(origin)
+            .await
+            .map_err(SendError::Connect)?;
         let eos = hyper::body::Body::is_end_stream(&body);
         let (response, stream) = sender
             .send_request(http::Request::from_parts(head, ()), eos)
-            .map_err(SendError::NotSent)?;
+            .map_err(|e| SendError::Connect(ConnectError::Refused(e)))?;
         if !eos {
             send_body(body, stream).await;
         }
@@ -330,7 +317,6 @@ async fn attempt(core: &Core, call: GrpcCall) -> Result<http::Response<Body>, St
             })
         }
         Ok(Err(SendError::Connect(e))) => Err(cannot_connect(&e)),
-        Ok(Err(SendError::NotSent(e))) => Err(cannot_connect(&e)),
         Ok(Err(SendError::Transport(e))) => {
             // The connection failed (no status from the callee). Marked: the request
             // may have reached the callee before it did (`Error::outcome_unknown`). A
